@@ -1,0 +1,233 @@
+"""`edge-tune`: thin verbs over the library. Errors print one line (`error: ...`) and exit 2;
+--debug shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EdgeTuneError
+
+log = logging.getLogger("edge_tune")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
+    p.add_argument(
+        "--data",
+        required=data_required,
+        default="sst2",
+        help="labelled TSV (label<TAB>sentence, with header), a folder with train.tsv [+ dev.tsv], "
+        "or a built-in task: sst2, cr, subj, mpqa (default: sst2)",
+    )
+    p.add_argument("--method", default="bitfit", help="head | bitfit | lora (default: bitfit)")
+    p.add_argument(
+        "--profile", default=None, help="device profile name or path to a .toml (default: raspberry-pi-4-4gb)"
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8; capped by the profile)")
+    p.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r (default 2r)"
+    )
+    p.add_argument(
+        "--targets",
+        default="q,v",
+        help="LoRA target linears, comma-separated among q,k,v,o,ff1,ff2 (default q,v)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sentences per optimizer step (default 32; capped by the profile)",
+    )
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument(
+        "--seq-len", type=int, default=64, help="max tokens per sentence (default 64; capped by the profile)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps at most (default: the method's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
+    p.add_argument(
+        "--eval-every", type=int, default=100, help="optimizer steps between dev evaluations (default 100)"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="dev evaluations without improvement before stopping (default 5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--precision", default=None, help="base precision fp32|int8|int4 (default: the profile's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="edge-tune", description="Adapt a quantized frozen encoder on-device; ship tiny patches."
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser(
+        "demo", help="train the SST-2 sentiment patch under the default profile, swap it in, predict"
+    )
+    p.add_argument("--profile", default=None, help="device profile (default: raspberry-pi-4-4gb)")
+    p.add_argument(
+        "--out", default="out/sst2.patch", help="where to write the patch (default out/sst2.patch)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps at most (default: the method's)")
+
+    p = sub.add_parser(
+        "train", help="train a patch on a labelled TSV or built-in task under a device profile"
+    )
+    _add_train_args(p, data_required=True)
+    p.add_argument("--out", required=True, help="patch file to write (safetensors + manifest)")
+
+    p = sub.add_parser("eval", help="accuracy of a patch on a labelled TSV or built-in task's dev set")
+    p.add_argument("--patch", required=True, help="patch file")
+    p.add_argument("--data", required=True, help="labelled TSV, or a built-in task (its dev.tsv)")
+
+    p = sub.add_parser("predict", help="label and probability for each TEXT under one or more patches")
+    p.add_argument(
+        "--patch", required=True, action="append", help="patch file (repeat to predict with several)"
+    )
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+
+    sub.add_parser("profiles", help="list the shipped device profiles")
+    return ap
+
+
+def _train_kwargs(args) -> dict:
+    return {
+        "method": args.method, "profile": args.profile, "rank": args.rank, "alpha": args.alpha,
+        "targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr,
+        "eval_every": args.eval_every, "patience": args.patience, "seed": args.seed, "precision": args.precision,
+    }  # fmt: skip
+
+
+def cmd_train(args) -> int:
+    from .adapt import adapt
+
+    r = adapt(args.data, args.out, **_train_kwargs(args))
+    t = r.train
+    print(
+        f"wrote {r.patch_path} ({r.patch_bytes / 1024:.1f} KB): {args.method}, dev accuracy {t.dev_accuracy:.4f} "
+        f"(best at step {t.best_step}/{t.steps}), peak RSS {t.peak_rss_mb:.0f} MB of {r.profile.memory_budget_mb} MB "
+        f"budget, {r.seconds:.0f} s"
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from .adapt import adapt
+    from .memory import peak_rss_mb
+    from .patch import PatchBank
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    r = adapt("sst2", out, method="bitfit", profile=args.profile, steps=args.steps)
+    bank = PatchBank(precision=r.profile.precision, max_rank=r.profile.max_rank)
+    name = bank.load(out)
+    swaps = []
+    for _ in range(200):
+        bank.deactivate()
+        t0 = time.perf_counter()
+        bank.activate(name)
+        swaps.append((time.perf_counter() - t0) * 1e6)
+    swaps.sort()
+    sentences = [
+        "a gorgeous , witty , seductive movie .",
+        "the plot is nothing but boilerplate clichés from start to finish .",
+        "an engrossing and surprisingly moving portrait of a family .",
+        "it 's a dull , lifeless mess .",
+    ]
+    for s, p in zip(sentences, bank.predict(sentences), strict=True):
+        print(f"  {p.label} ({'positive' if p.label == '1' else 'negative'}, p={p.probability:.3f})  {s}")
+    peak = max(peak_rss_mb(), r.train.peak_rss_mb)
+    budget = r.profile.memory_budget_mb
+    print(f"profile          {r.profile.name} ({r.threads} threads, base {r.profile.precision})")
+    print(
+        f"SST-2 dev acc    {r.train.dev_accuracy:.4f}  (steps {r.train.steps}, best at {r.train.best_step})"
+    )
+    print(f"patch            {out}  {r.patch_bytes / 1024:.1f} KB")
+    print(f"swap (activate)  p50 {swaps[len(swaps) // 2]:.1f} us, p99 {swaps[int(len(swaps) * 0.99)]:.1f} us")
+    print(f"peak RSS         {peak:.0f} MB of {budget} MB budget ({'within' if peak <= budget else 'OVER'})")
+    print(f"time             {r.seconds:.0f} s training")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_task, read_tsv
+    from .patch import PatchBank, load_patch
+
+    patch = load_patch(args.patch)
+    bank = PatchBank(precision=patch.manifest.base_precision)
+    name = bank.load(args.patch)
+    p = Path(args.data)
+    if p.is_file():
+        ds = read_tsv(p, patch.manifest.label_names)
+    else:
+        ds = load_task(args.data)[1]
+        if ds.label_names != patch.manifest.label_names:
+            ds = read_tsv(Path(ds.source).parent / "dev.tsv", patch.manifest.label_names)
+    preds = bank.predict(ds.texts, patch=name)
+    acc = sum(pr.label == ds.label_names[y] for pr, y in zip(preds, ds.labels, strict=True)) / len(ds)
+    print(f"accuracy {acc:.4f} on {len(ds)} rows of {ds.source} ({name}, {patch.manifest.method})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .patch import PatchBank, load_patch
+
+    first = load_patch(args.patch[0])
+    bank = PatchBank(precision=first.manifest.base_precision)
+    names = [bank.load(p) for p in args.patch]
+    for name in names:
+        for text, p in zip(args.texts, bank.predict(args.texts, patch=name), strict=True):
+            print(f"{name}\t{p.label}\t{p.probability:.4f}\t{text}")
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    from .profiles import DEFAULT_PROFILE, list_profile_names, load_profile
+
+    rows = [load_profile(n) for n in list_profile_names()]
+    head = ("profile", "budget_mb", "threads", "max_batch", "max_rank", "max_seq_len", "precision", "backend")
+    table = [head] + [
+        (p.name + (" *" if p.name == DEFAULT_PROFILE else ""), p.memory_budget_mb, p.threads, p.max_batch_size,
+         p.max_rank, p.max_seq_len, p.precision, p.backend) for p in rows
+    ]  # fmt: skip
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
+    for r in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    print("* default")
+    return 0
+
+
+VERBS = {
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "profiles": cmd_profiles,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return VERBS[args.verb](args) or 0
+    except EdgeTuneError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted — no partial files were written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

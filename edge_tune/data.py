@@ -1,0 +1,184 @@
+"""Labelled TSV data (`label<TAB>sentence` with a header), the built-in tasks, tokenisation and batching."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+TASKS = ("sst2", "cr", "subj", "mpqa")
+MAX_TSV_BYTES = 512 * 1024 * 1024
+log = logging.getLogger("edge_tune")
+
+
+@dataclass
+class Dataset:
+    texts: list[str]
+    labels: list[int]  # indices into label_names
+    label_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_tsv(path: str | Path, label_names: list[str] | None = None) -> Dataset:
+    """Read `label<TAB>sentence` rows after a header line. Labels are strings; with `label_names` given
+    (the training set's), any other label is an error, else the sorted distinct labels become the names."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_TSV_BYTES:
+            raise DataError(f"{path}: larger than {MAX_TSV_BYTES >> 20} MB — split it or sample it")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no such file — pass a TSV path or one of the tasks {', '.join(TASKS)}"
+        ) from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory — pass a TSV file (or a folder holding train.tsv)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}) — save the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = text.lstrip("\ufeff").splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}: empty file — expected a header 'label<TAB>sentence' and rows")
+    header = [h.strip().lower() for h in lines[0].split("\t")]
+    if header != ["label", "sentence"]:
+        raise DataError(f"{path}:1: header is {lines[0][:60]!r}, expected 'label<TAB>sentence'")
+    raw_labels, texts, empty_rows = [], [], []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataError(
+                f"{path}:{n}: expected 2 tab-separated fields (label, sentence), found {len(parts)}"
+            )
+        label, sentence = parts[0].strip(), parts[1].strip()
+        if not label:
+            raise DataError(f"{path}:{n}: empty label")
+        if not sentence:  # real corpora have a few (CR has one); nothing to learn from, so skip and say so
+            empty_rows.append(n)
+            continue
+        raw_labels.append(label)
+        texts.append(sentence)
+    if empty_rows:
+        log.warning(
+            "warning: %s: skipped %d row(s) with an empty sentence (line %d ...)",
+            path,
+            len(empty_rows),
+            empty_rows[0],
+        )
+    if not texts:
+        raise DataError(f"{path}: has a header but no rows with text")
+    if label_names is None:
+        label_names = sorted(set(raw_labels))
+        if len(label_names) < 2:
+            raise DataError(
+                f"{path}: only one label value ({label_names[0]!r}); a classifier needs at least two"
+            )
+    index = {name: i for i, name in enumerate(label_names)}
+    for n, label in enumerate(raw_labels):
+        if label not in index:
+            raise DataError(
+                f"{path}: label {label!r} (row {n + 1}) is not one of the training labels {label_names}"
+            )
+    return Dataset(texts, [index[x] for x in raw_labels], list(label_names), str(path))
+
+
+def load_task(data: str | Path, dev_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Train and dev sets from a built-in task name, a folder with train.tsv (+ dev.tsv), or one TSV
+    (its dev set is a seeded `dev_fraction` split of its rows)."""
+    path = Path(data)
+    if str(data) in TASKS and not path.exists():
+        path = DATA_DIR / str(data)
+    if path.is_dir():
+        train = read_tsv(path / "train.tsv")
+        if (path / "dev.tsv").is_file():
+            return train, read_tsv(path / "dev.tsv", train.label_names)
+        return split_dev(train, dev_fraction, seed)
+    if not path.exists() and path.suffix.lower() not in (".tsv", ".txt"):
+        raise DataError(
+            f"unknown task or file {str(data)!r} — use one of {', '.join(TASKS)} or a path to a TSV"
+        )
+    return split_dev(read_tsv(path), dev_fraction, seed)
+
+
+def split_dev(ds: Dataset, dev_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    if len(ds) < 4:
+        raise DataError(f"{ds.source}: {len(ds)} rows are too few to split off a dev set — give at least 4")
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, int(len(ds) * dev_fraction))
+
+    def pick(idx: list[int]) -> Dataset:
+        return Dataset([ds.texts[i] for i in idx], [ds.labels[i] for i in idx], ds.label_names, ds.source)
+
+    return pick(order[n_dev:]), pick(order[:n_dev])
+
+
+class TokenizedTexts:
+    """Token ids of many texts in one flat int32 array (+ offsets): ~4 bytes a token, where a list of
+    Python ints or tokenizers' Encoding objects costs 10-50x that."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def encode(tokenizer, texts: list[str], max_len: int, chunk: int = 2048) -> TokenizedTexts:
+    """Token ids per text, [CLS] ... [SEP], truncated to `max_len` tokens (the [SEP] is kept). Encodes
+    `chunk` texts at a time so tokenizers' per-text objects never pile up."""
+    parts, lengths = [], [0]
+    for s in range(0, len(texts), chunk):
+        for e in tokenizer.encode_batch(list(texts[s : s + chunk])):
+            ids = e.ids
+            ids = ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:]
+            parts.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return TokenizedTexts(flat, np.cumsum(lengths, dtype=np.int64))
+
+
+def collate(rows: list[np.ndarray], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Pad id rows to the longest -> ids (B, T) int64, mask (B, T) int64 (1 = real token)."""
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, rng: random.Random, group: int = 50
+) -> list[list[int]]:
+    """One epoch of batches with rows of similar length together (shuffle, sort within windows of
+    `group` batches, shuffle the batches): padding, and so compute, drops ~3x on SST-2's short phrases."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s : s + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,157 @@
+"""The model: a short, plain-PyTorch BERT encoder over quantized frozen weights, mean pooling, and a
+classification head. Shapes: B = batch, T = tokens, D = hidden (384), H = heads (12)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer stored quantized, with the slots the delta methods train or swap:
+    `bias` (BitFit) and `lora_A` (r, in) / `lora_B` (out, r) / `lora_scale` (LoRA, alpha / r).
+    The frozen weight is a buffer, never a Parameter, so no method can make it trainable by mistake."""
+
+    def __init__(self, buffers: dict[str, Tensor], bias: Tensor, precision: str):
+        super().__init__()
+        self.precision = precision
+        for k, v in buffers.items():
+            self.register_buffer(k, v)
+        self.out_features = bias.shape[0]
+        stored = buffers.get("weight", buffers.get("w_q"))
+        self.in_features = stored.shape[1] * (2 if precision == "int4" else 1)
+        self.bias = nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        # Registered as (empty) parameter slots so that attaching, detaching and swapping all go through
+        # the same place: `_parameters`.
+        self.register_parameter("lora_A", None)  # (r, in)
+        self.register_parameter("lora_B", None)  # (out, r)
+        self.lora_scale = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.precision == "int8":
+            y = ops.int8_linear(x, self.w_q, self.scale, self.bias)
+        elif self.precision == "int4":
+            y = ops.int4_linear(x, self.w_q, self.scale, self.bias)
+        else:
+            y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + (x @ self.lora_A.t()) @ (self.lora_B.t() * self.lora_scale)
+        return y
+
+    def extra_repr(self) -> str:
+        lora = f", lora_rank={self.lora_A.shape[0]}" if self.lora_A is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, precision={self.precision}{lora}"
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table stored quantized row by row; lookups dequantize only the rows used."""
+
+    def __init__(self, buffers: dict[str, Tensor], precision: str):
+        super().__init__()
+        self.precision = precision
+        for k, v in buffers.items():
+            self.register_buffer(k, v)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.precision == "int8":
+            return ops.int8_embedding(ids, self.w_q, self.scale)
+        if self.precision == "int4":
+            return ops.int4_embedding(ids, self.w_q, self.scale)
+        return nn.functional.embedding(ids, self.weight)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: BertConfig, q, k, v, o, ln1, ff1, ff2, ln2):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.q, self.k, self.v, self.o, self.ln1, self.ff1, self.ff2, self.ln2 = (
+            q,
+            k,
+            v,
+            o,
+            ln1,
+            ff1,
+            ff2,
+            ln2,
+        )
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """x: (B, T, D); attn_mask: (B, 1, 1, T) bool, True where a key is a real token."""
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=attn_mask
+        )
+        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(B, T, D)))
+        return self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
+
+
+class Encoder(nn.Module):
+    """BERT embeddings + layers. Frozen tensors are buffers; LayerNorm affine terms are Parameters with
+    requires_grad=False until a method's rule turns some on."""
+
+    def __init__(
+        self, cfg: BertConfig, word: QuantEmbedding, pos: Tensor, typ: Tensor, emb_ln: nn.LayerNorm, layers
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.word = word
+        self.register_buffer("pos", pos)  # (max_positions, D) fp32
+        self.register_buffer("typ", typ[0].clone())  # (D,) fp32: single-segment input uses type 0 only
+        self.emb_ln = emb_ln
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32."""
+        T = ids.shape[1]
+        x = self.emb_ln(self.word(ids) + self.pos[:T] + self.typ)
+        attn_mask = mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+class Classifier(nn.Module):
+    """Encoder -> mean over real tokens -> dropout -> linear head (D -> num_labels)."""
+
+    def __init__(self, encoder: Encoder, num_labels: int = 2, dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.cfg.hidden_size, num_labels)
+        self.reset_head(num_labels, seed)
+
+    def reset_head(self, num_labels: int, seed: int = 0) -> None:
+        """A fresh head, initialised from `seed` alone (independent of the global RNG)."""
+        g = torch.Generator().manual_seed(seed)
+        D = self.encoder.cfg.hidden_size
+        self.head.weight = nn.Parameter(torch.randn(num_labels, D, generator=g) * 0.02)
+        self.head.bias = nn.Parameter(torch.zeros(num_labels))
+        self.head.out_features = num_labels
+
+    def pool(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T) -> (B, D): mean of the last hidden states over non-padding tokens."""
+        h = self.encoder(ids, mask)
+        m = mask.to(h.dtype)[..., None]
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, T) -> logits (B, num_labels)."""
+        return self.head(self.dropout(self.pool(ids, mask)))

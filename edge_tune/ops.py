@@ -1,0 +1,132 @@
+"""Every edge_tune:: custom op: the pure-PyTorch reference, the fake (meta) kernel and the autograd rule.
+
+The frozen weights never get a gradient, so backward returns the input gradient (and the bias gradient
+for BitFit) only, and no op saves its activation input for backward: the weights it needs are frozen
+buffers that are alive anyway. The compiled kernels of cpp_ext/ plug in behind the same op names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import quant
+
+# ---- references (the definition of each op; kernels are tested against these) ----
+
+
+def int8_linear_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x: (..., in) fp32; w_q: (out, in) int8; scale: (out,) fp32; bias: (out,) -> (..., out) fp32."""
+    return torch.nn.functional.linear(x, quant.dequantize_int8(w_q, scale), bias)
+
+
+def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x: (..., in) fp32; w_packed: (out, in/2) uint8; scale: (out, in/group) fp16 -> (..., out) fp32."""
+    return torch.nn.functional.linear(x, quant.dequantize_int4(w_packed, scale), bias)
+
+
+def int8_embedding_ref(ids: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """ids: (...) int64; w_q: (vocab, dim) int8; scale: (vocab,) fp32 -> (..., dim) fp32."""
+    return w_q[ids].float() * scale[ids][..., None]
+
+
+def int4_embedding_ref(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
+    """ids: (...) int64; w_packed: (vocab, dim/2) uint8; scale: (vocab, dim/group) fp16 -> (..., dim) fp32."""
+    flat = ids.reshape(-1)
+    rows = quant.dequantize_int4(w_packed[flat], scale[flat])
+    return rows.reshape(*ids.shape, rows.shape[-1])
+
+
+# ---- the ops ----
+@torch.library.custom_op("edge_tune::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return int8_linear_ref(x, w_q, scale, bias)
+
+
+@torch.library.custom_op("edge_tune::int4_linear", mutates_args=())
+def int4_linear(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return int4_linear_ref(x, w_packed, scale, bias)
+
+
+@torch.library.custom_op("edge_tune::int8_linear_grad_input", mutates_args=())
+def int8_linear_grad_input(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """grad_out: (..., out) -> grad_x (..., in) = grad_out @ dequant(W)."""
+    return grad_out @ quant.dequantize_int8(w_q, scale)
+
+
+@torch.library.custom_op("edge_tune::int4_linear_grad_input", mutates_args=())
+def int4_linear_grad_input(grad_out: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
+    return grad_out @ quant.dequantize_int4(w_packed, scale)
+
+
+@torch.library.custom_op("edge_tune::int8_embedding", mutates_args=())
+def int8_embedding(ids: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    return int8_embedding_ref(ids, w_q, scale)
+
+
+@torch.library.custom_op("edge_tune::int4_embedding", mutates_args=())
+def int4_embedding(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
+    return int4_embedding_ref(ids, w_packed, scale)
+
+
+# ---- fake kernels (shapes only; used by torch.compile / export and opcheck) ----
+@int8_linear.register_fake
+def _(x, w_q, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@int4_linear.register_fake
+def _(x, w_packed, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+@int8_linear_grad_input.register_fake
+def _(grad_out, w_q, scale):
+    return grad_out.new_empty((*grad_out.shape[:-1], w_q.shape[1]))
+
+
+@int4_linear_grad_input.register_fake
+def _(grad_out, w_packed, scale):
+    return grad_out.new_empty((*grad_out.shape[:-1], w_packed.shape[1] * 2))
+
+
+@int8_embedding.register_fake
+def _(ids, w_q, scale):
+    return scale.new_empty((*ids.shape, w_q.shape[1]))
+
+
+@int4_embedding.register_fake
+def _(ids, w_packed, scale):
+    return torch.empty((*ids.shape, w_packed.shape[1] * 2), dtype=torch.float32, device=ids.device)
+
+
+# ---- autograd: input and bias gradients only; the input x is not saved ----
+def _setup_linear(ctx, inputs, output):
+    _, w, scale, bias = inputs
+    ctx.save_for_backward(w, scale)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(grad_input_op):
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        grad_x = grad_input_op(grad, w, scale) if ctx.needs_input_grad[0] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+    return backward
+
+
+int8_linear.register_autograd(_linear_backward(int8_linear_grad_input), setup_context=_setup_linear)
+int4_linear.register_autograd(_linear_backward(int4_linear_grad_input), setup_context=_setup_linear)
+
+ALL_OPS = {
+    "int8_linear": int8_linear,
+    "int4_linear": int4_linear,
+    "int8_linear_grad_input": int8_linear_grad_input,
+    "int4_linear_grad_input": int4_linear_grad_input,
+    "int8_embedding": int8_embedding,
+    "int4_embedding": int4_embedding,
+}

@@ -1,0 +1,323 @@
+"""Patches: the trained delta tensors in one safetensors file with a JSON manifest in its metadata.
+Loading is a trust boundary: nothing is unpickled or executed, and every check passes before any model
+tensor is touched. `PatchBank` holds one base and many patches and switches the live one by reference."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .base import Base, load_base
+from .data import collate, encode
+from .errors import PatchError
+from .methods import MethodSpec, delta_shapes
+from .model import QuantLinear
+from .tensorfile import DTYPES, parse_header
+
+FORMAT = "edge_tune.patch"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "edge_tune"
+MAX_PATCH_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The patch manifest schema (the one place it is defined)."""
+
+    method: str  # head | bitfit | lora
+    hyper: dict  # the method's hyper-parameters (LoRA: rank, alpha, targets)
+    label_names: list[str]
+    base_fingerprint: str  # sha256 of the base weights this patch was trained on
+    base_precision: str  # fp32 | int8 | int4 (informational: a patch applies to any precision of its base)
+    tensors_sha256: str  # sha256 over the sorted (name, dtype, shape, bytes) of the tensors
+    task: str = ""
+    seq_len: int = 128  # tokens per text the patch was trained with
+    metrics: dict = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def spec(self) -> MethodSpec:
+        h = self.hyper
+        if self.method != "lora":
+            return MethodSpec(self.method)
+        return MethodSpec("lora", rank=int(h["rank"]), alpha=float(h["alpha"]), targets=tuple(h["targets"]))
+
+
+_FIELD_TYPES = {"method": str, "hyper": dict, "label_names": list, "base_fingerprint": str, "base_precision": str,
+                "tensors_sha256": str, "task": str, "seq_len": int, "metrics": dict, "format": str,
+                "format_version": int}  # fmt: skip
+
+
+def _parse_manifest(meta: dict[str, str], where: str) -> Manifest:
+    if MANIFEST_KEY not in meta:
+        raise PatchError(f"{where}: no edge_tune manifest in the file's metadata — not an edge_tune patch")
+    try:
+        raw = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError:
+        raise PatchError(f"{where}: manifest is not valid JSON — file corrupt") from None
+    if not isinstance(raw, dict):
+        raise PatchError(f"{where}: manifest is not a JSON object — file corrupt")
+    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+        raise PatchError(
+            f"{where}: format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT} v{FORMAT_VERSION}"
+            " — re-export the patch with this edge_tune"
+        )
+    known = {f.name for f in fields(Manifest)}
+    errors = [f"unknown key {k!r}" for k in sorted(raw.keys() - known)]
+    errors += [f"missing key {k!r}" for k in ("method", "hyper", "label_names", "base_fingerprint",
+                                              "base_precision", "tensors_sha256") if k not in raw]  # fmt: skip
+    errors += [
+        f"{k!r} should be {t.__name__}" for k, t in _FIELD_TYPES.items() if k in raw and type(raw[k]) is not t
+    ]
+    if not errors and (
+        len(raw["label_names"]) < 2 or not all(isinstance(x, str) for x in raw["label_names"])
+    ):
+        errors.append("label_names must be at least two strings")
+    if errors:
+        raise PatchError(f"{where}: manifest invalid: " + "; ".join(errors))
+    m = Manifest(**raw)
+    try:
+        m.spec()
+    except (KeyError, TypeError, ValueError) as e:
+        raise PatchError(f"{where}: manifest hyper-parameters invalid ({e!r})") from None
+    return m
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part:
+    temp file in the same folder, fsync, rename. On failure the temp file is removed."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PatchError(
+            f"{path}: cannot write ({e.strerror or e}) — check the folder exists, is writable and has space"
+        ) from None
+
+
+def save_patch(path: str | Path, tensors: dict[str, Tensor], manifest: Manifest) -> int:
+    """Write a patch atomically; returns its size in bytes. `manifest.tensors_sha256` is filled in here."""
+    from safetensors.torch import save
+
+    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+    manifest = Manifest(**{**asdict(manifest), "tensors_sha256": tensors_sha256(tensors)})
+    blob = save(tensors, metadata={MANIFEST_KEY: json.dumps(asdict(manifest), sort_keys=True)})
+    atomic_write(Path(path), blob)
+    return len(blob)
+
+
+@dataclass
+class Patch:
+    name: str
+    manifest: Manifest
+    tensors: dict[str, Tensor]
+    path: str
+    file_bytes: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def load_patch(
+    path: str | Path, base: Base | None = None, max_rank: int | None = None, name: str | None = None
+) -> Patch:
+    """Read and validate a patch: size, header bounds, manifest schema, tensor names/shapes/dtypes for the
+    method, sha256 of the tensor bytes, finite values, base fingerprint and rank cap (when given)."""
+    path = Path(path)
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PATCH_BYTES:
+            raise PatchError(
+                f"{where}: {size >> 20} MB is larger than any patch ({MAX_PATCH_BYTES >> 20} MB) — wrong file?"
+            )
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise PatchError(f"{where}: no such patch file") from None
+    except IsADirectoryError:
+        raise PatchError(f"{where}: is a directory, not a patch file") from None
+    except OSError as e:
+        raise PatchError(f"{where}: cannot read ({e.strerror or e})") from None
+    header = parse_header(blob, len(blob), where, PatchError)
+    manifest = _parse_manifest(header.metadata, where)
+    tensors = {}
+    for tname, info in header.tensors.items():
+        if info.dtype != "F32":
+            raise PatchError(
+                f"{where}: tensor {tname!r} is {info.dtype}, patches hold F32 only — file corrupt or foreign"
+            )
+        start = header.data_start + info.begin
+        t = torch.frombuffer(bytearray(blob[start : header.data_start + info.end]), dtype=DTYPES["F32"][0])
+        tensors[tname] = t.reshape(info.shape)
+    if tensors_sha256(tensors) != manifest.tensors_sha256:
+        raise PatchError(
+            f"{where}: tensor bytes do not match the manifest's sha256 — file corrupted in transit"
+        )
+    for tname, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise PatchError(f"{where}: tensor {tname!r} holds NaN or Inf — refusing a broken patch")
+    spec = manifest.spec()
+    if max_rank is not None and spec.name == "lora" and spec.rank > max_rank:
+        raise PatchError(f"{where}: LoRA rank {spec.rank} is above the profile's cap {max_rank}")
+    if base is not None:
+        if manifest.base_fingerprint != base.fingerprint:
+            raise PatchError(
+                f"{where}: made for base {manifest.base_fingerprint[:12]}, the loaded base is {base.fingerprint[:12]}"
+                " — train the patch on this base"
+            )
+        expected = delta_shapes(base.model, spec, len(manifest.label_names))
+        missing = sorted(expected.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - expected.keys())
+        wrong = [n for n in expected.keys() & tensors.keys() if tuple(tensors[n].shape) != expected[n]]
+        if missing or extra or wrong:
+            detail = "; ".join(
+                f"{what}: {', '.join(ns[:3])}{'...' if len(ns) > 3 else ''}"
+                for what, ns in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+                if ns
+            )
+            raise PatchError(f"{where}: tensors do not fit a {spec.name} patch for this base ({detail})")
+    return Patch(name or manifest.task or path.stem, manifest, tensors, where, len(blob))
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float  # of the predicted label
+    patch: str
+
+
+class PatchBank:
+    """One loaded base, many patches. `activate` re-points the model's delta slots (biases, LoRA factors,
+    head) at the patch's preloaded tensors: no copy, no base reload. A lock makes every `predict` run
+    wholly under one patch while another thread activates."""
+
+    def __init__(self, base: Base | None = None, precision: str = "int8", max_rank: int | None = None):
+        self.base = base or load_base(precision=precision)
+        self.max_rank = max_rank
+        self.patches: dict[str, Patch] = {}
+        # Per patch: (module, attribute, patch tensor, base tensor or None) for every slot it re-points.
+        self._bindings: dict[str, list[tuple[nn.Module, str, nn.Parameter, nn.Parameter | None]]] = {}
+        self._lora_scales: dict[str, list[tuple[QuantLinear, float]]] = {}
+        self.active: str | None = None
+        self._lock = threading.RLock()
+        self._modules = dict(self.base.model.named_modules())
+        # Base values of every slot a patch can re-point, restored when the patch is deactivated.
+        self._defaults = dict(self.base.model.named_parameters())
+
+    @classmethod
+    def from_profile(cls, profile: str | None = None) -> PatchBank:
+        from .profiles import load_profile
+
+        p = load_profile(profile)
+        return cls(precision=p.precision, max_rank=p.max_rank)
+
+    def load(self, path: str | Path, name: str | None = None) -> str:
+        """Validate and keep a patch in memory; returns its name in the bank (the manifest's task by default)."""
+        patch = load_patch(path, self.base, self.max_rank, name)
+        with self._lock:
+            if patch.name in self.patches and name is None:
+                i = 2
+                while f"{patch.name}-{i}" in self.patches:
+                    i += 1
+                patch.name = f"{patch.name}-{i}"
+            bindings = []
+            for tname, t in patch.tensors.items():
+                mod, _, attr = tname.rpartition(".")
+                value = nn.Parameter(t, requires_grad=False)
+                bindings.append((self._modules[mod], attr, value, self._defaults.get(tname)))
+            spec = patch.manifest.spec()
+            scales = [(m, spec.alpha / spec.rank) for m, attr, _, _ in bindings if attr == "lora_A"]
+            if patch.name == self.active:
+                self.deactivate()
+            self.patches[patch.name] = patch
+            self._bindings[patch.name] = bindings
+            self._lora_scales[patch.name] = scales
+        return patch.name
+
+    def _set(self, module: nn.Module, attr: str, value) -> None:
+        # Direct slot assignment: nn.Module.__setattr__'s checks cost microseconds per tensor.
+        module._parameters[attr] = value
+
+    def deactivate(self) -> None:
+        """Return the model to the bare base (no patch)."""
+        with self._lock:
+            if self.active is None:
+                return
+            for module, attr, _, default in self._bindings[self.active]:
+                self._set(module, attr, default)
+            for lin, _ in self._lora_scales[self.active]:
+                lin.lora_scale = 0.0
+            self.active = None
+
+    def activate(self, name: str) -> None:
+        """Make patch `name` the live one."""
+        with self._lock:
+            if name not in self.patches:
+                raise PatchError(
+                    f"no patch named {name!r} in the bank — loaded: {', '.join(self.patches) or 'none'}"
+                )
+            self.deactivate()
+            for module, attr, value, _ in self._bindings[name]:
+                self._set(module, attr, value)
+            for lin, scale in self._lora_scales[name]:
+                lin.lora_scale = scale
+            self.active = name
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name == self.active:
+                self.deactivate()
+            self.patches.pop(name, None)
+            self._bindings.pop(name, None)
+            self._lora_scales.pop(name, None)
+
+    def predict(self, texts: list[str], patch: str | None = None, batch_size: int = 64) -> list[Prediction]:
+        """Label and probability for each text under `patch` (default: the active one)."""
+        with self._lock:
+            if patch is not None and patch != self.active:
+                self.activate(patch)
+            if self.active is None:
+                raise PatchError("no active patch — load one and activate it first")
+            m = self.patches[self.active].manifest
+            ids = encode(self.base.tokenizer, list(texts), m.seq_len)
+            probs = []
+            with torch.inference_mode():
+                for s in range(0, len(ids), batch_size):
+                    rows = [ids[i] for i in range(s, min(s + batch_size, len(ids)))]
+                    probs.append(self.base.model(*collate(rows)).softmax(-1))
+            p = torch.cat(probs) if probs else torch.empty(0, len(m.label_names))
+            conf, idx = p.max(-1)
+            return [
+                Prediction(m.label_names[i], c, self.active)
+                for i, c in zip(idx.tolist(), conf.tolist(), strict=True)
+            ]

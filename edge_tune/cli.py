@@ -216,7 +216,11 @@ VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)  # logs and progress go to stderr, results to stdout
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         return VERBS[args.verb](args) or 0
     except EdgeTuneError as e:
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted — no partial files were written", file=sys.stderr)
         return 130
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

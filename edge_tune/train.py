@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
+    dropout: float = 0.1  # on the pooled features, before the head
     seed: int = 0
 
 
@@ -86,6 +87,7 @@ def train(
     model = base.model
     model.reset_head(len(train_ds.label_names), cfg.seed)
     params = apply_method(model, cfg.method, cfg.seed)
+    model.dropout.p = cfg.dropout
     decay = [p for n, p in params.items() if p.ndim > 1]
     no_decay = [p for n, p in params.items() if p.ndim <= 1]
     opt = torch.optim.AdamW(

@@ -1,0 +1,68 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_tune.base import load_base
+from edge_tune.data import Dataset
+from edge_tune.methods import MethodSpec
+from edge_tune.train import TrainConfig, train
+
+SENTENCES = [
+    ("1", "a gorgeous , witty , seductive movie ."),
+    ("0", "it 's a dull , lifeless mess ."),
+    ("1", "an engrossing and moving portrait of a family ."),
+    ("0", "the plot is nothing but boilerplate cliches ."),
+    ("1", "warm , funny and beautifully acted ."),
+    ("0", "tedious , predictable and far too long ."),
+    ("1", "one of the best films of the year ."),
+    ("0", "a waste of a talented cast ."),
+]
+
+
+@pytest.fixture(scope="session")
+def base_int8():
+    return load_base(precision="int8")
+
+
+@pytest.fixture
+def fresh_base(base_int8):
+    """A private copy of the int8 base that a test may train or mutate."""
+    return copy.deepcopy(base_int8)
+
+
+@pytest.fixture(scope="session")
+def tiny_ds():
+    texts = [s for _, s in SENTENCES] * 4
+    labels = [int(y) for y, _ in SENTENCES] * 4
+    return Dataset(texts, labels, ["0", "1"], "tiny")
+
+
+def write_tsv(path: Path, rows=SENTENCES, header="label\tsentence") -> Path:
+    path.write_text(header + "\n" + "".join(f"{y}\t{s}\n" for y, s in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tsv(tmp_path):
+    return write_tsv(tmp_path / "mine.tsv", SENTENCES * 3)
+
+
+def quick_train(base, ds, method="bitfit", steps=3, seed=0, **kw):
+    spec = MethodSpec(method, rank=kw.pop("rank", 4), alpha=8.0, targets=kw.pop("targets", ("q", "v")))
+    cfg = TrainConfig(method=spec, batch_size=8, steps=steps, lr=1e-2, eval_every=steps, seed=seed, **kw)
+    return train(base, ds, ds, cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ids_mask(base_int8):
+    from edge_tune.data import collate, encode
+
+    return collate(list(encode(base_int8.tokenizer, [s for _, s in SENTENCES], 64)))
+
+
+def logits(base, ids_mask):
+    base.model.eval()
+    with torch.no_grad():
+        return base.model(*ids_mask)

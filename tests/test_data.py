@@ -1,0 +1,65 @@
+"""TSV loading: each malformed input is one DataError naming file, line and fix."""
+
+import pytest
+
+from conftest import write_tsv
+from edge_tune.data import collate, load_task, read_tsv
+from edge_tune.errors import DataError
+
+
+def test_reads_builtin_tasks():
+    for task in ("sst2", "cr", "subj", "mpqa"):
+        train, dev = load_task(task)
+        assert len(train) > 1000 and len(dev) > 500 and train.label_names == ["0", "1"]
+
+
+def test_user_tsv_gets_a_dev_split(tsv):
+    train, dev = load_task(str(tsv))
+    assert len(train) + len(dev) == 24 and len(dev) == 2
+
+
+def test_string_labels_and_crlf(tmp_path):
+    p = tmp_path / "x.tsv"
+    p.write_bytes(b"label\tsentence\r\npos\tgood\r\nneg\tbad\r\n\r\n")
+    ds = read_tsv(p)
+    assert ds.label_names == ["neg", "pos"] and ds.labels == [1, 0] and ds.texts == ["good", "bad"]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "empty file"),
+        (b"text\tlabel\n1\tgood\n", "header is"),
+        (b"label\tsentence\n1 good\n", r":2: expected 2 tab-separated fields"),
+        (b"label\tsentence\n1\tgood\textra\n", r":2: expected 2 tab-separated fields .*found 3"),
+        (b"label\tsentence\n\tgood\n", r":2: empty label"),
+        (b"label\tsentence\n", "no rows"),
+        (b"label\tsentence\n1\tgood\n1\tfine\n", "only one label value"),
+        (b"label\tsentence\n1\t\xff\xfe\n", "not UTF-8"),
+    ],
+)
+def test_bad_tsv(tmp_path, content, match):
+    p = tmp_path / "bad.tsv"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_tsv(p)
+
+
+def test_unknown_label_in_dev(tmp_path):
+    p = write_tsv(tmp_path / "dev.tsv", [("1", "a"), ("2", "b")])
+    with pytest.raises(DataError, match="label '2' .* is not one of the training labels"):
+        read_tsv(p, ["0", "1"])
+
+
+def test_missing_file_and_unknown_task(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_tsv(tmp_path / "nope.tsv")
+    with pytest.raises(DataError, match="unknown task or file 'sst3'"):
+        load_task("sst3")
+
+
+def test_collate_pads_and_masks():
+    import numpy as np
+
+    ids, mask = collate([np.array([101, 7, 102]), np.array([101, 102])])
+    assert ids.tolist() == [[101, 7, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -155,3 +155,19 @@ class Classifier(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, T) -> logits (B, num_labels)."""
         return self.head(self.dropout(self.pool(ids, mask)))
+
+    @torch.inference_mode()
+    def predict_proba(self, rows: list, batch_size: int = 64) -> Tensor:
+        """rows: token-id arrays -> class probabilities (N, num_labels), in eval mode. Rows are run in
+        length order so that each batch pads little, and returned in the order given."""
+        from .data import collate
+
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = torch.empty(len(rows), self.head.weight.shape[0])
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            out[idx] = self(*collate([rows[i] for i in idx])).softmax(-1)
+        self.train(was_training)
+        return out

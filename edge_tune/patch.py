@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Base, load_base
-from .data import collate, encode
+from .data import encode
 from .errors import PatchError
 from .methods import MethodSpec, delta_shapes
 from .model import QuantLinear
@@ -309,13 +309,8 @@ class PatchBank:
             if self.active is None:
                 raise PatchError("no active patch — load one and activate it first")
             m = self.patches[self.active].manifest
-            ids = encode(self.base.tokenizer, list(texts), m.seq_len)
-            probs = []
-            with torch.inference_mode():
-                for s in range(0, len(ids), batch_size):
-                    rows = [ids[i] for i in range(s, min(s + batch_size, len(ids)))]
-                    probs.append(self.base.model(*collate(rows)).softmax(-1))
-            p = torch.cat(probs) if probs else torch.empty(0, len(m.label_names))
+            tokens = encode(self.base.tokenizer, list(texts), m.seq_len)
+            p = self.base.model.predict_proba([tokens[i] for i in range(len(tokens))], batch_size)
             conf, idx = p.max(-1)
             return [
                 Prediction(m.label_names[i], c, self.active)

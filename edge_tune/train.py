@@ -60,22 +60,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.inference_mode()
-def predict_proba(base: Base, texts: list[str], seq_len: int = 128, batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities (N, num_labels) for `texts`, in eval mode."""
-    was_training = base.model.training
-    base.model.eval()
-    out = []
-    ids = encode(base.tokenizer, texts, seq_len)
-    for s in range(0, len(ids), batch_size):
-        rows = [ids[i] for i in range(s, min(s + batch_size, len(ids)))]
-        out.append(base.model(*collate(rows)).softmax(-1))
-    base.model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, base.model.head.weight.shape[0])
-
-
 def accuracy(base: Base, ds: Dataset, seq_len: int = 128) -> float:
-    probs = predict_proba(base, ds.texts, seq_len)
+    tokens = encode(base.tokenizer, ds.texts, seq_len)
+    probs = base.model.predict_proba([tokens[i] for i in range(len(tokens))])
     return (probs.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
 
 

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_tsv
+
 from edge_tune.cli import main
 from edge_tune.profiles import list_profile_names
 
@@ -30,7 +30,10 @@ def test_train_then_predict_on_every_profile(capsys, tmp_path, tsv, profile):
 @pytest.mark.parametrize("method", ["head", "bitfit"])
 def test_other_methods_and_eval(capsys, tmp_path, tsv, method):
     out = tmp_path / "m.patch"
-    assert run(capsys, "train", "--method", method, "--data", str(tsv), "--out", str(out), "--steps", "2")[0] == 0
+    assert (
+        run(capsys, "train", "--method", method, "--data", str(tsv), "--out", str(out), "--steps", "2")[0]
+        == 0
+    )
     code, stdout, _ = run(capsys, "eval", "--patch", str(out), "--data", str(tsv))
     assert code == 0 and stdout.startswith("accuracy ")
 
@@ -58,13 +61,19 @@ def _bad_cases(tmp_path, tsv):
     trunc = tmp_path / "trunc.patch"
     trunc.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     return [
-        (["train", "--data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o.patch")], "no such file"),
+        (
+            ["train", "--data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o.patch")],
+            "no such file",
+        ),
         (["train", "--data", str(empty), "--out", str(tmp_path / "o.patch")], "empty file"),
         (["train", "--data", str(noheader), "--out", str(tmp_path / "o.patch")], "header is"),
         (["train", "--method", "dora", *good], "unknown method 'dora'"),
         (["train", "--profile", "pi9", *good], "unknown profile 'pi9'"),
         (["train", "--profile", str(badprof), *good], "unknown key 'threds'"),
-        (["train", "--data", str(tsv), "--out", str(tmp_path / "nodir" / "o.patch")], "folder does not exist"),
+        (
+            ["train", "--data", str(tsv), "--out", str(tmp_path / "nodir" / "o.patch")],
+            "folder does not exist",
+        ),
         (["train", "--data", str(tsv), "--out", str(tmp_path)], "is a directory"),
         (["predict", "--patch", str(trunc), "hi"], "header claims|too short|corrupt"),
         (["predict", "--patch", str(tmp_path / "none.patch"), "hi"], "no such patch file"),

@@ -1,8 +1,8 @@
 """TSV loading: each malformed input is one DataError naming file, line and fix."""
 
 import pytest
-
 from conftest import write_tsv
+
 from edge_tune.data import collate, load_task, read_tsv
 from edge_tune.errors import DataError
 

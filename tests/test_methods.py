@@ -2,15 +2,24 @@
 
 import pytest
 import torch
-
 from conftest import logits
+
 from edge_tune.errors import EdgeTuneError
-from edge_tune.methods import MethodSpec, apply_method, bitfit_trainable, delta_shapes, head_trainable, lora_trainable
+from edge_tune.methods import (
+    MethodSpec,
+    apply_method,
+    bitfit_trainable,
+    delta_shapes,
+    head_trainable,
+    lora_trainable,
+)
 
 
 def test_rules():
     assert head_trainable("head.weight") and not head_trainable("encoder.layers.0.q.bias")
-    assert bitfit_trainable("encoder.layers.3.ln2.bias") and not bitfit_trainable("encoder.layers.3.ln2.weight")
+    assert bitfit_trainable("encoder.layers.3.ln2.bias") and not bitfit_trainable(
+        "encoder.layers.3.ln2.weight"
+    )
     assert lora_trainable("encoder.layers.0.v.lora_B") and not lora_trainable("encoder.layers.0.v.bias")
 
 

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 import torch
-
 from conftest import logits, quick_train
+
 from edge_tune.errors import PatchError
 from edge_tune.patch import Manifest, PatchBank, load_patch, save_patch
 

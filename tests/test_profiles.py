@@ -3,7 +3,13 @@
 import pytest
 
 from edge_tune.errors import ProfileError
-from edge_tune.profiles import DEFAULT_PROFILE, clamp_to_profile, list_profile_names, load_profile, parse_profile
+from edge_tune.profiles import (
+    DEFAULT_PROFILE,
+    clamp_to_profile,
+    list_profile_names,
+    load_profile,
+    parse_profile,
+)
 
 GOOD = """name = "x"
 schema_version = 1
@@ -20,7 +26,9 @@ backend = "cpu"
 
 def test_shipped_profiles_load():
     names = list_profile_names()
-    assert {"raspberry-pi-4-4gb", "raspberry-pi-zero-2w", "jetson-orin-nano-8gb", "phone-midrange"} <= set(names)
+    assert {"raspberry-pi-4-4gb", "raspberry-pi-zero-2w", "jetson-orin-nano-8gb", "phone-midrange"} <= set(
+        names
+    )
     assert DEFAULT_PROFILE in names
     for n in names:
         assert load_profile(n).name == n
@@ -29,7 +37,10 @@ def test_shipped_profiles_load():
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        (GOOD.replace("threads", "thread"), r"unknown key 'thread' \(did you mean 'threads'\?\).*missing key 'threads'"),
+        (
+            GOOD.replace("threads", "thread"),
+            r"unknown key 'thread' \(did you mean 'threads'\?\).*missing key 'threads'",
+        ),
         (GOOD.replace("max_rank = 4\n", ""), "missing key 'max_rank'"),
         (GOOD.replace('"int8"', '"int2"'), "precision must be one of"),
         (GOOD.replace("threads = 2", "threads = 0"), "threads must be a positive integer"),
@@ -45,7 +56,9 @@ def test_bad_profiles(text, match):
 
 
 def test_unknown_profile_suggests():
-    with pytest.raises(ProfileError, match="unknown profile 'raspberry-pi-4' — did you mean 'raspberry-pi-4-4gb'"):
+    with pytest.raises(
+        ProfileError, match="unknown profile 'raspberry-pi-4' — did you mean 'raspberry-pi-4-4gb'"
+    ):
         load_profile("raspberry-pi-4")
 
 

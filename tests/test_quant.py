@@ -42,7 +42,11 @@ def test_int4_rejects_bad_group():
 @pytest.mark.parametrize(("n_in", "n_out", "m"), [(384, 1536, 64), (1536, 384, 1), (64, 10, 3)])
 def test_quant_linear_matches_fp32(precision, min_db, n_in, n_out, m):
     g = torch.Generator().manual_seed(2)
-    w, b, x = torch.randn(n_out, n_in, generator=g) * 0.05, torch.randn(n_out, generator=g), torch.randn(m, n_in, generator=g)
+    w, b, x = (
+        torch.randn(n_out, n_in, generator=g) * 0.05,
+        torch.randn(n_out, generator=g),
+        torch.randn(m, n_in, generator=g),
+    )
     ref = torch.nn.functional.linear(x, w, b)
     lin = QuantLinear(quant.quantize(w, precision), b, precision)
     assert sqnr_db(ref, lin(x)) >= min_db

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import quick_train
 
 
@@ -19,7 +18,9 @@ def test_training_changes_only_the_deltas(fresh_base, tiny_ds, method):
     after = fresh_base.model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed, "training changed nothing"
-    assert changed <= set(result.tensors), f"frozen tensors changed: {sorted(changed - set(result.tensors))[:5]}"
+    assert changed <= set(result.tensors), (
+        f"frozen tensors changed: {sorted(changed - set(result.tensors))[:5]}"
+    )
     # every quantized weight buffer is bit-identical
     assert all(torch.equal(before[n], after[n]) for n in before if n.endswith(("w_q", "scale")))
 

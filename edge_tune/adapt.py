@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +57,14 @@ def adapt(
     seed: int = 0,
     precision: str | None = None,
     progress: bool | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 50,
 ) -> AdaptResult:
-    """Train a `method` patch on `data` under device `profile` and write it to `out` (atomically)."""
+    """Train a `method` patch on `data` under device `profile` and write it to `out` (atomically).
+    The run checkpoints to `<out>.ckpt` every `checkpoint_every` steps; `resume` continues from there.
+    Holds an exclusive lock on `out` for the whole run, so a second writer fails fast."""
     t0 = time.perf_counter()
     prof = load_profile(profile)
-    spec_kwargs = {"rank": rank, "alpha": alpha, "targets": targets}
     MethodSpec(method, rank=max(rank, 1), targets=targets)  # validate the method before any heavy work
     used, warnings = clamp_to_profile(prof, batch_size=batch_size, rank=rank, seq_len=seq_len)
     if grad_accum < 1 or grad_accum > used["batch_size"]:
@@ -72,16 +78,44 @@ def adapt(
         raise EdgeTuneError(f"{out}: is a directory — give the patch a file name, e.g. {out / 'task.patch'}")
     if not out.parent.exists():
         raise EdgeTuneError(f"{out.parent}: folder does not exist — create it first")
+    if checkpoint_every < 1:
+        raise EdgeTuneError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     precision = precision or prof.precision
     if prof.backend == "cuda" and not torch.cuda.is_available():
         log.warning(
             "warning: profile %r asks for CUDA, which this machine lacks; training on the CPU", prof.name
         )
+    with output_lock(out):
+        return _adapt_locked(data, out, method, prof, precision, used, warnings, t0, alpha=alpha, targets=targets,
+                             grad_accum=grad_accum, steps=steps, lr=lr, eval_every=eval_every, patience=patience,
+                             seed=seed, progress=progress, resume=resume, checkpoint_every=checkpoint_every)  # fmt: skip
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """An exclusive, non-blocking lock beside `out` (flock: released by the kernel even on kill -9)."""
+    lock_path = out.parent / f".{out.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgeTuneError(
+                f"{out}: another edge-tune run is writing this patch — wait for it or pick another --out"
+            ) from None
+        yield
+        os.unlink(lock_path)
+    finally:
+        os.close(fd)
+
+
+def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alpha, targets, grad_accum, steps,
+                  lr, eval_every, patience, seed, progress, resume, checkpoint_every) -> AdaptResult:  # fmt: skip
     threads = set_threads(prof)
     train_ds, dev_ds = load_task(data, seed=seed)
     base = load_base(precision=precision, num_labels=len(train_ds.label_names))
     r = used["rank"]
-    spec = MethodSpec(method, rank=r, alpha=spec_kwargs["alpha"] or 2.0 * r, targets=targets)
+    spec = MethodSpec(method, rank=r, alpha=alpha or 2.0 * r, targets=targets)
     cfg = TrainConfig(
         method=spec,
         batch_size=used["batch_size"],
@@ -98,7 +132,10 @@ def adapt(
         method, data, len(train_ds), len(dev_ds), prof.name, precision, base.frozen_bytes() / 1e6,
         cfg.batch_size, cfg.seq_len, threads, prof.memory_budget_mb,
     )  # fmt: skip
-    result = train(base, train_ds, dev_ds, cfg, progress)
+    ckpt = out.parent / f"{out.name}.ckpt"
+    result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, checkpoint_every)
+    if result.stop_reason:
+        log.warning("warning: %s", result.stop_reason)
     manifest = Manifest(
         method=method,
         hyper=spec.hyper(),
@@ -115,4 +152,5 @@ def adapt(
         },
     )
     nbytes = save_patch(out, result.tensors, manifest)
+    ckpt.unlink(missing_ok=True)  # the patch is complete; the checkpoint has served
     return AdaptResult(out, nbytes, result, prof, time.perf_counter() - t0, threads, warnings)

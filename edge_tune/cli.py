@@ -57,6 +57,15 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--precision", default=None, help="base precision fp32|int8|int4 (default: the profile's)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="optimizer steps between checkpoints to OUT.ckpt (default 50); removed when the patch is written",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT.ckpt after a crash or kill (same flags)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +110,7 @@ def _train_kwargs(args) -> dict:
         "targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr,
         "eval_every": args.eval_every, "patience": args.patience, "seed": args.seed, "precision": args.precision,
+        "resume": args.resume, "checkpoint_every": args.checkpoint_every,
     }  # fmt: skip
 
 

@@ -3,18 +3,24 @@ dev evaluation with early stopping, best-checkpoint keeping, peak RSS measured a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .base import Base
+from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .data import Dataset, collate, encode, length_grouped_batches
+from .errors import EdgeTuneError
 from .memory import peak_rss_mb
 from .methods import MethodSpec, apply_method
 from .profiles import DeviceProfile
@@ -46,6 +52,7 @@ class TrainResult:
     best_step: int
     peak_rss_mb: float
     history: list[dict] = field(default_factory=list)
+    stop_reason: str = ""  # why it ended before cfg.steps, if it did
 
 
 def set_threads(profile: DeviceProfile) -> int:
@@ -66,25 +73,52 @@ def accuracy(base: Base, ds: Dataset, seq_len: int = 128) -> float:
     return (probs.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
 
 
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warmup over `warmup` x `total` steps, then linear decay to 0 (step counts from 0)."""
+    warm = max(1, int(total * warmup))
+    return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
+def _identity(base: Base, train_ds: Dataset, dev_ds: Dataset, cfg: TrainConfig) -> dict:
+    """What must match for a checkpoint to continue this run."""
+    h = hashlib.sha256()
+    for t, y in zip(train_ds.texts, train_ds.labels, strict=True):
+        h.update(f"{y}\t{t}\n".encode())
+    return {
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "base_fingerprint": base.fingerprint,
+        "base_precision": base.precision,
+        "train_sha256": h.hexdigest(),
+        "dev_rows": len(dev_ds),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def train(
-    base: Base, train_ds: Dataset, dev_ds: Dataset, cfg: TrainConfig, progress: bool | None = None
+    base: Base,
+    train_ds: Dataset,
+    dev_ds: Dataset,
+    cfg: TrainConfig,
+    progress: bool | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 50,
 ) -> TrainResult:
-    """Train `cfg.method`'s deltas on `train_ds`, keep the best dev checkpoint, leave the model holding it."""
+    """Train `cfg.method`'s deltas on `train_ds`, keep the best dev checkpoint, leave the model holding it.
+    With `checkpoint`, the full state is saved there atomically every `checkpoint_every` steps, and with
+    `resume` a run continues from it and ends bit-identical to an uninterrupted run (same threads)."""
     seed_everything(cfg.seed)
     model = base.model
     model.reset_head(len(train_ds.label_names), cfg.seed)
     params = apply_method(model, cfg.method, cfg.seed)
     model.dropout.p = cfg.dropout
-    decay = [p for n, p in params.items() if p.ndim > 1]
-    no_decay = [p for n, p in params.items() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
-    warm = max(1, int(cfg.steps * cfg.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
-    )
+    decay = [p for p in params.values() if p.ndim > 1]
+    no_decay = [p for p in params.values() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     ids = encode(base.tokenizer, train_ds.texts, cfg.seq_len)
     labels = torch.tensor(train_ds.labels)
     micro = -(-cfg.batch_size // cfg.grad_accum)
@@ -99,22 +133,25 @@ def train(
         return model.head(model.dropout(feats))
 
     rng = random.Random(cfg.seed)
-    batches: list[list[int]] = []
+    state, best = LoopState(), {}
+    identity = _identity(base, train_ds, dev_ds, cfg)
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state, best = load_checkpoint(checkpoint, identity, params, opt, rng)
+        log.info("resumed from %s at step %d/%d", checkpoint, state.step, cfg.steps)
+    elif resume:
+        log.info("no checkpoint at %s; starting from step 0", checkpoint)
 
-    def next_rows() -> list[int]:
-        if not batches:
-            batches.extend(length_grouped_batches(ids.lengths(), cfg.batch_size, rng))
-        return batches.pop()
-
-    best = {"acc": -1.0, "step": 0, "tensors": {}}
-    history, bad_evals, step = [], 0, 0
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(
-        total=cfg.steps, disable=not show, desc=f"train {cfg.method.name}", unit="step", file=sys.stderr
-    )
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not show, desc=f"train {cfg.method.name}",
+               unit="step", file=sys.stderr)  # fmt: skip
+    stop_reason = ""
     model.train()
-    for step in range(1, cfg.steps + 1):
-        rows = next_rows()
+    while state.step < cfg.steps:
+        if not state.batches:
+            state.batches = length_grouped_batches(ids.lengths(), cfg.batch_size, rng)
+        rows = state.batches.pop()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(state.step, cfg.steps, cfg.warmup)
         loss_sum = 0.0
         for s in range(0, len(rows), micro):
             part = rows[s : s + micro]
@@ -122,33 +159,48 @@ def train(
             loss = F.cross_entropy(logits, labels[part], reduction="sum") / len(rows)
             loss.backward()
             loss_sum += loss.item()
-        opt.step()
-        sched.step()
+        finite = math.isfinite(loss_sum) and all(
+            torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None
+        )
+        if finite:
+            opt.step()
+            state.nonfinite_in_a_row = 0
+        else:
+            state.nonfinite_in_a_row += 1
+            log.warning("warning: non-finite loss or gradient at step %d; step skipped", state.step + 1)
         opt.zero_grad(set_to_none=True)
+        state.step += 1
         bar.update(1)
         bar.set_postfix(
-            loss=f"{loss_sum:.3f}", dev=f"{max(best['acc'], 0):.3f}", rss_mb=f"{peak_rss_mb():.0f}"
+            loss=f"{loss_sum:.3f}", dev=f"{max(state.best_acc, 0):.3f}", rss_mb=f"{peak_rss_mb():.0f}"
         )
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            stop_reason = (f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; rolled back "
+                           "to the best checkpoint — lower --lr")  # fmt: skip
+            break
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
             acc = accuracy(base, dev_ds, cfg.seq_len)
-            history.append(
-                {"step": step, "loss": loss_sum, "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
+            state.history.append(
+                {"step": state.step, "loss": loss_sum, "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
             )
-            if acc > best["acc"]:
-                best = {
-                    "acc": acc,
-                    "step": step,
-                    "tensors": {n: p.detach().clone() for n, p in params.items()},
-                }
-                bad_evals = 0
+            if acc > state.best_acc:
+                state.best_acc, state.best_step, state.bad_evals = acc, state.step, 0
+                best = {n: p.detach().clone() for n, p in params.items()}
             else:
-                bad_evals += 1
-                if bad_evals >= cfg.patience:
-                    log.info("early stop at step %d: no dev improvement in %d evaluations", step, bad_evals)
+                state.bad_evals += 1
+                if state.bad_evals >= cfg.patience:
+                    stop_reason = f"early stop at step {state.step}: no dev improvement in {state.bad_evals} evaluations"
+                    log.info("%s", stop_reason)
                     break
+        if checkpoint is not None and state.step % checkpoint_every == 0 and state.step < cfg.steps:
+            save_checkpoint(checkpoint, identity, state, params, best, opt, rng)
     bar.close()
+    if not best:
+        raise EdgeTuneError(f"training produced no usable delta ({stop_reason or 'no evaluation ran'})")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(best["tensors"][n])
+            p.copy_(best[n])
     model.eval()
-    return TrainResult(best["tensors"], best["acc"], step, best["step"], peak_rss_mb(), history)
+    return TrainResult(
+        best, state.best_acc, state.step, state.best_step, peak_rss_mb(), state.history, stop_reason
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -67,10 +68,24 @@ def adapt(
     prof = load_profile(profile)
     MethodSpec(method, rank=max(rank, 1), targets=targets)  # validate the method before any heavy work
     used, warnings = clamp_to_profile(prof, batch_size=batch_size, rank=rank, seq_len=seq_len)
-    if grad_accum < 1 or grad_accum > used["batch_size"]:
-        raise EdgeTuneError(
-            f"--grad-accum must be between 1 and the batch size ({used['batch_size']}), got {grad_accum}"
-        )
+    problems = [
+        f"--grad-accum must be between 1 and the batch size ({used['batch_size']}), got {grad_accum}"
+        for _ in [0]
+        if not 1 <= grad_accum <= used["batch_size"]
+    ]
+    checks = {
+        "--steps": steps,
+        "--eval-every": eval_every,
+        "--patience": patience,
+        "--checkpoint-every": checkpoint_every,
+    }
+    problems += [f"{k} must be at least 1, got {v}" for k, v in checks.items() if v is not None and v < 1]
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        problems.append(f"--lr must be a positive number, got {lr}")
+    if used["seq_len"] < 3:
+        problems.append(f"--seq-len must be at least 3 tokens ([CLS] word [SEP]), got {used['seq_len']}")
+    if problems:
+        raise EdgeTuneError("; ".join(problems))
     for w in warnings:
         log.warning("warning: %s", w)
     out = Path(out)
@@ -78,8 +93,6 @@ def adapt(
         raise EdgeTuneError(f"{out}: is a directory — give the patch a file name, e.g. {out / 'task.patch'}")
     if not out.parent.exists():
         raise EdgeTuneError(f"{out.parent}: folder does not exist — create it first")
-    if checkpoint_every < 1:
-        raise EdgeTuneError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     precision = precision or prof.precision
     if prof.backend == "cuda" and not torch.cuda.is_available():
         log.warning(
@@ -97,15 +110,16 @@ def output_lock(out: Path):
     lock_path = out.parent / f".{out.name}.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EdgeTuneError(
-                f"{out}: another edge-tune run is writing this patch — wait for it or pick another --out"
-            ) from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EdgeTuneError(
+            f"{out}: another edge-tune run is writing this patch — wait for it or pick another --out"
+        ) from None
+    try:
         yield
-        os.unlink(lock_path)
     finally:
+        os.unlink(lock_path)
         os.close(fd)
 
 
@@ -121,8 +135,8 @@ def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alp
         batch_size=used["batch_size"],
         grad_accum=grad_accum,
         seq_len=used["seq_len"],
-        steps=steps or DEFAULT_STEPS[method],
-        lr=lr or DEFAULT_LR[method],
+        steps=DEFAULT_STEPS[method] if steps is None else steps,
+        lr=DEFAULT_LR[method] if lr is None else lr,
         eval_every=eval_every,
         patience=patience,
         seed=seed,

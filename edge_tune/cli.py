@@ -68,12 +68,19 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} — see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="edge-tune", description="Adapt a quantized frozen encoder on-device; ship tiny patches."
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=OneLineParser)
 
     p = sub.add_parser(
         "demo", help="train the SST-2 sentiment patch under the default profile, swap it in, predict"

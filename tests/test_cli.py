@@ -1,5 +1,6 @@
 """The CLI as a user meets it: every shipped profile trains on a user's TSV; bad input is one line, exit 2."""
 
+import re
 import subprocess
 import sys
 
@@ -51,44 +52,144 @@ def test_profiles_table(capsys):
     assert code == 0 and "raspberry-pi-zero-2w" in out and "budget_mb" in out
 
 
-def _bad_cases(tmp_path, tsv):
-    good = ["--data", str(tsv), "--out", str(tmp_path / "o.patch"), "--steps", "1"]
-    empty = tmp_path / "empty.tsv"
-    empty.write_text("")
-    noheader = write_tsv(tmp_path / "nh.tsv", header="1\tfine film")
-    badprof = tmp_path / "bad.toml"
-    badprof.write_text('name = "x"\nthreds = 2\n')
-    trunc = tmp_path / "trunc.patch"
-    trunc.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+def _synthetic_patch(base, path, fingerprint=None, poison=None, rank=4):
+    import torch
+
+    from edge_tune.methods import MethodSpec, delta_shapes
+    from edge_tune.patch import Manifest, save_patch
+
+    spec = MethodSpec("lora", rank=rank, alpha=8.0, targets=("q",))
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(sh, generator=g) for n, sh in delta_shapes(base.model, spec, 2).items()}
+    if poison:
+        tensors["head.bias"][0] = poison
+    m = Manifest("lora", spec.hyper(), ["0", "1"], fingerprint or base.fingerprint, "int8", "", seq_len=64)
+    save_patch(path, tensors, m)
+    return path
+
+
+def _bad_cases(tmp_path, tsv, base):
+    out = str(tmp_path / "o.patch")
+    good = ["--data", str(tsv), "--out", out, "--steps", "1"]
+
+    def f(name, content: bytes):
+        p = tmp_path / name
+        p.write_bytes(content)
+        return str(p)
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    write_tsv(folder / "train.tsv")
+    write_tsv(folder / "dev.tsv", [("1", "fine"), ("maybe", "hmm")])
+    prof = 'name = "x"\nschema_version = 1\ndescription = "d"\nmemory_budget_mb = 500\nthreads = 2\nmax_batch_size = 8\nmax_rank = 4\nmax_seq_len = 64\nprecision = "int8"\nbackend = "cpu"\n'
+    valid = _synthetic_patch(base, tmp_path / "valid.patch")
+    vb = valid.read_bytes()
     return [
+        # data
+        (["train", "--data", str(tmp_path / "missing.tsv"), "--out", out], "no such file"),
+        (["train", "--data", f("empty.tsv", b""), "--out", out], "empty file"),
+        (["train", "--data", f("nh.tsv", b"1\tfine film\n0\tbad\n"), "--out", out], "header is"),
         (
-            ["train", "--data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o.patch")],
-            "no such file",
+            ["train", "--data", f("fields.tsv", b"label\tsentence\n1 fine\n"), "--out", out],
+            ":2: expected 2 tab-separated",
         ),
-        (["train", "--data", str(empty), "--out", str(tmp_path / "o.patch")], "empty file"),
-        (["train", "--data", str(noheader), "--out", str(tmp_path / "o.patch")], "header is"),
-        (["train", "--method", "dora", *good], "unknown method 'dora'"),
+        (
+            ["train", "--data", f("onelabel.tsv", b"label\tsentence\n1\ta\n1\tb\n"), "--out", out],
+            "only one label",
+        ),
+        (["train", "--data", f("latin1.tsv", b"label\tsentence\n1\tcaf\xe9\n"), "--out", out], "not UTF-8"),
+        (["train", "--data", f("nolabel.tsv", b"label\tsentence\n\tfine\n"), "--out", out], "empty label"),
+        (["train", "--data", str(folder), "--out", out], "label 'maybe' .* not one of the training labels"),
+        (["train", "--data", "sst3", "--out", out], "unknown task or file 'sst3'"),
+        # profile
         (["train", "--profile", "pi9", *good], "unknown profile 'pi9'"),
-        (["train", "--profile", str(badprof), *good], "unknown key 'threds'"),
+        (
+            ["train", "--profile", f("typo.toml", prof.replace("threads", "threds").encode()), *good],
+            "unknown key 'threds' .did you mean 'threads'",
+        ),
+        (["train", "--profile", f("syntax.toml", b"name = \n"), *good], "not valid TOML"),
+        (
+            ["train", "--profile", f("type.toml", prof.replace("= 2", '= "2"').encode()), *good],
+            "threads must be a positive integer",
+        ),
+        (
+            [
+                "train",
+                "--profile",
+                f("ver.toml", prof.replace("schema_version = 1", "schema_version = 2").encode()),
+                *good,
+            ],
+            "schema_version is 2",
+        ),
+        (
+            ["train", "--profile", f("prec.toml", prof.replace("int8", "int3").encode()), *good],
+            "precision must be one of",
+        ),
+        # arguments
+        (["train", "--method", "dora", *good], "unknown method 'dora'"),
+        (["train", "--method", "lora", "--targets", "q,zz", *good], "unknown LoRA target"),
+        (["train", *good, "--steps", "0"], "--steps must be at least 1"),
+        (["train", *good, "--lr", "-1"], "--lr must be a positive number"),
+        (["train", *good, "--grad-accum", "99"], "--grad-accum must be between 1 and the batch size"),
+        (["train", *good, "--batch-size", "0"], "batch_size must be at least 1"),
+        (["train", *good, "--seq-len", "2"], "--seq-len must be at least 3"),
+        (["train", *good, "--steps", "many"], "invalid int value: 'many'"),
+        (["train", "--data", str(tsv)], "required: --out"),
         (
             ["train", "--data", str(tsv), "--out", str(tmp_path / "nodir" / "o.patch")],
             "folder does not exist",
         ),
         (["train", "--data", str(tsv), "--out", str(tmp_path)], "is a directory"),
-        (["predict", "--patch", str(trunc), "hi"], "header claims|too short|corrupt"),
+        (["predict", "--patch", str(valid)], "required: TEXT"),
+        # patches
+        (["predict", "--patch", f("trunc.patch", vb[: len(vb) // 3]), "hi"], "truncated|outside the file"),
+        (["predict", "--patch", f("flip.patch", vb[:-3] + bytes([vb[-3] ^ 0x10]) + vb[-2:]), "hi"], "sha256"),
+        (
+            ["predict", "--patch", f("huge.patch", (1 << 40).to_bytes(8, "little") + vb[8:]), "hi"],
+            "header claims",
+        ),
+        (
+            ["predict", "--patch", f("pickle.patch", b"\x80\x04\x95\x10" + bytes(60)), "hi"],
+            "header claims|too short",
+        ),
+        (
+            ["predict", "--patch", str(_synthetic_patch(base, tmp_path / "other.patch", "a" * 64)), "hi"],
+            "made for base",
+        ),
+        (
+            [
+                "predict",
+                "--patch",
+                str(_synthetic_patch(base, tmp_path / "nan.patch", poison=float("inf"))),
+                "hi",
+            ],
+            "NaN or Inf",
+        ),
         (["predict", "--patch", str(tmp_path / "none.patch"), "hi"], "no such patch file"),
+        (["predict", "--patch", str(tmp_path), "hi"], "is a directory"),
+        (
+            ["eval", "--patch", str(valid), "--data", f("evalbad.tsv", b"label\tsentence\n7\tx\n")],
+            "label '7'",
+        ),
     ]
 
 
-def test_bad_input_is_one_line(capsys, tmp_path, tsv):
-    for argv, match in _bad_cases(tmp_path, tsv):
-        code, out, err = run(capsys, *argv)
+def test_bad_input_table(capsys, tmp_path, tsv, base_int8):
+    cases = _bad_cases(tmp_path, tsv, base_int8)
+    assert len(cases) >= 25
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    for argv, match in cases:
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's usage errors exit from inside
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (argv, code, err)
         lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
-        assert code == 2, (argv, err)
-        assert len(lines) == 1 and __import__("re").search(match, lines[0]), (argv, err)
-        assert "Traceback" not in err
-    assert not (tmp_path / "o.patch").exists()
-    assert not list(tmp_path.glob(".*tmp*")), "a temp file was left behind"
+        assert len(lines) == 1 and re.search(match, lines[0]), (argv, err)
+        assert "Traceback" not in err, argv
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    assert after == before, "a bad input created or changed a file"
 
 
 def test_console_script_no_traceback(tmp_path):

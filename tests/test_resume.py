@@ -17,7 +17,9 @@ class Killed(Exception):
 
 
 def _cfg(**kw):
-    base = dict(method=MethodSpec("lora", rank=4, alpha=8.0), batch_size=4, steps=9, lr=1e-2, eval_every=3, seed=3)
+    base = dict(
+        method=MethodSpec("lora", rank=4, alpha=8.0), batch_size=4, steps=9, lr=1e-2, eval_every=3, seed=3
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -38,7 +40,9 @@ def test_resume_after_kill_is_bit_identical(base_int8, tiny_ds, tmp_path, monkey
     with pytest.raises(Killed):
         train(copy.deepcopy(base_int8), tiny_ds, tiny_ds, _cfg(), False, ckpt, checkpoint_every=2)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    resumed = train(copy.deepcopy(base_int8), tiny_ds, tiny_ds, _cfg(), False, ckpt, resume=True, checkpoint_every=2)
+    resumed = train(
+        copy.deepcopy(base_int8), tiny_ds, tiny_ds, _cfg(), False, ckpt, resume=True, checkpoint_every=2
+    )
     assert resumed.steps == ref.steps and resumed.best_step == ref.best_step
     for n in ref.tensors:
         assert torch.equal(ref.tensors[n], resumed.tensors[n]), n
@@ -72,7 +76,11 @@ def test_second_writer_fails_fast(tmp_path):
     from edge_tune.adapt import output_lock
 
     out = tmp_path / "x.patch"
-    with output_lock(out), pytest.raises(EdgeTuneError, match="another edge-tune run is writing"), output_lock(out):
+    with (
+        output_lock(out),
+        pytest.raises(EdgeTuneError, match="another edge-tune run is writing"),
+        output_lock(out),
+    ):
         pass
     with output_lock(out):  # released: a later run may write
         pass

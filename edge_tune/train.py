@@ -41,6 +41,9 @@ class TrainConfig:
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
     dropout: float = 0.1  # on the pooled features, before the head
+    checkpointing: bool = False  # recompute each layer's activations in backward instead of keeping them
+    eval_batch_size: int = 64  # sentences per inference batch during evaluation
+    memory_budget_mb: float | None = None  # the watchdog stops training cleanly if peak RSS crosses this
     seed: int = 0
 
 
@@ -67,9 +70,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def accuracy(base: Base, ds: Dataset, seq_len: int = 128) -> float:
+def accuracy(base: Base, ds: Dataset, seq_len: int = 128, batch_size: int = 64) -> float:
     tokens = encode(base.tokenizer, ds.texts, seq_len)
-    probs = base.model.predict_proba([tokens[i] for i in range(len(tokens))])
+    probs = base.model.predict_proba([tokens[i] for i in range(len(tokens))], batch_size)
     return (probs.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
 
 
@@ -115,6 +118,7 @@ def train(
     model.reset_head(len(train_ds.label_names), cfg.seed)
     params = apply_method(model, cfg.method, cfg.seed)
     model.dropout.p = cfg.dropout
+    model.encoder.checkpointing = cfg.checkpointing
     decay = [p for p in params.values() if p.ndim > 1]
     no_decay = [p for p in params.values() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -178,8 +182,12 @@ def train(
             stop_reason = (f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; rolled back "
                            "to the best checkpoint — lower --lr")  # fmt: skip
             break
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-            acc = accuracy(base, dev_ds, cfg.seq_len)
+        over_budget = cfg.memory_budget_mb is not None and peak_rss_mb() > cfg.memory_budget_mb
+        if over_budget:
+            stop_reason = (f"memory watchdog: peak RSS {peak_rss_mb():.0f} MB crossed the {cfg.memory_budget_mb:.0f} MB "
+                           f"budget at step {state.step}; stopped, keeping the best patch so far")  # fmt: skip
+        if over_budget or state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            acc = accuracy(base, dev_ds, cfg.seq_len, cfg.eval_batch_size)
             state.history.append(
                 {"step": state.step, "loss": loss_sum, "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
             )
@@ -188,10 +196,12 @@ def train(
                 best = {n: p.detach().clone() for n, p in params.items()}
             else:
                 state.bad_evals += 1
-                if state.bad_evals >= cfg.patience:
+                if state.bad_evals >= cfg.patience and not over_budget:
                     stop_reason = f"early stop at step {state.step}: no dev improvement in {state.bad_evals} evaluations"
                     log.info("%s", stop_reason)
                     break
+            if over_budget:
+                break
         if checkpoint is not None and state.step % checkpoint_every == 0 and state.step < cfg.steps:
             save_checkpoint(checkpoint, identity, state, params, best, opt, rng)
     bar.close()

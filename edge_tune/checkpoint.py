@@ -83,24 +83,25 @@ def load_checkpoint(
         meta = json.loads(header.metadata[CKPT_KEY])
     except (KeyError, json.JSONDecodeError):
         raise EdgeTuneError(
-            f"{where}: not an edge_tune checkpoint — delete it or rerun without --resume"
+            "not an edge_tune checkpoint", where, "delete it or rerun without --resume"
         ) from None
     if meta.get("version") != CKPT_VERSION:
-        raise EdgeTuneError(f"{where}: checkpoint version {meta.get('version')!r}, expected {CKPT_VERSION}")
+        raise EdgeTuneError(f"checkpoint version {meta.get('version')!r}, expected {CKPT_VERSION}", where)
     diff = sorted(
         k for k in identity.keys() | meta["identity"].keys() if identity.get(k) != meta["identity"].get(k)
     )
     if diff:
         raise EdgeTuneError(
-            f"{where}: checkpoint was made with other settings ({', '.join(diff)}) — "
-            "rerun with the same flags, or without --resume to start over"
+            f"checkpoint was made with other settings ({', '.join(diff)})",
+            where,
+            "rerun with the same flags, or without --resume to start over",
         )
     from safetensors.torch import load
 
     tensors = load(blob)
     for n in params:
         if f"param/{n}" not in tensors or tensors[f"param/{n}"].shape != params[n].shape:
-            raise EdgeTuneError(f"{where}: checkpoint lacks or misshapes {n!r} — file corrupt")
+            raise EdgeTuneError(f"checkpoint lacks or misshapes {n!r}", where, "file corrupt")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param/{n}"])

@@ -36,24 +36,24 @@ def read_tsv(path: str | Path, label_names: list[str] | None = None) -> Dataset:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_TSV_BYTES:
-            raise DataError(f"{path}: larger than {MAX_TSV_BYTES >> 20} MB — split it or sample it")
+            raise DataError(f"larger than {MAX_TSV_BYTES >> 20} MB", path, "split it or sample it")
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise DataError(
-            f"{path}: no such file — pass a TSV path or one of the tasks {', '.join(TASKS)}"
+            "no such file", path, f"pass a TSV path or one of the tasks {', '.join(TASKS)}"
         ) from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory — pass a TSV file (or a folder holding train.tsv)") from None
+        raise DataError("is a directory", path, "pass a TSV file (or a folder holding train.tsv)") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}) — save the file as UTF-8") from None
+        raise DataError(f"not UTF-8 text (byte {e.start})", path, "save the file as UTF-8") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise DataError(f"cannot read ({e.strerror or e})", path) from None
     lines = text.lstrip("\ufeff").splitlines()
     if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty file — expected a header 'label<TAB>sentence' and rows")
+        raise DataError("empty file", path, "expected a header 'label<TAB>sentence' and rows")
     header = [h.strip().lower() for h in lines[0].split("\t")]
     if header != ["label", "sentence"]:
-        raise DataError(f"{path}:1: header is {lines[0][:60]!r}, expected 'label<TAB>sentence'")
+        raise DataError(f"header is {lines[0][:60]!r}, expected 'label<TAB>sentence'", f"{path}:1")
     raw_labels, texts, empty_rows = [], [], []
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -61,11 +61,11 @@ def read_tsv(path: str | Path, label_names: list[str] | None = None) -> Dataset:
         parts = line.split("\t")
         if len(parts) != 2:
             raise DataError(
-                f"{path}:{n}: expected 2 tab-separated fields (label, sentence), found {len(parts)}"
+                f"expected 2 tab-separated fields (label, sentence), found {len(parts)}", f"{path}:{n}"
             )
         label, sentence = parts[0].strip(), parts[1].strip()
         if not label:
-            raise DataError(f"{path}:{n}: empty label")
+            raise DataError("empty label", f"{path}:{n}")
         if not sentence:  # real corpora have a few (CR has one); nothing to learn from, so skip and say so
             empty_rows.append(n)
             continue
@@ -79,18 +79,18 @@ def read_tsv(path: str | Path, label_names: list[str] | None = None) -> Dataset:
             empty_rows[0],
         )
     if not texts:
-        raise DataError(f"{path}: has a header but no rows with text")
+        raise DataError("has a header but no rows with text", path)
     if label_names is None:
         label_names = sorted(set(raw_labels))
         if len(label_names) < 2:
             raise DataError(
-                f"{path}: only one label value ({label_names[0]!r}); a classifier needs at least two"
+                f"only one label value ({label_names[0]!r}); a classifier needs at least two", path
             )
     index = {name: i for i, name in enumerate(label_names)}
     for n, label in enumerate(raw_labels):
         if label not in index:
             raise DataError(
-                f"{path}: label {label!r} (row {n + 1}) is not one of the training labels {label_names}"
+                f"label {label!r} (row {n + 1}) is not one of the training labels {label_names}", path
             )
     return Dataset(texts, [index[x] for x in raw_labels], list(label_names), str(path))
 
@@ -115,7 +115,7 @@ def load_task(data: str | Path, dev_fraction: float = 0.1, seed: int = 0) -> tup
 
 def split_dev(ds: Dataset, dev_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     if len(ds) < 4:
-        raise DataError(f"{ds.source}: {len(ds)} rows are too few to split off a dev set — give at least 4")
+        raise DataError(f"{len(ds)} rows are too few to split off a dev set", ds.source, "give at least 4")
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
     n_dev = max(1, int(len(ds) * dev_fraction))

@@ -2,7 +2,12 @@
 
 
 class EdgeTuneError(Exception):
-    """A problem the user can act on: the message says what, where, and what to do."""
+    """A problem the user can act on. Its one-line message reads `<what> (<where>) — <what to do>`;
+    `where` (a file, file:line, or flag) and `fix` are optional and kept as attributes for callers."""
+
+    def __init__(self, what: str, where: object = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, None if where is None else str(where), fix
+        super().__init__(what + (f" ({self.where})" if self.where else "") + (f" — {fix}" if fix else ""))
 
 
 class ProfileError(EdgeTuneError):

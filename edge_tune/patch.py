@@ -58,17 +58,18 @@ _FIELD_TYPES = {"method": str, "hyper": dict, "label_names": list, "base_fingerp
 
 def _parse_manifest(meta: dict[str, str], where: str) -> Manifest:
     if MANIFEST_KEY not in meta:
-        raise PatchError(f"{where}: no edge_tune manifest in the file's metadata — not an edge_tune patch")
+        raise PatchError("no edge_tune manifest in the file's metadata", where, "not an edge_tune patch")
     try:
         raw = json.loads(meta[MANIFEST_KEY])
     except json.JSONDecodeError:
-        raise PatchError(f"{where}: manifest is not valid JSON — file corrupt") from None
+        raise PatchError("manifest is not valid JSON", where, "file corrupt") from None
     if not isinstance(raw, dict):
-        raise PatchError(f"{where}: manifest is not a JSON object — file corrupt")
+        raise PatchError("manifest is not a JSON object", where, "file corrupt")
     if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
         raise PatchError(
-            f"{where}: format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT} v{FORMAT_VERSION}"
-            " — re-export the patch with this edge_tune"
+            f"format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT} v{FORMAT_VERSION}",
+            where,
+            "re-export the patch with this edge_tune",
         )
     known = {f.name for f in fields(Manifest)}
     errors = [f"unknown key {k!r}" for k in sorted(raw.keys() - known)]
@@ -82,12 +83,12 @@ def _parse_manifest(meta: dict[str, str], where: str) -> Manifest:
     ):
         errors.append("label_names must be at least two strings")
     if errors:
-        raise PatchError(f"{where}: manifest invalid: " + "; ".join(errors))
+        raise PatchError("manifest invalid: " + "; ".join(errors), where, "re-export the patch")
     m = Manifest(**raw)
     try:
         m.spec()
     except (KeyError, TypeError, ValueError) as e:
-        raise PatchError(f"{where}: manifest hyper-parameters invalid ({e!r})") from None
+        raise PatchError(f"manifest hyper-parameters invalid ({e!r})", where) from None
     return m
 
 
@@ -121,7 +122,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise PatchError(
-            f"{path}: cannot write ({e.strerror or e}) — check the folder exists, is writable and has space"
+            f"cannot write ({e.strerror or e})", path, "check the folder exists, is writable and has space"
         ) from None
 
 
@@ -159,41 +160,42 @@ def load_patch(
         size = path.stat().st_size
         if size > MAX_PATCH_BYTES:
             raise PatchError(
-                f"{where}: {size >> 20} MB is larger than any patch ({MAX_PATCH_BYTES >> 20} MB) — wrong file?"
+                f"{size >> 20} MB is larger than any patch ({MAX_PATCH_BYTES >> 20} MB)", where, "wrong file?"
             )
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise PatchError(f"{where}: no such patch file") from None
+        raise PatchError("no such patch file", where) from None
     except IsADirectoryError:
-        raise PatchError(f"{where}: is a directory, not a patch file") from None
+        raise PatchError("is a directory, not a patch file", where) from None
     except OSError as e:
-        raise PatchError(f"{where}: cannot read ({e.strerror or e})") from None
+        raise PatchError(f"cannot read ({e.strerror or e})", where) from None
     header = parse_header(blob, len(blob), where, PatchError)
     manifest = _parse_manifest(header.metadata, where)
     tensors = {}
     for tname, info in header.tensors.items():
         if info.dtype != "F32":
             raise PatchError(
-                f"{where}: tensor {tname!r} is {info.dtype}, patches hold F32 only — file corrupt or foreign"
+                f"tensor {tname!r} is {info.dtype}, patches hold F32 only", where, "file corrupt or foreign"
             )
         start = header.data_start + info.begin
         t = torch.frombuffer(bytearray(blob[start : header.data_start + info.end]), dtype=DTYPES["F32"][0])
         tensors[tname] = t.reshape(info.shape)
     if tensors_sha256(tensors) != manifest.tensors_sha256:
         raise PatchError(
-            f"{where}: tensor bytes do not match the manifest's sha256 — file corrupted in transit"
+            "tensor bytes do not match the manifest's sha256", where, "file corrupted in transit"
         )
     for tname, t in tensors.items():
         if not torch.isfinite(t).all():
-            raise PatchError(f"{where}: tensor {tname!r} holds NaN or Inf — refusing a broken patch")
+            raise PatchError(f"tensor {tname!r} holds NaN or Inf", where, "refusing a broken patch")
     spec = manifest.spec()
     if max_rank is not None and spec.name == "lora" and spec.rank > max_rank:
-        raise PatchError(f"{where}: LoRA rank {spec.rank} is above the profile's cap {max_rank}")
+        raise PatchError(f"LoRA rank {spec.rank} is above the profile's cap {max_rank}", where)
     if base is not None:
         if manifest.base_fingerprint != base.fingerprint:
             raise PatchError(
-                f"{where}: made for base {manifest.base_fingerprint[:12]}, the loaded base is {base.fingerprint[:12]}"
-                " — train the patch on this base"
+                f"made for base {manifest.base_fingerprint[:12]}, the loaded base is {base.fingerprint[:12]}",
+                where,
+                "train the patch on this base",
             )
         expected = delta_shapes(base.model, spec, len(manifest.label_names))
         missing = sorted(expected.keys() - tensors.keys())
@@ -205,7 +207,7 @@ def load_patch(
                 for what, ns in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
                 if ns
             )
-            raise PatchError(f"{where}: tensors do not fit a {spec.name} patch for this base ({detail})")
+            raise PatchError(f"tensors do not fit a {spec.name} patch for this base ({detail})", where)
     return Patch(name or manifest.task or path.stem, manifest, tensors, where, len(blob))
 
 

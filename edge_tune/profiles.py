@@ -58,7 +58,7 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"{where}: not valid TOML ({e}) — fix the syntax") from None
+        raise ProfileError(f"not valid TOML ({e})", where, "fix the syntax") from None
     known = [f.name for f in fields(DeviceProfile)]
     errors = []
     for k in sorted(raw.keys() - set(known)):
@@ -68,7 +68,7 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
     if not errors:
         errors = _check_values(raw)
     if errors:
-        raise ProfileError(f"{where}: " + "; ".join(errors))
+        raise ProfileError("; ".join(errors), where)
     return DeviceProfile(**{k: raw[k] for k in known})
 
 
@@ -86,7 +86,7 @@ def load_profile(name_or_path: str | os.PathLike | None = None) -> DeviceProfile
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"{path}: cannot read profile ({e.__class__.__name__}: {e})") from None
+        raise ProfileError(f"cannot read profile ({e.__class__.__name__}: {e})", path) from None
     return parse_profile(text, str(path))
 
 

@@ -58,24 +58,24 @@ def parse_header(blob_head: bytes, file_size: int, where: str, error=EdgeTuneErr
     """Validate a safetensors header from the file's first bytes (at least 8 + header length of them)."""
     if file_size < 8 or len(blob_head) < 8:
         raise error(
-            f"{where}: file is {file_size} bytes, too short for a safetensors header — file truncated?"
+            f"file is {file_size} bytes, too short for a safetensors header", where, "file truncated?"
         )
     (n,) = struct.unpack("<Q", blob_head[:8])
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise error(f"{where}: header claims {n} bytes but the file has {file_size} — truncated or corrupt")
+        raise error(f"header claims {n} bytes but the file has {file_size}", where, "truncated or corrupt")
     if len(blob_head) < 8 + n:
         raise ValueError("caller must pass the whole header")
     try:
         raw = json.loads(blob_head[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{where}: header is not valid JSON ({e.__class__.__name__}) — file corrupt") from None
+        raise error(f"header is not valid JSON ({e.__class__.__name__})", where, "file corrupt") from None
     if not isinstance(raw, dict):
-        raise error(f"{where}: header is not a JSON object — file corrupt")
+        raise error("header is not a JSON object", where, "file corrupt")
     meta = raw.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
     ):
-        raise error(f"{where}: __metadata__ must map strings to strings — file corrupt")
+        raise error("__metadata__ must map strings to strings", where, "file corrupt")
     data_bytes = file_size - 8 - n
     tensors, spans = {}, []
     for name, info in raw.items():
@@ -90,11 +90,13 @@ def parse_header(blob_head: bytes, file_size: int, where: str, error=EdgeTuneErr
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise error(f"{where}: header entry for {name!r} is malformed — file corrupt")
+            raise error(f"header entry for {name!r} is malformed", where, "file corrupt")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
         if not (0 <= begin <= end <= data_bytes) or end - begin != expected:
             raise error(
-                f"{where}: tensor {name!r} lies outside the file or has the wrong size — file truncated or corrupt"
+                f"tensor {name!r} lies outside the file or has the wrong size",
+                where,
+                "file truncated or corrupt",
             )
         tensors[name] = TensorInfo(dtype, shape, begin, end)
         spans.append((begin, end))
@@ -102,11 +104,11 @@ def parse_header(blob_head: bytes, file_size: int, where: str, error=EdgeTuneErr
     pos = 0
     for begin, end in spans:
         if begin != pos:
-            raise error(f"{where}: tensor data overlaps or leaves gaps — file corrupt")
+            raise error("tensor data overlaps or leaves gaps", where, "file corrupt")
         pos = end
     if pos != data_bytes:
         raise error(
-            f"{where}: {data_bytes - pos} unexpected bytes after the tensors — file corrupt or appended to"
+            f"{data_bytes - pos} unexpected bytes after the tensors", where, "file corrupt or appended to"
         )
     return Header(tensors, meta, 8 + n, data_bytes)
 
@@ -122,7 +124,7 @@ def read_header(path: Path, error=EdgeTuneError) -> Header:
                 if n <= MAX_HEADER_BYTES and 8 + n <= size:
                     head += f.read(n)
     except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+        raise error(f"cannot read ({e.strerror or e})", path) from None
     return parse_header(head, size, str(path), error)
 
 
@@ -158,7 +160,7 @@ class TensorReader:
         self._file.seek(self.header.data_start + info.begin + start * row_bytes)
         buf = bytearray((stop - start) * row_bytes)
         if self._file.readinto(buf) != len(buf):
-            raise EdgeTuneError(f"{self.path}: tensor {name!r} is cut short — file truncated")
+            raise EdgeTuneError(f"tensor {name!r} is cut short", self.path, "file truncated")
         self.hasher.update(buf)
         t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return t.reshape((stop - start, *info.shape[1:]) if info.shape else ())

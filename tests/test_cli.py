@@ -91,7 +91,7 @@ def _bad_cases(tmp_path, tsv, base):
         (["train", "--data", f("nh.tsv", b"1\tfine film\n0\tbad\n"), "--out", out], "header is"),
         (
             ["train", "--data", f("fields.tsv", b"label\tsentence\n1 fine\n"), "--out", out],
-            ":2: expected 2 tab-separated",
+            r"expected 2 tab-separated .*fields.tsv:2\)",
         ),
         (
             ["train", "--data", f("onelabel.tsv", b"label\tsentence\n1\ta\n1\tb\n"), "--out", out],
@@ -188,6 +188,8 @@ def test_bad_input_table(capsys, tmp_path, tsv, base_int8):
         lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
         assert len(lines) == 1 and re.search(match, lines[0]), (argv, err)
         assert "Traceback" not in err, argv
+        if str(tmp_path) in lines[0]:  # the file at fault is named in the `(where)` slot
+            assert re.fullmatch(rf"error: .+ \({re.escape(str(tmp_path))}[^)]*\)( — .+)?", lines[0]), lines[0]
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert after == before, "a bad input created or changed a file"
 

@@ -30,9 +30,9 @@ def test_string_labels_and_crlf(tmp_path):
     [
         (b"", "empty file"),
         (b"text\tlabel\n1\tgood\n", "header is"),
-        (b"label\tsentence\n1 good\n", r":2: expected 2 tab-separated fields"),
-        (b"label\tsentence\n1\tgood\textra\n", r":2: expected 2 tab-separated fields .*found 3"),
-        (b"label\tsentence\n\tgood\n", r":2: empty label"),
+        (b"label\tsentence\n1 good\n", r"expected 2 tab-separated fields .*found 1 \(.*bad.tsv:2\)"),
+        (b"label\tsentence\n1\tgood\textra\n", r"expected 2 tab-separated fields .*found 3 \(.*bad.tsv:2\)"),
+        (b"label\tsentence\n\tgood\n", r"empty label \(.*bad.tsv:2\)"),
         (b"label\tsentence\n", "no rows"),
         (b"label\tsentence\n1\tgood\n1\tfine\n", "only one label value"),
         (b"label\tsentence\n1\t\xff\xfe\n", "not UTF-8"),

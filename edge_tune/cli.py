@@ -138,8 +138,8 @@ def cmd_demo(args) -> int:
     import time
 
     from .adapt import adapt
+    from .bank import PatchBank
     from .memory import peak_rss_mb
-    from .patch import PatchBank
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .bank import PatchBank
     from .data import load_task, read_tsv
-    from .patch import PatchBank, load_patch
+    from .patch import load_patch
 
     patch = load_patch(args.patch)
     bank = PatchBank(precision=patch.manifest.base_precision)
@@ -195,7 +196,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .patch import PatchBank, load_patch
+    from .bank import PatchBank
+    from .patch import load_patch
 
     first = load_patch(args.patch[0])
     bank = PatchBank(precision=first.manifest.base_precision)

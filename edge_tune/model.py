@@ -44,6 +44,8 @@ class QuantLinear(nn.Module):
         self.register_parameter("lora_A", None)  # (r, in)
         self.register_parameter("lora_B", None)  # (out, r)
         self.lora_scale = 0.0
+        # Per-row LoRA for a batch that mixes patches: A (B, r, in) and B (B, out, r), scale folded in.
+        self.lora_rows: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.precision == "int8":
@@ -54,6 +56,9 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + (x @ self.lora_A.t()) @ (self.lora_B.t() * self.lora_scale)
+        if self.lora_rows is not None:
+            a, b = self.lora_rows
+            y = y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         return y
 
     def extra_repr(self) -> str:

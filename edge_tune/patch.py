@@ -1,6 +1,6 @@
 """Patches: the trained delta tensors in one safetensors file with a JSON manifest in its metadata.
 Loading is a trust boundary: nothing is unpickled or executed, and every check passes before any model
-tensor is touched. `PatchBank` holds one base and many patches and switches the live one by reference."""
+tensor is touched. Serving many patches on one base is `bank.PatchBank`'s job."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Base, load_base
-from .data import encode
+from .base import Base
 from .errors import PatchError
 from .methods import MethodSpec, delta_shapes
-from .model import QuantLinear
 from .tensorfile import DTYPES, parse_header
 
 FORMAT = "edge_tune.patch"
@@ -209,112 +207,3 @@ def load_patch(
             )
             raise PatchError(f"tensors do not fit a {spec.name} patch for this base ({detail})", where)
     return Patch(name or manifest.task or path.stem, manifest, tensors, where, len(blob))
-
-
-@dataclass
-class Prediction:
-    label: str
-    probability: float  # of the predicted label
-    patch: str
-
-
-class PatchBank:
-    """One loaded base, many patches. `activate` re-points the model's delta slots (biases, LoRA factors,
-    head) at the patch's preloaded tensors: no copy, no base reload. A lock makes every `predict` run
-    wholly under one patch while another thread activates."""
-
-    def __init__(self, base: Base | None = None, precision: str = "int8", max_rank: int | None = None):
-        self.base = base or load_base(precision=precision)
-        self.max_rank = max_rank
-        self.patches: dict[str, Patch] = {}
-        # Per patch: (module, attribute, patch tensor, base tensor or None) for every slot it re-points.
-        self._bindings: dict[str, list[tuple[nn.Module, str, nn.Parameter, nn.Parameter | None]]] = {}
-        self._lora_scales: dict[str, list[tuple[QuantLinear, float]]] = {}
-        self.active: str | None = None
-        self._lock = threading.RLock()
-        self._modules = dict(self.base.model.named_modules())
-        # Base values of every slot a patch can re-point, restored when the patch is deactivated.
-        self._defaults = dict(self.base.model.named_parameters())
-
-    @classmethod
-    def from_profile(cls, profile: str | None = None) -> PatchBank:
-        from .profiles import load_profile
-
-        p = load_profile(profile)
-        return cls(precision=p.precision, max_rank=p.max_rank)
-
-    def load(self, path: str | Path, name: str | None = None) -> str:
-        """Validate and keep a patch in memory; returns its name in the bank (the manifest's task by default)."""
-        patch = load_patch(path, self.base, self.max_rank, name)
-        with self._lock:
-            if patch.name in self.patches and name is None:
-                i = 2
-                while f"{patch.name}-{i}" in self.patches:
-                    i += 1
-                patch.name = f"{patch.name}-{i}"
-            bindings = []
-            for tname, t in patch.tensors.items():
-                mod, _, attr = tname.rpartition(".")
-                value = nn.Parameter(t, requires_grad=False)
-                bindings.append((self._modules[mod], attr, value, self._defaults.get(tname)))
-            spec = patch.manifest.spec()
-            scales = [(m, spec.alpha / spec.rank) for m, attr, _, _ in bindings if attr == "lora_A"]
-            if patch.name == self.active:
-                self.deactivate()
-            self.patches[patch.name] = patch
-            self._bindings[patch.name] = bindings
-            self._lora_scales[patch.name] = scales
-        return patch.name
-
-    def _set(self, module: nn.Module, attr: str, value) -> None:
-        # Direct slot assignment: nn.Module.__setattr__'s checks cost microseconds per tensor.
-        module._parameters[attr] = value
-
-    def deactivate(self) -> None:
-        """Return the model to the bare base (no patch)."""
-        with self._lock:
-            if self.active is None:
-                return
-            for module, attr, _, default in self._bindings[self.active]:
-                self._set(module, attr, default)
-            for lin, _ in self._lora_scales[self.active]:
-                lin.lora_scale = 0.0
-            self.active = None
-
-    def activate(self, name: str) -> None:
-        """Make patch `name` the live one."""
-        with self._lock:
-            if name not in self.patches:
-                raise PatchError(
-                    f"no patch named {name!r} in the bank — loaded: {', '.join(self.patches) or 'none'}"
-                )
-            self.deactivate()
-            for module, attr, value, _ in self._bindings[name]:
-                self._set(module, attr, value)
-            for lin, scale in self._lora_scales[name]:
-                lin.lora_scale = scale
-            self.active = name
-
-    def unload(self, name: str) -> None:
-        with self._lock:
-            if name == self.active:
-                self.deactivate()
-            self.patches.pop(name, None)
-            self._bindings.pop(name, None)
-            self._lora_scales.pop(name, None)
-
-    def predict(self, texts: list[str], patch: str | None = None, batch_size: int = 64) -> list[Prediction]:
-        """Label and probability for each text under `patch` (default: the active one)."""
-        with self._lock:
-            if patch is not None and patch != self.active:
-                self.activate(patch)
-            if self.active is None:
-                raise PatchError("no active patch — load one and activate it first")
-            m = self.patches[self.active].manifest
-            tokens = encode(self.base.tokenizer, list(texts), m.seq_len)
-            p = self.base.model.predict_proba([tokens[i] for i in range(len(tokens))], batch_size)
-            conf, idx = p.max(-1)
-            return [
-                Prediction(m.label_names[i], c, self.active)
-                for i, c in zip(idx.tolist(), conf.tolist(), strict=True)
-            ]

@@ -1,0 +1,238 @@
+"""PatchBank: one loaded base, many patches, switched in microseconds.
+
+Swap mechanism: each loaded patch's tensors are wrapped once, at load time, as the Parameters the model's
+delta slots (biases, LayerNorm terms, LoRA factors, head) will point at. `activate` re-points those slots
+(`module._parameters[name] = tensor`): no copy, no allocation, no base reload. tools/swap_bench.py also
+times the alternative (copying BitFit biases into the live tensors) and reports both.
+
+Concurrency: one lock. `activate`, `unload` and every forward pass take it, so a response is computed
+wholly under one patch and names it; a swap waits for the forward in flight (milliseconds), never the
+other way round. Forwards do not run side by side, but each already uses all the profile's threads.
+
+Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
+pass: every targeted linear gathers its per-row A/B from a stack of the patches in the request and adds
+`bmm(bmm(x, A^T), B^T)`, as multi-adapter servers do. BitFit patches change every bias and LayerNorm, so
+a mix with BitFit runs one pass per patch instead (same results, more passes)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Base, load_base
+from .data import collate, encode
+from .errors import PatchError
+from .model import QuantLinear
+from .patch import Patch, load_patch
+
+ROW_MIXABLE = ("lora", "head")  # methods whose patches can share one forward pass row by row
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float  # of the predicted label
+    patch: str  # the patch that computed this response
+
+
+class PatchBank:
+    """One loaded base, many patches; see the module docstring for how swapping and locking work."""
+
+    def __init__(self, base: Base | None = None, precision: str = "int8", max_rank: int | None = None):
+        self.base = base or load_base(precision=precision)
+        self.max_rank = max_rank
+        self.patches: dict[str, Patch] = {}
+        # Per patch: (module, attribute, patch tensor, base tensor or None) for every slot it re-points.
+        self._bindings: dict[str, list[tuple[nn.Module, str, nn.Parameter, nn.Parameter | None]]] = {}
+        self._lora_scales: dict[str, list[tuple[QuantLinear, float]]] = {}
+        self.active: str | None = None
+        self._lock = threading.RLock()
+        self._modules = dict(self.base.model.named_modules())
+        # Base values of every slot a patch can re-point, restored when the patch is deactivated.
+        self._defaults = dict(self.base.model.named_parameters())
+
+    @classmethod
+    def from_profile(cls, profile: str | None = None) -> PatchBank:
+        from .profiles import load_profile
+
+        p = load_profile(profile)
+        return cls(precision=p.precision, max_rank=p.max_rank)
+
+    def load(self, path: str | Path, name: str | None = None) -> str:
+        """Validate and keep a patch in memory; returns its name in the bank (the manifest's task by
+        default, made unique). A refused patch raises PatchError and leaves the bank as it was."""
+        patch = load_patch(path, self.base, self.max_rank, name)
+        bindings = []
+        for tname, t in patch.tensors.items():
+            mod, _, attr = tname.rpartition(".")
+            bindings.append(
+                (self._modules[mod], attr, nn.Parameter(t, requires_grad=False), self._defaults.get(tname))
+            )
+        spec = patch.manifest.spec()
+        scales = [(m, spec.alpha / spec.rank) for m, attr, _, _ in bindings if attr == "lora_A"]
+        with self._lock:
+            if patch.name in self.patches and name is None:
+                i = 2
+                while f"{patch.name}-{i}" in self.patches:
+                    i += 1
+                patch.name = f"{patch.name}-{i}"
+            if patch.name == self.active:
+                self.deactivate()
+            self.patches[patch.name] = patch
+            self._bindings[patch.name] = bindings
+            self._lora_scales[patch.name] = scales
+        return patch.name
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of tensor data each loaded patch holds (the base is shared and not counted)."""
+        with self._lock:
+            return {n: p.nbytes() for n, p in self.patches.items()}
+
+    def deactivate(self) -> None:
+        """Return the model to the bare base (no patch)."""
+        with self._lock:
+            if self.active is None:
+                return
+            for module, attr, _, default in self._bindings[self.active]:
+                module._parameters[attr] = default
+            for lin, _ in self._lora_scales[self.active]:
+                lin.lora_scale = 0.0
+            self.active = None
+
+    def activate(self, name: str) -> None:
+        """Make patch `name` the live one."""
+        with self._lock:
+            if name not in self.patches:
+                raise PatchError(f"no patch named {name!r} in the bank", None, f"loaded: {self._names()}")
+            self.deactivate()
+            # Direct slot assignment: nn.Module.__setattr__'s checks cost microseconds per tensor.
+            for module, attr, value, _ in self._bindings[name]:
+                module._parameters[attr] = value
+            for lin, scale in self._lora_scales[name]:
+                lin.lora_scale = scale
+            self.active = name
+
+    def unload(self, name: str) -> None:
+        """Forget patch `name` and drop every reference the bank holds to its tensors."""
+        with self._lock:
+            if name == self.active:
+                self.deactivate()
+            self.patches.pop(name, None)
+            self._bindings.pop(name, None)
+            self._lora_scales.pop(name, None)
+
+    def _names(self) -> str:
+        return ", ".join(self.patches) or "none"
+
+    def predict(
+        self,
+        texts: list[str],
+        patch: str | None = None,
+        batch_size: int = 64,
+        patches: list[str] | None = None,
+    ) -> list[Prediction]:
+        """Label and probability for each text under `patch` (default: the active one), or row by row
+        under `patches` (one name per text) in as few forward passes as the patches allow."""
+        if patches is not None:
+            return self._predict_mixed(list(texts), list(patches), batch_size)
+        with self._lock:
+            if patch is not None and patch != self.active:
+                self.activate(patch)
+            if self.active is None:
+                raise PatchError("no active patch", None, "load one and activate it first")
+            m = self.patches[self.active].manifest
+            tokens = encode(self.base.tokenizer, list(texts), m.seq_len)
+            p = self.base.model.predict_proba([tokens[i] for i in range(len(tokens))], batch_size)
+            return self._to_predictions(p, m.label_names, self.active)
+
+    @staticmethod
+    def _to_predictions(probs: Tensor, label_names: list[str], name: str) -> list[Prediction]:
+        conf, idx = probs.max(-1)
+        return [Prediction(label_names[i], c, name) for i, c in zip(idx.tolist(), conf.tolist(), strict=True)]
+
+    def _predict_mixed(self, texts: list[str], patches: list[str], batch_size: int) -> list[Prediction]:
+        if len(patches) != len(texts):
+            raise PatchError(
+                f"{len(texts)} texts but {len(patches)} patch names", None, "give one name per text"
+            )
+        with self._lock:
+            unknown = sorted(set(patches) - self.patches.keys())
+            if unknown:
+                raise PatchError(
+                    f"no patch named {unknown[0]!r} in the bank", None, f"loaded: {self._names()}"
+                )
+            names = sorted(set(patches))
+            if len(names) == 1 or any(self.patches[n].manifest.method not in ROW_MIXABLE for n in names):
+                out: list[Prediction | None] = [None] * len(texts)
+                for n in names:
+                    rows = [i for i, p in enumerate(patches) if p == n]
+                    for i, pred in zip(
+                        rows, self.predict([texts[i] for i in rows], n, batch_size), strict=True
+                    ):
+                        out[i] = pred
+                return out  # type: ignore[return-value]
+            return self._forward_rows(texts, patches, names, batch_size)
+
+    @torch.inference_mode()
+    def _forward_rows(self, texts: list[str], patches: list[str], names: list[str], batch_size: int):
+        model, was_active, was_training = self.base.model, self.active, self.base.model.training
+        pid = torch.tensor([names.index(p) for p in patches])
+        tokens: list = [None] * len(texts)
+        for u, n in enumerate(names):  # each text is cut at its own patch's trained length
+            rows = (pid == u).nonzero().flatten().tolist()
+            enc = encode(self.base.tokenizer, [texts[i] for i in rows], self.patches[n].manifest.seq_len)
+            for j, i in enumerate(rows):
+                tokens[i] = enc[j]
+        stacks = self._lora_stacks(names)
+        out: list[Prediction | None] = [None] * len(texts)
+        self.deactivate()
+        model.eval()
+        try:
+            order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
+            for s in range(0, len(order), batch_size):
+                idx = torch.tensor(order[s : s + batch_size])
+                for lin, (a, b) in stacks.items():
+                    lin.lora_rows = (a[pid[idx]], b[pid[idx]])
+                feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
+                for u in pid[idx].unique().tolist():
+                    sel = (pid[idx] == u).nonzero().flatten()
+                    t = self.patches[names[u]].tensors
+                    probs = F.linear(feats[sel], t["head.weight"], t["head.bias"]).softmax(-1)
+                    for i, pred in zip(idx[sel].tolist(), self._to_predictions(probs, self.patches[names[u]].manifest.label_names, names[u]), strict=True):  # fmt: skip
+                        out[i] = pred
+        finally:
+            for lin in stacks:
+                lin.lora_rows = None
+            model.train(was_training)
+            if was_active is not None:
+                self.activate(was_active)
+        return out
+
+    def _lora_stacks(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor]]:
+        """For every linear any of `names` adapts: A (U, r_max, in) and scaled B (U, out, r_max), zero
+        where a patch does not adapt that linear or has a smaller rank."""
+        found: dict[QuantLinear, dict[int, tuple[Tensor, Tensor]]] = {}
+        for u, n in enumerate(names):
+            spec, t = self.patches[n].manifest.spec(), self.patches[n].tensors
+            if spec.name != "lora":
+                continue
+            for key in t:
+                if key.endswith(".lora_A"):
+                    mod = key.removesuffix(".lora_A")
+                    lin = self._modules[mod]
+                    found.setdefault(lin, {})[u] = (t[key], t[f"{mod}.lora_B"] * (spec.alpha / spec.rank))
+        r_max = max((a.shape[0] for per in found.values() for a, _ in per.values()), default=0)
+        stacks = {}
+        for lin, per in found.items():
+            a = torch.zeros(len(names), r_max, lin.in_features)
+            b = torch.zeros(len(names), lin.out_features, r_max)
+            for u, (au, bu) in per.items():
+                a[u, : au.shape[0]] = au
+                b[u, :, : bu.shape[1]] = bu
+            stacks[lin] = (a, b)
+        return stacks

@@ -101,7 +101,7 @@ class PatchBank:
             for module, attr, _, default in self._bindings[self.active]:
                 module._parameters[attr] = default
             for lin, _ in self._lora_scales[self.active]:
-                lin.lora_scale = 0.0
+                object.__setattr__(lin, "lora_scale", 0.0)  # a plain float: skip nn.Module's setattr checks
             self.active = None
 
     def activate(self, name: str) -> None:
@@ -114,7 +114,7 @@ class PatchBank:
             for module, attr, value, _ in self._bindings[name]:
                 module._parameters[attr] = value
             for lin, scale in self._lora_scales[name]:
-                lin.lora_scale = scale
+                object.__setattr__(lin, "lora_scale", scale)
             self.active = name
 
     def unload(self, name: str) -> None:

@@ -4,6 +4,7 @@ is one small function over parameter names; everything else (optimizer, patch co
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,8 +104,19 @@ def apply_method(model: Classifier, spec: MethodSpec, seed: int = 0) -> dict[str
     return trainable
 
 
+_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(spec, labels): shapes}
+
+
 def delta_shapes(model: Classifier, spec: MethodSpec, num_labels: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a `spec` patch holds for `model`, by the method's rule (no mutation)."""
+    """Name -> shape of every tensor a `spec` patch holds for `model`, by the method's rule (no mutation).
+    Cached per model: patch loading asks this on every load and the answer never changes."""
+    cache = _SHAPES.setdefault(model, {})
+    if (spec, num_labels) not in cache:
+        cache[(spec, num_labels)] = _delta_shapes(model, spec, num_labels)
+    return dict(cache[(spec, num_labels)])
+
+
+def _delta_shapes(model: Classifier, spec: MethodSpec, num_labels: int) -> dict[str, tuple[int, ...]]:
     D = model.encoder.cfg.hidden_size
     names = {n: tuple(p.shape) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
     names["head.weight"], names["head.bias"] = (num_labels, D), (num_labels,)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .base import Base
 from .errors import PatchError
 from .methods import MethodSpec, delta_shapes
-from .tensorfile import DTYPES, parse_header
+from .tensorfile import parse_header
 
 FORMAT = "edge_tune.patch"
 FORMAT_VERSION = 1
@@ -95,7 +95,8 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -169,22 +170,26 @@ def load_patch(
         raise PatchError(f"cannot read ({e.strerror or e})", where) from None
     header = parse_header(blob, len(blob), where, PatchError)
     manifest = _parse_manifest(header.metadata, where)
-    tensors = {}
-    for tname, info in header.tensors.items():
-        if info.dtype != "F32":
-            raise PatchError(
-                f"tensor {tname!r} is {info.dtype}, patches hold F32 only", where, "file corrupt or foreign"
-            )
-        start = header.data_start + info.begin
-        t = torch.frombuffer(bytearray(blob[start : header.data_start + info.end]), dtype=DTYPES["F32"][0])
-        tensors[tname] = t.reshape(info.shape)
+    bad = [(n, i.dtype) for n, i in header.tensors.items() if i.dtype != "F32"]
+    if bad:
+        raise PatchError(
+            f"tensor {bad[0][0]!r} is {bad[0][1]}, patches hold F32 only", where, "file corrupt or foreign"
+        )
+    # parse_header checked that the tensors tile the data region exactly, so one copy and one finiteness
+    # check cover them all; each tensor is a view into it.
+    flat = (
+        torch.frombuffer(bytearray(blob[header.data_start :]), dtype=torch.float32)
+        if len(blob) > header.data_start
+        else torch.empty(0)
+    )
+    tensors = {n: flat[i.begin // 4 : i.end // 4].view(i.shape) for n, i in header.tensors.items()}
     if tensors_sha256(tensors) != manifest.tensors_sha256:
         raise PatchError(
             "tensor bytes do not match the manifest's sha256", where, "file corrupted in transit"
         )
-    for tname, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise PatchError(f"tensor {tname!r} holds NaN or Inf", where, "refusing a broken patch")
+    if not torch.isfinite(flat).all():
+        bad_name = next(n for n, t in tensors.items() if not torch.isfinite(t).all())
+        raise PatchError(f"tensor {bad_name!r} holds NaN or Inf", where, "refusing a broken patch")
     spec = manifest.spec()
     if max_rank is not None and spec.name == "lora" and spec.rank > max_rank:
         raise PatchError(f"LoRA rank {spec.rank} is above the profile's cap {max_rank}", where)

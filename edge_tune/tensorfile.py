@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import EdgeTuneError
@@ -91,7 +91,7 @@ def parse_header(blob_head: bytes, file_size: int, where: str, error=EdgeTuneErr
             ok = False
         if not ok:
             raise error(f"header entry for {name!r} is malformed", where, "file corrupt")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+        expected = math.prod(shape) * DTYPES[dtype][1]  # Python ints: no overflow on absurd shapes
         if not (0 <= begin <= end <= data_bytes) or end - begin != expected:
             raise error(
                 f"tensor {name!r} lies outside the file or has the wrong size",

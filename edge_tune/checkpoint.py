@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import EdgeTuneError
+from .optim import AdamW
 from .patch import atomic_write
 from .tensorfile import parse_header
 
@@ -38,7 +39,7 @@ def save_checkpoint(
     state: LoopState,
     params: dict[str, torch.Tensor],
     best: dict[str, torch.Tensor],
-    opt: torch.optim.Optimizer,
+    opt: AdamW,
     rng: random.Random,
 ) -> None:
     from safetensors.torch import save
@@ -71,7 +72,7 @@ def load_checkpoint(
     path: Path,
     identity: dict,
     params: dict[str, torch.Tensor],
-    opt: torch.optim.Optimizer,
+    opt: AdamW,
     rng: random.Random,
 ) -> tuple[LoopState, dict[str, torch.Tensor]]:
     """Restore a checkpoint into `params`, `opt` and `rng` (and the torch RNG); returns the loop state and

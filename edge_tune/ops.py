@@ -38,64 +38,74 @@ def int4_embedding_ref(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
 
 
 # ---- the ops ----
-@torch.library.custom_op("edge_tune::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    return int8_linear_ref(x, w_q, scale, bias)
+# Registered with the low-level torch.library.Library API on purpose: `torch.library.custom_op` wraps every
+# kernel in torch._disable_dynamo, which imports torch._dynamo (and sympy, ~800 modules, ~57 MB RSS,
+# measured) on the first call, a seventh of a 400 MB device budget.
+_lib = torch.library.Library("edge_tune", "DEF")  # noqa: TOR901
 
 
-@torch.library.custom_op("edge_tune::int4_linear", mutates_args=())
-def int4_linear(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    return int4_linear_ref(x, w_packed, scale, bias)
-
-
-@torch.library.custom_op("edge_tune::int8_linear_grad_input", mutates_args=())
-def int8_linear_grad_input(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+def _int8_linear_grad_input_ref(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     """grad_out: (..., out) -> grad_x (..., in) = grad_out @ dequant(W)."""
     return grad_out @ quant.dequantize_int8(w_q, scale)
 
 
-@torch.library.custom_op("edge_tune::int4_linear_grad_input", mutates_args=())
-def int4_linear_grad_input(grad_out: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
+def _int4_linear_grad_input_ref(grad_out: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
     return grad_out @ quant.dequantize_int4(w_packed, scale)
 
 
-@torch.library.custom_op("edge_tune::int8_embedding", mutates_args=())
-def int8_embedding(ids: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
-    return int8_embedding_ref(ids, w_q, scale)
+SCHEMAS = {
+    "int8_linear": ("(Tensor x, Tensor w_q, Tensor scale, Tensor? bias) -> Tensor", int8_linear_ref),
+    "int4_linear": ("(Tensor x, Tensor w_packed, Tensor scale, Tensor? bias) -> Tensor", int4_linear_ref),
+    "int8_linear_grad_input": (
+        "(Tensor grad_out, Tensor w_q, Tensor scale) -> Tensor",
+        _int8_linear_grad_input_ref,
+    ),
+    "int4_linear_grad_input": (
+        "(Tensor grad_out, Tensor w_packed, Tensor scale) -> Tensor",
+        _int4_linear_grad_input_ref,
+    ),
+    "int8_embedding": ("(Tensor ids, Tensor w_q, Tensor scale) -> Tensor", int8_embedding_ref),
+    "int4_embedding": ("(Tensor ids, Tensor w_packed, Tensor scale) -> Tensor", int4_embedding_ref),
+}
+for _name, (_schema, _ref) in SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, _ref, "CompositeExplicitAutograd")
 
-
-@torch.library.custom_op("edge_tune::int4_embedding", mutates_args=())
-def int4_embedding(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
-    return int4_embedding_ref(ids, w_packed, scale)
+int8_linear = torch.ops.edge_tune.int8_linear.default
+int4_linear = torch.ops.edge_tune.int4_linear.default
+int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
+int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
+int8_embedding = torch.ops.edge_tune.int8_embedding.default
+int4_embedding = torch.ops.edge_tune.int4_embedding.default
 
 
 # ---- fake kernels (shapes only; used by torch.compile / export and opcheck) ----
-@int8_linear.register_fake
+@torch.library.register_fake("edge_tune::int8_linear", lib=_lib)
 def _(x, w_q, scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
-@int4_linear.register_fake
+@torch.library.register_fake("edge_tune::int4_linear", lib=_lib)
 def _(x, w_packed, scale, bias):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
-@int8_linear_grad_input.register_fake
+@torch.library.register_fake("edge_tune::int8_linear_grad_input", lib=_lib)
 def _(grad_out, w_q, scale):
     return grad_out.new_empty((*grad_out.shape[:-1], w_q.shape[1]))
 
 
-@int4_linear_grad_input.register_fake
+@torch.library.register_fake("edge_tune::int4_linear_grad_input", lib=_lib)
 def _(grad_out, w_packed, scale):
     return grad_out.new_empty((*grad_out.shape[:-1], w_packed.shape[1] * 2))
 
 
-@int8_embedding.register_fake
+@torch.library.register_fake("edge_tune::int8_embedding", lib=_lib)
 def _(ids, w_q, scale):
     return scale.new_empty((*ids.shape, w_q.shape[1]))
 
 
-@int4_embedding.register_fake
+@torch.library.register_fake("edge_tune::int4_embedding", lib=_lib)
 def _(ids, w_packed, scale):
     return torch.empty((*ids.shape, w_packed.shape[1] * 2), dtype=torch.float32, device=ids.device)
 
@@ -119,8 +129,8 @@ def _linear_backward(grad_input_op):
     return backward
 
 
-int8_linear.register_autograd(_linear_backward(int8_linear_grad_input), setup_context=_setup_linear)
-int4_linear.register_autograd(_linear_backward(int4_linear_grad_input), setup_context=_setup_linear)
+for _op, _grad in ((int8_linear, int8_linear_grad_input), (int4_linear, int4_linear_grad_input)):
+    torch.library.register_autograd(_op, _linear_backward(_grad), setup_context=_setup_linear, lib=_lib)
 
 ALL_OPS = {
     "int8_linear": int8_linear,

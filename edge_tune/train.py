@@ -23,6 +23,7 @@ from .data import Dataset, collate, encode, length_grouped_batches
 from .errors import EdgeTuneError
 from .memory import peak_rss_mb
 from .methods import MethodSpec, apply_method
+from .optim import AdamW
 from .profiles import DeviceProfile
 
 log = logging.getLogger("edge_tune")
@@ -38,6 +39,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: float = 0.06  # fraction of steps
     weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm of the deltas (None: no clipping)
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
     dropout: float = 0.1  # on the pooled features, before the head
@@ -122,7 +124,7 @@ def train(
     decay = [p for p in params.values() if p.ndim > 1]
     no_decay = [p for p in params.values() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    opt = AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     ids = encode(base.tokenizer, train_ds.texts, cfg.seq_len)
     labels = torch.tensor(train_ds.labels)
     micro = -(-cfg.batch_size // cfg.grad_accum)
@@ -163,9 +165,11 @@ def train(
             loss = F.cross_entropy(logits, labels[part], reduction="sum") / len(rows)
             loss.backward()
             loss_sum += loss.item()
-        finite = math.isfinite(loss_sum) and all(
-            torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None
+        grads = [p for p in params.values() if p.grad is not None]
+        norm = (
+            torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or math.inf) if grads else torch.zeros(())
         )
+        finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
         if finite:
             opt.step()
             state.nonfinite_in_a_row = 0

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .base import load_base
+from .base import default_model_dir, load_base, read_config
 from .data import load_task
 from .errors import EdgeTuneError
+from .memory import dataset_bytes, plan_batch_size
 from .methods import MethodSpec
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
@@ -25,7 +26,6 @@ log = logging.getLogger("edge_tune")
 
 # Per-method defaults: the best measured so far (BitFit lr 1e-2, 1200 steps: SST-2 dev 0.847, int8 base).
 DEFAULT_LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 1e-3}
-SMALL_BUDGET_MB = 512
 DEFAULT_STEPS = {"head": 600, "bitfit": 1200, "lora": 1200}
 
 
@@ -61,8 +61,11 @@ def adapt(
     progress: bool | None = None,
     resume: bool = False,
     checkpoint_every: int = 50,
+    allow_shorter_seq: bool = False,
 ) -> AdaptResult:
     """Train a `method` patch on `data` under device `profile` and write it to `out` (atomically).
+    The memory plan picks the micro-batch (with accumulation), activation checkpointing and evaluation
+    batch that fit the profile's budget, and shortens sequences only if `allow_shorter_seq`.
     The run checkpoints to `<out>.ckpt` every `checkpoint_every` steps; `resume` continues from there.
     Holds an exclusive lock on `out` for the whole run, so a second writer fails fast."""
     t0 = time.perf_counter()
@@ -102,7 +105,8 @@ def adapt(
     with output_lock(out):
         return _adapt_locked(data, out, method, prof, precision, used, warnings, t0, alpha=alpha, targets=targets,
                              grad_accum=grad_accum, steps=steps, lr=lr, eval_every=eval_every, patience=patience,
-                             seed=seed, progress=progress, resume=resume, checkpoint_every=checkpoint_every)  # fmt: skip
+                             seed=seed, progress=progress, resume=resume, checkpoint_every=checkpoint_every,
+                             allow_shorter_seq=allow_shorter_seq)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -130,37 +134,50 @@ def output_lock(out: Path):
         os.close(fd)
 
 
+def _data_bytes(train_ds, dev_ds, seq_len: int) -> int:
+    """What the loaded datasets hold once tokenized (~4.5 characters a token, [CLS] and [SEP] added)."""
+    texts = train_ds.texts + dev_ds.texts
+    tokens = sum(min(seq_len, len(t) // 4 + 3) for t in texts)
+    return dataset_bytes(len(texts), sum(map(len, texts)), tokens)
+
+
 def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alpha, targets, grad_accum, steps,
-                  lr, eval_every, patience, seed, progress, resume, checkpoint_every) -> AdaptResult:  # fmt: skip
+                  lr, eval_every, patience, seed, progress, resume, checkpoint_every,
+                  allow_shorter_seq) -> AdaptResult:  # fmt: skip
     threads = set_threads(prof)
     train_ds, dev_ds = load_task(data, seed=seed)
-    base = load_base(precision=precision, num_labels=len(train_ds.label_names))
     r = used["rank"]
-    # Until the memory planner lands, small budgets switch on the measured savers (see README).
-    small = prof.memory_budget_mb <= SMALL_BUDGET_MB
     spec = MethodSpec(method, rank=r, alpha=alpha or 2.0 * r, targets=targets)
+    # The plan comes before the base is loaded: a run that cannot fit is refused before any heavy work.
+    model_cfg = read_config(default_model_dir())
+    plan, notes = plan_batch_size(
+        model_cfg, spec, precision, prof.memory_budget_mb, used["batch_size"], used["seq_len"],
+        micro_batch=-(-used["batch_size"] // grad_accum), data_bytes=_data_bytes(train_ds, dev_ds, used["seq_len"]),
+        num_labels=len(train_ds.label_names), allow_shorter_seq=allow_shorter_seq,
+    )  # fmt: skip
+    log.info("memory plan for %s under %s:\n%s", method, prof.name, plan.table(prof.memory_budget_mb))
+    for n in notes:
+        log.warning("%s", n)
+    base = load_base(precision=precision, num_labels=len(train_ds.label_names))
     cfg = TrainConfig(
         method=spec,
         batch_size=used["batch_size"],
-        grad_accum=grad_accum,
-        seq_len=used["seq_len"],
+        grad_accum=plan.grad_accum,
+        seq_len=plan.seq_len,
         steps=DEFAULT_STEPS[method] if steps is None else steps,
         lr=DEFAULT_LR[method] if lr is None else lr,
         eval_every=eval_every,
         patience=patience,
         seed=seed,
-        checkpointing=small,
-        eval_batch_size=16 if small else 64,
+        checkpointing=plan.checkpointing,
+        eval_batch_size=plan.eval_batch,
         memory_budget_mb=prof.memory_budget_mb,
     )
-    if small:
-        log.info(
-            "budget %d MB: activation checkpointing on, evaluation in batches of 16", prof.memory_budget_mb
-        )
     log.info(
-        "training %s on %s (%d train / %d dev) under %s: base %s %.1f MB, batch %d, seq %d tokens, %d threads, budget %d MB",
+        "training %s on %s (%d train / %d dev) under %s: base %s %.1f MB, batch %d (micro %d), seq %d tokens, "
+        "%d threads, budget %d MB",
         method, data, len(train_ds), len(dev_ds), prof.name, precision, base.frozen_bytes() / 1e6,
-        cfg.batch_size, cfg.seq_len, threads, prof.memory_budget_mb,
+        cfg.batch_size, plan.micro_batch, cfg.seq_len, threads, prof.memory_budget_mb,
     )  # fmt: skip
     ckpt = out.parent / f"{out.name}.ckpt"
     result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, checkpoint_every)

@@ -66,6 +66,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT.ckpt after a crash or kill (same flags)"
     )
+    p.add_argument(
+        "--allow-shorter-seq",
+        action="store_true",
+        help="let the memory plan shorten sequences when nothing else fits the budget (default: refuse)",
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -108,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
     sub.add_parser("profiles", help="list the shipped device profiles")
+
+    p = sub.add_parser(
+        "plan", help="predict a training run's peak memory (MB), itemised, and whether it fits"
+    )
+    p.add_argument(
+        "--profile", default=None, help="device profile name or .toml (default: raspberry-pi-4-4gb)"
+    )
+    p.add_argument("--method", default="bitfit", help="head | bitfit | lora (default: bitfit)")
+    p.add_argument(
+        "--batch", type=int, default=32, help="micro-batch, sentences (default 32; capped by the profile)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=64, help="tokens per sentence (default 64; capped by the profile)"
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8; capped by the profile)")
+    p.add_argument("--targets", default="q,v", help="LoRA targets among q,k,v,o,ff1,ff2 (default q,v)")
+    p.add_argument("--precision", default=None, help="base precision fp32|int8|int4 (default: the profile's)")
+    p.add_argument("--checkpointing", action="store_true", help="plan with activation checkpointing")
+    p.add_argument("--data", default="sst2", help="task or TSV whose size the plan counts (default sst2)")
     return ap
 
 
@@ -118,7 +142,42 @@ def _train_kwargs(args) -> dict:
         "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr,
         "eval_every": args.eval_every, "patience": args.patience, "seed": args.seed, "precision": args.precision,
         "resume": args.resume, "checkpoint_every": args.checkpoint_every,
+        "allow_shorter_seq": args.allow_shorter_seq,
     }  # fmt: skip
+
+
+def cmd_plan(args) -> int:
+    from .adapt import _data_bytes
+    from .base import default_model_dir, read_config
+    from .data import load_task
+    from .memory import plan_batch_size, plan_memory
+    from .methods import MethodSpec
+    from .profiles import clamp_to_profile, load_profile
+
+    prof = load_profile(args.profile)
+    used, warnings = clamp_to_profile(prof, batch_size=args.batch, rank=args.rank, seq_len=args.seq_len)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    spec = MethodSpec(args.method, rank=used["rank"], alpha=2.0 * used["rank"], targets=targets)
+    precision = args.precision or prof.precision
+    cfg = read_config(default_model_dir())
+    train_ds, dev_ds = load_task(args.data)
+    data_bytes = _data_bytes(train_ds, dev_ds, used["seq_len"])
+    plan = plan_memory(cfg, spec, precision, used["batch_size"], used["seq_len"], checkpointing=args.checkpointing,
+                       eval_batch=min(64, max(16, used["batch_size"])), num_labels=len(train_ds.label_names),
+                       data_bytes=data_bytes)  # fmt: skip
+    print(f"{args.method} on a {precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
+          f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {prof.name}:")  # fmt: skip
+    print(plan.table(prof.memory_budget_mb))
+    if not plan.fits(prof.memory_budget_mb):
+        fit, notes = plan_batch_size(cfg, spec, precision, prof.memory_budget_mb, used["batch_size"], used["seq_len"],
+                                     data_bytes=data_bytes, num_labels=len(train_ds.label_names))  # fmt: skip
+        print(f"`edge-tune train` would run: micro-batch {fit.micro_batch} x {fit.grad_accum} accumulation, "
+              f"checkpointing {'on' if fit.checkpointing else 'off'}, eval batch {fit.eval_batch}: "
+              f"{fit.total_mb:.0f} MB")  # fmt: skip
+        return 1
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -230,6 +289,7 @@ VERBS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "profiles": cmd_profiles,
+    "plan": cmd_plan,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import logging
 import random
 from dataclasses import dataclass
@@ -146,15 +147,16 @@ class TokenizedTexts:
 def encode(tokenizer, texts: list[str], max_len: int, chunk: int = 2048) -> TokenizedTexts:
     """Token ids per text, [CLS] ... [SEP], truncated to `max_len` tokens (the [SEP] is kept). Encodes
     `chunk` texts at a time so tokenizers' per-text objects never pile up."""
-    parts, lengths = [], [0]
+    # One growing int32 buffer, not a numpy array per text: 67k small arrays cost ~10 MB of headers.
+    flat, lengths = array.array("i"), array.array("q", [0])
     for s in range(0, len(texts), chunk):
         for e in tokenizer.encode_batch(list(texts[s : s + chunk])):
             ids = e.ids
-            ids = ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:]
-            parts.append(np.asarray(ids, dtype=np.int32))
-            lengths.append(len(ids))
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return TokenizedTexts(flat, np.cumsum(lengths, dtype=np.int64))
+            flat.extend(ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:])
+            lengths.append(min(len(ids), max_len))
+    return TokenizedTexts(
+        np.frombuffer(flat, dtype=np.int32), np.cumsum(np.frombuffer(lengths, dtype=np.int64))
+    )
 
 
 def collate(rows: list[np.ndarray], pad_id: int = 0) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,16 @@
-"""Process memory: peak and current RSS in MB (Linux /proc; getrusage elsewhere)."""
+"""Process memory: peak and current RSS (MB), and the memory plan: a prediction of a training run's peak
+RSS, itemised, made before the first step."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
 import resource
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def peak_rss_mb() -> float:
@@ -34,3 +40,348 @@ def limit_heap_growth(mmap_threshold_bytes: int = 64 * 1024) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, mmap_threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+# ---- the memory plan ----
+# Everything below is in bytes until MemoryPlan reports MB. Activations are fp32 (4 bytes), counted per
+# token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
+FP32 = 4
+MB = 1024 * 1024
+FLOOR_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted peak RSS of a training process, itemised in MB."""
+
+    method: str
+    precision: str
+    micro_batch: int  # sentences per forward/backward
+    grad_accum: int  # micro-batches per optimizer step
+    seq_len: int  # tokens per sentence at most
+    rank: int
+    checkpointing: bool
+    eval_batch: int
+    runtime_floor_mb: float  # interpreter + torch + tokenizer + kernels' code, measured on this machine
+    base_weights_mb: float  # frozen encoder tensors as stored
+    data_mb: float  # texts and token ids of the train and dev sets
+    trainable_mb: float
+    gradients_mb: float
+    optimizer_mb: float  # AdamW moments (2 per parameter) + the best-so-far copy
+    activations_mb: float  # saved for backward, all layers
+    activations_per_layer_mb: float
+    workspace_mb: float  # transient buffers of the largest op of a training step
+    eval_extra_mb: float  # how far an evaluation batch's transients exceed a training step's (else 0)
+
+    @property
+    def total_mb(self) -> float:
+        return sum(getattr(self, f) for f in PLAN_PARTS)
+
+    def fits(self, budget_mb: float) -> bool:
+        return self.total_mb <= budget_mb
+
+    def table(self, budget_mb: float | None = None) -> str:
+        """The plan as an aligned text table (MB), with the verdict against `budget_mb` if given."""
+        rows = [(f.removesuffix("_mb").replace("_", " "), getattr(self, f)) for f in PLAN_PARTS]
+        lines = [f"{name:18} {mb:9.1f} MB" for name, mb in rows]
+        lines.append(f"{'(per layer)':18} {self.activations_per_layer_mb:9.2f} MB")
+        lines.append(f"{'predicted peak':18} {self.total_mb:9.1f} MB")
+        if budget_mb is not None:
+            verdict = "fits" if self.fits(budget_mb) else "does NOT fit"
+            lines.append(f"{'budget':18} {budget_mb:9.1f} MB  -> {verdict}")
+        return "\n".join(lines)
+
+
+PLAN_PARTS = ("runtime_floor_mb", "base_weights_mb", "data_mb", "trainable_mb", "gradients_mb", "optimizer_mb",
+              "activations_mb", "workspace_mb", "eval_extra_mb")  # fmt: skip
+
+
+def base_weight_bytes(cfg, precision: str) -> int:
+    """Bytes of the frozen encoder as load_base stores it (quantized linears and word embeddings,
+    fp32 biases, LayerNorms, position and type-0 embeddings)."""
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+
+    def quantized(rows: int, cols: int) -> int:
+        if precision == "int8":
+            return rows * cols + rows * 4
+        if precision == "int4":
+            return rows * cols // 2 + rows * (cols // 32) * 2
+        return rows * cols * 4
+
+    linears = 4 * quantized(D, D) + quantized(F, D) + quantized(D, F) + (4 * D + F + D) * FP32
+    layer_norms = (1 + 2 * L) * 2 * D * FP32
+    return L * linears + quantized(V, D) + layer_norms + (cfg.max_position_embeddings + 1) * D * FP32
+
+
+def saved_floats_per_token(cfg, spec) -> int:
+    """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
+    linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
+    attention's q, k, v, output and log-sum-exp, both LayerNorms' inputs and statistics, GELU's input, and,
+    for LoRA, each adapted linear's input and its rank-r projection."""
+    if spec.name == "head":
+        return 0  # the encoder runs without autograd
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    n = 4 * D + H + (D + 2) + F + (D + 2)
+    if spec.name == "lora":
+        t = set(spec.targets)
+        n += spec.rank * len(t)
+        n += D if t & {"q", "k", "v"} else 0  # the layer input, shared by q, k and v
+        n += D * ("o" in t) + D * ("ff1" in t) + F * ("ff2" in t)
+    return n
+
+
+def workspace_floats_per_token(cfg) -> int:
+    """fp32 values per token alive at once inside the largest op beyond what is saved: the FFN's hidden
+    activation and its GELU (forward) or their gradients (backward), plus the residual stream's gradients."""
+    return 2 * cfg.intermediate_size + 3 * cfg.hidden_size
+
+
+def plan_memory(
+    cfg,
+    spec,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+    *,
+    checkpointing: bool = False,
+    eval_batch: int = 64,
+    grad_accum: int = 1,
+    num_labels: int = 2,
+    data_bytes: int = 0,
+) -> MemoryPlan:
+    """Predict the peak RSS of training `spec` on a `precision` base with `micro_batch` sentences of up
+    to `seq_len` tokens. `cfg` is the model's BertConfig; `data_bytes` what the loaded datasets hold
+    (see dataset_bytes)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    params = _trainable_count(cfg, spec, num_labels)
+    tokens = micro_batch * seq_len
+    per_layer = saved_floats_per_token(cfg, spec) * tokens * FP32
+    if spec.name == "head":
+        saved = 0
+    elif checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
+        saved = L * D * tokens * FP32 + per_layer
+    else:
+        saved = L * per_layer + D * tokens * FP32 * (1 + (spec.name == "bitfit"))  # + pooling, embeddings LN
+    dequant = F * D * FP32 if precision != "fp32" else 0  # the reference ops dequantize one weight at a time
+    train_ws = workspace_floats_per_token(cfg) * tokens * FP32 + 2 * dequant
+    eval_ws = workspace_floats_per_token(cfg) * eval_batch * seq_len * FP32 + dequant
+    return MemoryPlan(
+        spec.name, precision, micro_batch, grad_accum, seq_len, spec.rank if spec.name == "lora" else 0,
+        checkpointing, eval_batch,
+        runtime_floor_mb=runtime_floor_mb(),
+        base_weights_mb=base_weight_bytes(cfg, precision) / MB,
+        data_mb=data_bytes / MB,
+        trainable_mb=params * FP32 / MB,
+        gradients_mb=params * FP32 / MB,
+        optimizer_mb=3 * params * FP32 / MB,
+        activations_mb=saved / MB,
+        activations_per_layer_mb=per_layer / MB,
+        workspace_mb=train_ws / MB,
+        eval_extra_mb=max(0, eval_ws - saved - train_ws) / MB,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _trainable_count(cfg, spec, num_labels: int) -> int:
+    """Trainable values of `spec`, by the method's own rule (methods.delta_shapes) on a meta skeleton."""
+    import math
+
+    from .methods import delta_shapes
+
+    return sum(math.prod(s) for s in delta_shapes(skeleton(cfg), spec, num_labels).values())
+
+
+def dataset_bytes(texts: int, chars: int, tokens: int) -> int:
+    """What a loaded dataset holds: Python str objects (~49 bytes each + 1 a character), label ints,
+    token ids (int32) and offsets (int64)."""
+    return texts * (49 + 8 + 8) + chars + tokens * 4 + (texts + 1) * 8
+
+
+EVAL_BATCHES = (64, 32, 16, 8, 4, 2, 1)
+
+
+def plan_batch_size(
+    cfg,
+    spec,
+    precision: str,
+    budget_mb: float,
+    batch_size: int,
+    seq_len: int,
+    *,
+    micro_batch: int | None = None,
+    data_bytes: int = 0,
+    num_labels: int = 2,
+    allow_shorter_seq: bool = False,
+) -> tuple[MemoryPlan, list[str]]:
+    """The plan for the largest micro-batch that fits `budget_mb`, keeping the effective `batch_size`
+    through gradient accumulation, and the one-line announcements of what it changed. Order of
+    concessions: a smaller micro-batch; then activation checkpointing; then (only if allowed) a shorter
+    sequence. `micro_batch` is the largest micro-batch to try (default `batch_size`). Raises BudgetError,
+    naming the smallest budget that would fit, when nothing does."""
+    from .errors import BudgetError
+
+    notes: list[str] = []
+    seqs = [seq_len]
+    while allow_shorter_seq and seqs[-1] > 16:
+        seqs.append(max(16, seqs[-1] // 2))
+    for seq in seqs:
+        for ck in (False, True):
+            for micro in range(min(micro_batch or batch_size, batch_size), 0, -1):
+                accum = -(-batch_size // micro)
+                if -(-batch_size // accum) != micro:
+                    continue  # the trainer splits a batch into `accum` near-equal parts; skip duplicates
+                for ev in (e for e in EVAL_BATCHES if e <= max(micro, 16)):
+                    plan = plan_memory(cfg, spec, precision, micro, seq, checkpointing=ck, eval_batch=ev,
+                                       grad_accum=accum, num_labels=num_labels, data_bytes=data_bytes)  # fmt: skip
+                    if plan.fits(budget_mb):
+                        if micro < (micro_batch or batch_size):
+                            notes.append(f"memory plan: micro-batch {micro} x {accum} accumulation steps keeps the "
+                                         f"batch of {batch_size} within {budget_mb:.0f} MB")  # fmt: skip
+                        if ck:
+                            notes.append(
+                                "memory plan: activation checkpointing on (recomputes each layer in backward)"
+                            )
+                        if seq < seq_len:
+                            notes.append(
+                                f"memory plan: sequence length lowered from {seq_len} to {seq} tokens"
+                            )
+                        return plan, notes
+    need = plan_memory(cfg, spec, precision, 1, seqs[-1], checkpointing=True, eval_batch=1, num_labels=num_labels,
+                       data_bytes=data_bytes).total_mb  # fmt: skip
+    raise BudgetError(
+        f"{spec.name} on a {precision} base cannot fit {budget_mb:.0f} MB even at micro-batch 1 with checkpointing "
+        f"(needs {need:.0f} MB)",
+        None,
+        "use a profile with a larger budget, a smaller rank or sequence length, or --allow-shorter-seq",
+    )
+
+
+def plan_rank(cfg, spec, precision: str, budget_mb: float, max_rank: int, micro_batch: int, seq_len: int,
+              **kw) -> int:  # fmt: skip
+    """The largest LoRA rank <= `max_rank` whose plan at `micro_batch` x `seq_len` fits `budget_mb`
+    (0 if none does)."""
+    import dataclasses
+
+    for r in range(max_rank, 0, -1):
+        s = dataclasses.replace(spec, rank=r, alpha=spec.alpha * r / spec.rank)
+        for ck in (False, True):
+            if plan_memory(cfg, s, precision, micro_batch, seq_len, checkpointing=ck, **kw).fits(budget_mb):
+                return r
+    return 0
+
+
+def skeleton(cfg, precision: str | None = None):
+    """A Classifier with `cfg`'s structure. Without `precision`, frozen weights are zero-stride views of
+    one scalar (no memory; meta tensors would pull in sympy): the planner reads parameter shapes from it
+    through the methods' own rules. With a precision, random quantized weights (a runnable model)."""
+    import torch
+    from torch import nn
+
+    from . import quant
+    from .model import Classifier, Encoder, EncoderLayer, QuantEmbedding, QuantLinear
+
+    D, F = cfg.hidden_size, cfg.intermediate_size
+
+    def rnd(*shape):
+        return torch.randn(*shape) * 0.02 if precision else torch.zeros(()).expand(*shape)
+
+    def frozen(w):
+        return quant.quantize(w, precision) if precision else {"weight": w}
+
+    def linear(o, i):
+        return QuantLinear(frozen(rnd(o, i)), rnd(o), precision or "fp32")
+
+    def ln():
+        return nn.LayerNorm(D).requires_grad_(False)
+
+    word = QuantEmbedding(frozen(rnd(cfg.vocab_size, D)), precision or "fp32")
+    layers = [EncoderLayer(cfg, linear(D, D), linear(D, D), linear(D, D), linear(D, D), ln(), linear(F, D),
+                           linear(D, F), ln()) for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+    enc = Encoder(cfg, word, rnd(cfg.max_position_embeddings, D), rnd(cfg.type_vocab_size, D), ln(), layers)
+    return Classifier(enc)
+
+
+def _floor_cache_path() -> Path:
+    root = os.environ.get("EDGE_TUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edge_tune"
+    )
+    return Path(root) / "runtime_floor.json"
+
+
+def _floor_key() -> str:
+    import platform
+
+    import torch
+
+    return f"v{FLOOR_CACHE_VERSION}|py{platform.python_version()}|torch{torch.__version__}|{platform.machine()}|{sys.prefix}"
+
+
+def runtime_floor_mb(refresh: bool = False) -> float:
+    """Peak RSS (MB) of a fresh process that imports edge_tune, loads the tokenizer and runs tiny training
+    and evaluation steps through every code path (so the libraries' code pages are resident), minus the
+    tiny model: the part of any training process's peak that does not grow with the work. Measured once
+    per machine and Python environment (a ~5 s subprocess) and cached in ~/.cache/edge_tune."""
+    path, key = _floor_cache_path(), _floor_key()
+    if not refresh:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return float(json.loads(path.read_text())[key])
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "edge_tune.memory", "--measure-floor"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"measuring the runtime floor failed: {p.stderr.strip()[-500:]}")
+    value = float(p.stdout.strip().splitlines()[-1])
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = {}
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads(path.read_text())
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**old, key: value}))
+        os.replace(tmp, path)
+    return value
+
+
+def _measure_floor() -> float:
+    """Runs in a fresh process: see runtime_floor_mb."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from . import quant
+    from .base import default_model_dir, load_tokenizer, read_config
+    from .methods import MethodSpec, apply_method, detach_lora
+    from .optim import AdamW
+
+    model_dir = default_model_dir()
+    tok = load_tokenizer(model_dir)
+    tok.encode_batch(["warm up the tokenizer ."])
+    cfg = dataclasses.replace(
+        read_config(model_dir), num_hidden_layers=1, vocab_size=64, max_position_embeddings=16
+    )
+    tiny_bytes = 0
+    for precision in ("int8", "int4"):
+        model = skeleton(cfg, precision)
+        tiny_bytes = max(tiny_bytes, quant.tensor_bytes(model))
+        ids, mask = torch.randint(0, 64, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+        for method in ("bitfit", "lora"):
+            for ck in (False, True):
+                model.encoder.checkpointing = ck
+                params = apply_method(
+                    model, MethodSpec(method, rank=4, targets=("q", "v", "o", "ff1", "ff2"))
+                )
+                opt = AdamW(params.values())
+                F.cross_entropy(model(ids, mask), torch.zeros(2, dtype=torch.long)).backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                opt.step()
+                detach_lora(model)
+        with torch.inference_mode():
+            model.eval()(ids, mask)
+    return peak_rss_mb() - tiny_bytes / MB
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--measure-floor"]:
+        print(f"{_measure_floor():.2f}")

@@ -50,3 +50,83 @@ sys.exit(1 if heavy else 0)
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
+
+
+# ---- the memory plan ----
+from edge_tune.errors import BudgetError  # noqa: E402
+from edge_tune.memory import (  # noqa: E402
+    PLAN_PARTS,
+    base_weight_bytes,
+    plan_batch_size,
+    plan_memory,
+    saved_floats_per_token,
+)
+
+
+@pytest.mark.parametrize("method", ["head", "bitfit", "lora"])
+def test_plan_parts_add_up(base_int8, method):
+    plan = plan_memory(base_int8.config, MethodSpec(method, rank=8), "int8", 16, 64)
+    assert plan.total_mb == pytest.approx(sum(getattr(plan, f) for f in PLAN_PARTS))
+    assert all(getattr(plan, f) >= 0 for f in PLAN_PARTS) and plan.runtime_floor_mb > 100
+    assert (plan.activations_mb == 0) == (method == "head")
+
+
+def test_base_weight_bytes_match_the_loaded_base(base_int8):
+    from edge_tune.base import load_base
+    from edge_tune.quant import tensor_bytes
+
+    for b in (base_int8, load_base(precision="int4")):
+        assert base_weight_bytes(b.config, b.precision) == tensor_bytes(b.model.encoder), b.precision
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora"])
+def test_saved_activations_match_what_autograd_saves(base_int8, method):
+    """Count the bytes autograd really saves in one forward (unique storages), against the plan's model."""
+    b = copy.deepcopy(base_int8)
+    spec = MethodSpec(method, rank=8, targets=("q", "v", "ff2"))
+    apply_method(b.model, spec)
+    B, T = 4, 32
+    ids, mask = torch.randint(1000, 2000, (B, T)), torch.ones(B, T, dtype=torch.long)
+    frozen = {t.untyped_storage().data_ptr() for t in [*b.model.parameters(), *b.model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in frozen:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        b.model(ids, mask)
+    per_layer = saved_floats_per_token(b.config, spec) * B * T * 4
+    predicted = b.config.num_hidden_layers * per_layer
+    assert sum(seen.values()) == pytest.approx(predicted, rel=0.10)
+
+
+def test_plan_batch_size_keeps_caps_and_budget(base_int8):
+    cfg, spec = base_int8.config, MethodSpec("bitfit")
+    roomy, notes = plan_batch_size(cfg, spec, "int8", 4096, 32, 64)
+    assert (roomy.micro_batch, roomy.grad_accum, roomy.checkpointing, notes) == (32, 1, False, [])
+    full = plan_memory(cfg, spec, "int8", 32, 64).total_mb
+    tight, notes = plan_batch_size(cfg, spec, "int8", full - 40, 32, 64)
+    assert tight.fits(full - 40) and tight.micro_batch < 32 and tight.micro_batch * tight.grad_accum >= 32
+    assert any("micro-batch" in n for n in notes)
+    floor = plan_memory(cfg, spec, "int8", 1, 64, checkpointing=True, eval_batch=1).total_mb
+    with pytest.raises(BudgetError, match=r"cannot fit 200 MB .*needs \d+ MB"):
+        plan_batch_size(cfg, spec, "int8", 200, 32, 64)
+    assert floor > 200
+
+
+def test_over_budget_run_is_refused_before_training(tmp_path, tsv, capsys):
+    from edge_tune.cli import main
+
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(
+        'name = "tiny"\nschema_version = 1\ndescription = "too small"\nmemory_budget_mb = 150\nthreads = 2\n'
+        'max_batch_size = 8\nmax_rank = 4\nmax_seq_len = 64\nprecision = "int8"\nbackend = "cpu"\n'
+    )
+    code = main(["train", "--data", str(tsv), "--profile", str(prof), "--out", str(tmp_path / "x.patch")])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "cannot fit 150 MB" in lines[0] and "needs" in lines[0]
+    assert not (tmp_path / "x.patch").exists() and "train bitfit" not in err

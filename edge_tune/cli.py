@@ -67,6 +67,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         "--resume", action="store_true", help="continue from OUT.ckpt after a crash or kill (same flags)"
     )
     p.add_argument(
+        "--patch-dtype",
+        default="fp16",
+        help="how deltas are stored: fp16 (half the KB) or fp32 (default fp16)",
+    )
+    p.add_argument(
         "--allow-shorter-seq",
         action="store_true",
         help="let the memory plan shorten sequences when nothing else fits the budget (default: refuse)",
@@ -95,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="out/sst2.patch", help="where to write the patch (default out/sst2.patch)"
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps at most (default: the method's)")
+    p.add_argument("--method", default="lora", help="head | bitfit | lora (default: lora, r8 on q,v)")
 
     p = sub.add_parser(
         "train", help="train a patch on a labelled TSV or built-in task under a device profile"
@@ -142,7 +148,7 @@ def _train_kwargs(args) -> dict:
         "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr,
         "eval_every": args.eval_every, "patience": args.patience, "seed": args.seed, "precision": args.precision,
         "resume": args.resume, "checkpoint_every": args.checkpoint_every,
-        "allow_shorter_seq": args.allow_shorter_seq,
+        "allow_shorter_seq": args.allow_shorter_seq, "patch_dtype": args.patch_dtype,
     }  # fmt: skip
 
 
@@ -202,7 +208,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    r = adapt("sst2", out, method="bitfit", profile=args.profile, steps=args.steps)
+    r = adapt("sst2", out, method=args.method, profile=args.profile, steps=args.steps)
     bank = PatchBank(precision=r.profile.precision, max_rank=r.profile.max_rank)
     name = bank.load(out)
     swaps = []
@@ -224,12 +230,13 @@ def cmd_demo(args) -> int:
     budget = r.profile.memory_budget_mb
     print(f"profile          {r.profile.name} ({r.threads} threads, base {r.profile.precision})")
     print(
-        f"SST-2 dev acc    {r.train.dev_accuracy:.4f}  (steps {r.train.steps}, best at {r.train.best_step})"
+        f"SST-2 dev acc    {r.train.dev_accuracy:.4f}  ({args.method}, patch as stored; steps {r.train.steps}, "
+        f"best at {r.train.best_step})"
     )
     print(f"patch            {out}  {r.patch_bytes / 1024:.1f} KB")
     print(f"swap (activate)  p50 {swaps[len(swaps) // 2]:.1f} us, p99 {swaps[int(len(swaps) * 0.99)]:.1f} us")
     print(f"peak RSS         {peak:.0f} MB of {budget} MB budget ({'within' if peak <= budget else 'OVER'})")
-    print(f"time             {r.seconds:.0f} s training")
+    print(f"time             {r.seconds:.0f} s (load + train + export)")
     return 0
 
 

@@ -24,6 +24,7 @@ FORMAT = "edge_tune.patch"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "edge_tune"
 MAX_PATCH_BYTES = 64 * 1024 * 1024
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16}  # safetensors dtype name -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         ) from None
 
 
-def save_patch(path: str | Path, tensors: dict[str, Tensor], manifest: Manifest) -> int:
-    """Write a patch atomically; returns its size in bytes. `manifest.tensors_sha256` is filled in here."""
+def save_patch(
+    path: str | Path, tensors: dict[str, Tensor], manifest: Manifest, dtype: torch.dtype = torch.float32
+) -> int:
+    """Write a patch atomically, its tensors stored as `dtype` (float32, or float16 for half the bytes);
+    returns its size in bytes. `manifest.tensors_sha256` (over the stored bytes) is filled in here."""
     from safetensors.torch import save
 
-    tensors = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+    if dtype not in STORED_DTYPES.values():
+        raise PatchError(f"patches store float32 or float16, not {dtype}")
+    tensors = {n: t.detach().to("cpu", dtype).contiguous() for n, t in tensors.items()}
     manifest = Manifest(**{**asdict(manifest), "tensors_sha256": tensors_sha256(tensors)})
     blob = save(tensors, metadata={MANIFEST_KEY: json.dumps(asdict(manifest), sort_keys=True)})
     atomic_write(Path(path), blob)
@@ -170,26 +176,39 @@ def load_patch(
         raise PatchError(f"cannot read ({e.strerror or e})", where) from None
     header = parse_header(blob, len(blob), where, PatchError)
     manifest = _parse_manifest(header.metadata, where)
-    bad = [(n, i.dtype) for n, i in header.tensors.items() if i.dtype != "F32"]
+    bad = [(n, i.dtype) for n, i in header.tensors.items() if i.dtype not in STORED_DTYPES]
     if bad:
         raise PatchError(
-            f"tensor {bad[0][0]!r} is {bad[0][1]}, patches hold F32 only", where, "file corrupt or foreign"
+            f"tensor {bad[0][0]!r} is {bad[0][1]}, patches hold F32 or F16 only",
+            where,
+            "file corrupt or foreign",
         )
-    # parse_header checked that the tensors tile the data region exactly, so one copy and one finiteness
-    # check cover them all; each tensor is a view into it.
-    flat = (
-        torch.frombuffer(bytearray(blob[header.data_start :]), dtype=torch.float32)
-        if len(blob) > header.data_start
-        else torch.empty(0)
-    )
-    tensors = {n: flat[i.begin // 4 : i.end // 4].view(i.shape) for n, i in header.tensors.items()}
-    if tensors_sha256(tensors) != manifest.tensors_sha256:
+    # parse_header checked that the tensors tile the data region exactly: one copy of it, and each tensor
+    # is a view into that copy.
+    data = bytearray(blob[header.data_start :])
+    stored = {}
+    for n, i in header.tensors.items():
+        dt = STORED_DTYPES[i.dtype]
+        count = (i.end - i.begin) // dt.itemsize
+        t = (
+            torch.frombuffer(data, dtype=dt, count=count, offset=i.begin)
+            if count
+            else torch.empty(0, dtype=dt)
+        )
+        stored[n] = t.view(i.shape)
+    if tensors_sha256(stored) != manifest.tensors_sha256:
         raise PatchError(
             "tensor bytes do not match the manifest's sha256", where, "file corrupted in transit"
         )
-    if not torch.isfinite(flat).all():
-        bad_name = next(n for n, t in tensors.items() if not torch.isfinite(t).all())
+    dtypes = {i.dtype for i in header.tensors.values()}
+    whole = (
+        [torch.frombuffer(data, dtype=STORED_DTYPES[d]) for d in dtypes] if len(dtypes) == 1 and data else []
+    )
+    if not all(torch.isfinite(t).all() for t in (whole or stored.values())):
+        bad_name = next(n for n, t in stored.items() if not torch.isfinite(t).all())
         raise PatchError(f"tensor {bad_name!r} holds NaN or Inf", where, "refusing a broken patch")
+    # compute is fp32: fp16-stored deltas are widened once, here
+    tensors = {n: t if t.dtype == torch.float32 else t.float() for n, t in stored.items()}
     spec = manifest.spec()
     if max_rank is not None and spec.name == "lora" and spec.rank > max_rank:
         raise PatchError(f"LoRA rank {spec.rank} is above the profile's cap {max_rank}", where)

@@ -163,8 +163,8 @@ def test_wrong_dtype_and_extra_key_refused(patches, base_int8, tmp_path):
     p = load_patch(patches["bitfit"][0], base_int8)
     meta = {MANIFEST_KEY: json.dumps(p.manifest.__dict__)}
     for name, tensors, match in [
-        ("f64", {n: t.double() for n, t in p.tensors.items()}, "is F64, patches hold F32 only"),
-        ("i32", {n: t.int() for n, t in p.tensors.items()}, "is I32, patches hold F32 only"),
+        ("f64", {n: t.double() for n, t in p.tensors.items()}, "is F64, patches hold F32 or F16 only"),
+        ("i32", {n: t.int() for n, t in p.tensors.items()}, "is I32, patches hold F32 or F16 only"),
     ]:
         path = tmp_path / f"{name}.patch"
         path.write_bytes(save(tensors, metadata=meta))
@@ -174,3 +174,18 @@ def test_wrong_dtype_and_extra_key_refused(patches, base_int8, tmp_path):
     save_patch(tmp_path / "extra.patch", extra, p.manifest)
     with pytest.raises(PatchError, match="unexpected: encoder.layers.0.q.lora_A"):
         load_patch(tmp_path / "extra.patch", base_int8)
+
+
+def test_fp16_patch_round_trips_at_half_the_size(patches, base_int8, tmp_path):
+    p = load_patch(patches["lora"][0], base_int8)
+    half = tmp_path / "half.patch"
+    size = save_patch(half, p.tensors, p.manifest, dtype=torch.float16)
+    assert size < 0.55 * patches["lora"][0].stat().st_size
+    q = load_patch(half, base_int8)
+    assert all(q.tensors[n].dtype == torch.float32 for n in q.tensors)
+    assert all(torch.equal(q.tensors[n], p.tensors[n].half().float()) for n in p.tensors)
+    again = tmp_path / "again.patch"
+    save_patch(again, q.tensors, q.manifest, dtype=torch.float16)
+    assert again.read_bytes() == half.read_bytes()
+    with pytest.raises(PatchError, match="float32 or float16"):
+        save_patch(tmp_path / "x.patch", p.tensors, p.manifest, dtype=torch.bfloat16)

@@ -198,3 +198,34 @@ def test_console_script_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "edge_tune.cli", "predict", "--patch", str(tmp_path / "x"), "t"],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "sst2.patch"
+    assert main(["demo", "--steps", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for field in ("SST-2 dev acc", "patch ", "KB", "swap (activate)", "peak RSS", "MB budget"):
+        assert field in text, field
+    assert out.is_file() and out.stat().st_size < 200 * 1024
+
+
+def test_plan_verb_prints_the_itemised_plan(capsys):
+    assert main(["plan", "--profile", "raspberry-pi-4-4gb", "--method", "lora", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    for part in ("runtime floor", "base weights", "activations", "predicted peak", "fits"):
+        assert part in out, part
+    code = main(
+        [
+            "plan",
+            "--profile",
+            "raspberry-pi-zero-2w",
+            "--method",
+            "bitfit",
+            "--batch",
+            "16",
+            "--seq-len",
+            "64",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert (code == 0) == ("-> fits" in out)

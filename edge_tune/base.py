@@ -13,6 +13,7 @@ from torch import nn
 
 from . import quant
 from .errors import EdgeTuneError
+from .kernels import load_kernels
 from .model import BertConfig, Classifier, Encoder, EncoderLayer, QuantEmbedding, QuantLinear
 from .tensorfile import TensorReader
 
@@ -114,6 +115,7 @@ def load_base(model_dir: str | Path | None = None, precision: str = "int8", num_
     `precision` (fp32 | int8 | int4) and a fresh `num_labels`-way head. Reads the weights once, in order."""
     if precision not in ("fp32", "int8", "int4"):
         raise EdgeTuneError(f"unknown precision {precision!r} — use fp32, int8 or int4")
+    load_kernels()  # the quantized ops' C++ kernels, built on first use (or the references, said once)
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     cfg = read_config(model_dir)
     st = model_dir / "model.safetensors"

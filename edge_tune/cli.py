@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
 
     sub.add_parser("profiles", help="list the shipped device profiles")
+    sub.add_parser("doctor", help="which implementation each op runs, the CPU's features, the toolchain")
 
     p = sub.add_parser(
         "plan", help="predict a training run's peak memory (MB), itemised, and whether it fits"
@@ -150,6 +153,35 @@ def _train_kwargs(args) -> dict:
         "resume": args.resume, "checkpoint_every": args.checkpoint_every,
         "allow_shorter_seq": args.allow_shorter_seq, "patch_dtype": args.patch_dtype,
     }  # fmt: skip
+
+
+def cmd_doctor(args) -> int:
+    import platform
+    import shutil
+
+    import torch
+
+    from .kernels import KERNELS_ENV, kernel_paths
+
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = next(
+            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""
+        )
+    simd = [
+        f
+        for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
+        if f" {f}" in flags
+    ]
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
+          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"cpu features     {', '.join(simd) or 'unknown'}")
+    print(f"compiler         {shutil.which(os.environ.get('CXX', 'c++')) or 'none'}; ninja {shutil.which('ninja') or 'none'}; "
+          f"nvcc {shutil.which('nvcc') or 'none'}; CUDA available: {torch.cuda.is_available()}")  # fmt: skip
+    print(f"kernels          {KERNELS_ENV}={os.environ.get(KERNELS_ENV, '1')}")
+    for op, where in kernel_paths().items():
+        print(f"  edge_tune::{op:24} {where}")
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -297,6 +329,7 @@ VERBS = {
     "predict": cmd_predict,
     "profiles": cmd_profiles,
     "plan": cmd_plan,
+    "doctor": cmd_doctor,
 }
 
 

@@ -352,9 +352,11 @@ def _measure_floor() -> float:
 
     from . import quant
     from .base import default_model_dir, load_tokenizer, read_config
+    from .kernels import load_kernels
     from .methods import MethodSpec, apply_method, detach_lora
     from .optim import AdamW
 
+    load_kernels()
     model_dir = default_model_dir()
     tok = load_tokenizer(model_dir)
     tok.encode_batch(["warm up the tokenizer ."])

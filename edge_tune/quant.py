@@ -36,7 +36,7 @@ def unpack_int4(packed: Tensor) -> Tensor:
     """packed: (rows, cols // 2) uint8 -> (rows, cols) int8 in [-8, 7]."""
     low = (packed & 0xF).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:

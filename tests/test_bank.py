@@ -126,9 +126,11 @@ def test_mixed_batch_equals_per_patch_passes(bank):
 def test_mixed_batch_restores_the_active_patch(bank):
     bank.activate("subj")
     before = _probs(bank, None)
-    bank.predict(TEXTS[:4], patches=["sst2", "cr", "mpqa", "sst2"])
+    bank.predict(TEXTS[:4], patches=["sst2", "cr", "mpqa", "sst2"])  # one pass, row by row
     assert bank.active == "subj" and _probs(bank, None) == before
     assert all(m.lora_rows is None for m in bank.base.model.modules() if hasattr(m, "lora_rows"))
+    bank.predict(TEXTS[:4], patches=["sst2", "cr", "subj", "sst2"])  # with BitFit: a pass per patch
+    assert bank.active == "subj" and _probs(bank, None) == before
 
 
 def test_mixed_batch_bad_arguments(bank):

@@ -102,12 +102,22 @@ def patch_target(workdir: Path) -> Callable[[random.Random], None]:
     import torch
 
     tensors = {n: torch.randn(s) for n, s in delta_shapes(base.model, spec, 2).items()}
-    good = workdir / "good.patch"
-    save_patch(good, tensors, Manifest("lora", spec.hyper(), ["0", "1"], base.fingerprint, "int8", ""))
-    data = good.read_bytes()
+    seeds = []
+    for dtype in (torch.float32, torch.float16):  # both stored precisions
+        good = workdir / "good.patch"
+        save_patch(
+            good, tensors, Manifest("lora", spec.hyper(), ["0", "1"], base.fingerprint, "int8", ""), dtype
+        )
+        seeds.append(good.read_bytes())
     path = workdir / "case.patch"
 
     def case(rng: random.Random) -> None:
+        data = rng.choice(seeds)
+        if rng.random() < 0.1:  # a dtype name swapped in the header: sizes or values no longer agree
+            old, new = rng.choice(
+                [(b'"F32"', b'"F16"'), (b'"F16"', b'"F32"'), (b'"F32"', b'"I32"'), (b'"F16"', b'"BF16"')]
+            )
+            data = data.replace(old, new, rng.randint(1, 3))
         path.write_bytes(mutate_bytes(data, rng))
         load_patch(path, base, max_rank=8)
 

@@ -1,0 +1,86 @@
+"""The compiled kernels of cpp_ext/: built on first use, cached, loaded behind the edge_tune:: op names.
+
+Build: `torch.utils.cpp_extension.load` (ninja), into `$TORCH_EXTENSIONS_DIR` (default
+~/.cache/torch_extensions) under a name that hashes the sources and the torch version, so an edit or a
+torch upgrade rebuilds and a cached build loads with `torch.ops.load_library` alone (no compiler import).
+No compiler, a failed build, or `EDGE_TUNE_KERNELS=0`: one log line, and the ops keep their pure-PyTorch
+references (ops.py), which compute the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("edge_tune")
+
+KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
+CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
+CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp"]
+CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
+_state: dict = {"loaded": None, "reason": ""}
+
+
+def _build_name() -> str:
+    h = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
+    for src in CPU_SOURCES:
+        h.update(src.read_bytes())
+    return f"edge_tune_kernels_{h.hexdigest()[:12]}"
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    return Path(root) / name
+
+
+def load_kernels() -> bool:
+    """Build (first time) and load the CPU kernels; True if the edge_tune:: ops now run them."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    _state["loaded"] = False
+    if os.environ.get(KERNELS_ENV, "1") == "0":
+        _state["reason"] = f"forced off by {KERNELS_ENV}=0"
+        return False
+    try:
+        if not all(s.is_file() for s in CPU_SOURCES):
+            raise FileNotFoundError(f"{CPP_DIR} is not shipped with this install")
+        from . import ops  # noqa: F401  (the op schemas must exist before kernels register)
+
+        name = _build_name()
+        so = _build_dir(name) / f"{name}.so"
+        if not so.is_file():
+            log.info("edge_tune: building the C++ kernels once (~1 min) into %s", so.parent)
+            from torch.utils.cpp_extension import load
+
+            so.parent.mkdir(parents=True, exist_ok=True)
+            load(name, [str(s) for s in CPU_SOURCES], extra_cflags=CFLAGS, build_directory=str(so.parent),
+                 is_python_module=False, verbose=False)  # fmt: skip
+        else:
+            torch.ops.load_library(str(so))
+        _state["loaded"] = True
+    except Exception as e:  # any build or load failure: the references still work
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        _state["reason"] = f"{e.__class__.__name__}: {first}"
+        log.warning(
+            "edge_tune: C++ kernels unavailable (%s); using the PyTorch reference ops", _state["reason"]
+        )
+    return _state["loaded"]
+
+
+def kernel_paths() -> dict[str, str]:
+    """Which implementation each edge_tune:: op runs on CPU now (for `edge-tune doctor`)."""
+    from .ops import ALL_OPS
+
+    loaded = load_kernels()
+    where = "C++ (cpp_ext/cpu_kernels.cpp)" if loaded else f"PyTorch reference ({_state['reason']})"
+    return {name: where for name in ALL_OPS}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    print(kernel_paths())

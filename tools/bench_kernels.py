@@ -1,0 +1,184 @@
+"""Kernel benchmark: the edge_tune:: ops against fp32 and the int8 GEMMs PyTorch already has, 2 threads.
+
+Per linear shape (K -> N in {384 -> 1536, 1536 -> 384}) and rows M (1024 = batch 16 x 64 tokens, training;
+1 and 8, inference), median µs of:
+  fp32        F.linear on the fp32 weight (MKL/oneDNN)
+  reference   ops.int8_linear_ref / int4_linear_ref (dequantize the whole weight, then F.linear)
+  unfused     quantize x per token, torch._int_mm (int8 x int8 -> int32), dequantize, add bias
+  fbgemm      torch.ao dynamic quantized linear (activation quantization and dequantize included)
+  ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`)
+plus the whole model (int8 base) per backend, each in a fresh process: LoRA r8 training step (batch 16 x
+64 tokens) and batch-1 inference latency, with the kernels on and forced off (EDGE_TUNE_KERNELS=0).
+
+    python tools/bench_kernels.py [--repeats 50] [--out out/bench_kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def op_table(repeats: int) -> list[dict]:
+    import torch
+
+    from edge_tune import quant
+    from edge_tune.kernels import load_kernels
+
+    load_kernels()
+    rows = []
+    for k, n in ((384, 1536), (1536, 384)):
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        q8, s8 = quant.quantize_int8(w)
+        q4, s4 = quant.quantize_int4(w)
+        lin = torch.nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        dyn = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+        )
+        for m in (1024, 1, 8):
+            x = torch.randn(m, k, generator=g)
+            with torch.inference_mode():
+                times = {
+                    name: median_us(fn, repeats) for name, fn in _cells(x, w, b, q8, s8, q4, s4, dyn).items()
+                }
+            rows.append({"shape": f"{k}->{n}", "m": m, **times})
+    return rows
+
+
+def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from edge_tune import ops
+
+    wt8 = q8.t().contiguous()
+
+    def unfused():
+        sx = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        xq = torch.round(x / sx).to(torch.int8)
+        mm = torch._int_mm(xq, wt8) if x.shape[0] > 16 else xq.int() @ wt8.int()  # _int_mm needs M > 16
+        return mm.float() * sx * s8 + b
+
+    return {
+        "fp32": lambda: F.linear(x, w, b),
+        "int8 reference": lambda: ops.int8_linear_ref(x, q8, s8, b),
+        "int8 unfused _int_mm": unfused,
+        "int8 fbgemm dynamic": lambda: dyn(x),
+        "int8 ours": lambda: ops.int8_linear(x, q8, s8, b),
+        "int4 reference": lambda: ops.int4_linear_ref(x, q4, s4, b),
+        "int4 ours": lambda: ops.int4_linear(x, q4, s4, b),
+    }
+
+
+def model_worker(repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from edge_tune.base import load_base
+    from edge_tune.data import collate, encode, read_tsv
+    from edge_tune.methods import MethodSpec, apply_method
+    from edge_tune.optim import AdamW
+
+    base = load_base(precision="int8")
+    ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
+    model = base.model
+    one = collate([encode(base.tokenizer, ds.texts[:1], 64)[0]])
+    with torch.inference_mode():
+        latency = median_us(lambda: model(*one), repeats) / 1e3
+    texts = [" ".join(ds.texts[i : i + 4]) for i in range(0, 64, 4)]  # 16 sentences of >= 64 tokens
+    ids, mask = collate(list(encode(base.tokenizer, texts, 64)))
+    params = apply_method(model, MethodSpec("lora", rank=8, alpha=16.0, targets=("q", "v")))
+    opt = AdamW(params.values(), lr=1e-3)
+    y = torch.zeros(16, dtype=torch.long)
+    model.train()
+
+    def step():
+        F.cross_entropy(model(ids, mask), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return {
+        "batch1_ms": latency,
+        "step_ms": median_us(step, max(5, repeats // 5)) / 1e3,
+        "tokens": ids.numel(),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=50, help="timed calls per cell (median reported)")
+    ap.add_argument("--out", default="out/bench_kernels")
+    ap.add_argument("--model-worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    if a.model_worker:
+        print(json.dumps(model_worker(a.repeats)))
+        return 0
+    rows = op_table(a.repeats)
+    names = [k for k in rows[0] if k not in ("shape", "m")]
+    print(f"{'shape':10} {'M':>5} " + " ".join(f"{n:>21}" for n in names) + "   (median µs)")
+    for r in rows:
+        print(f"{r['shape']:10} {r['m']:5d} " + " ".join(f"{r[n]:21.1f}" for n in names))
+    print("int8_linear_dynamic and lora_linear: not implemented yet (n/a)")
+    model = {}
+    for label, env in (("kernels on", "1"), ("kernels off (references)", "0")):
+        p = subprocess.run([sys.executable, __file__, "--model-worker", "--repeats", str(a.repeats)],
+                           capture_output=True, text=True, env={**os.environ, "EDGE_TUNE_KERNELS": env})  # fmt: skip
+        model[label] = (
+            json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-300:]}
+        )
+    print(f"\n{'whole model, int8 base':28} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}")
+    for label, m in model.items():
+        if "error" in m:
+            print(f"{label:28} failed: {m['error']}")
+        else:
+            print(f"{label:28} {m['step_ms']:24.1f} {m['batch1_ms']:20.2f}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_kernels.json").write_text(json.dumps({"ops": rows, "model": model}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 4), sharey=False)
+    for ax, r in zip(axes, rows, strict=True):
+        ax.barh(names, [r[n] for n in names])
+        ax.set_xscale("log")
+        ax.set_title(f"{r['shape']} M={r['m']}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_xlabel("median µs (log)")
+    fig.tight_layout()
+    fig.savefig(out / "bench_kernels.png", dpi=110)
+    print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

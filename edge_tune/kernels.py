@@ -22,13 +22,18 @@ log = logging.getLogger("edge_tune")
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
 CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
 CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp"]
+CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
 _state: dict = {"loaded": None, "reason": ""}
 
 
+def _sources() -> list[Path]:
+    return CPU_SOURCES + (CUDA_SOURCES if torch.cuda.is_available() else [])
+
+
 def _build_name() -> str:
     h = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for src in CPU_SOURCES:
+    for src in _sources():
         h.update(src.read_bytes())
     return f"edge_tune_kernels_{h.hexdigest()[:12]}"
 
@@ -47,7 +52,7 @@ def load_kernels() -> bool:
         _state["reason"] = f"forced off by {KERNELS_ENV}=0"
         return False
     try:
-        if not all(s.is_file() for s in CPU_SOURCES):
+        if not all(s.is_file() for s in _sources()):
             raise FileNotFoundError(f"{CPP_DIR} is not shipped with this install")
         from . import ops  # noqa: F401  (the op schemas must exist before kernels register)
 
@@ -58,7 +63,7 @@ def load_kernels() -> bool:
             from torch.utils.cpp_extension import load
 
             so.parent.mkdir(parents=True, exist_ok=True)
-            load(name, [str(s) for s in CPU_SOURCES], extra_cflags=CFLAGS, build_directory=str(so.parent),
+            load(name, [str(s) for s in _sources()], extra_cflags=CFLAGS, build_directory=str(so.parent),
                  is_python_module=False, verbose=False)  # fmt: skip
         else:
             torch.ops.load_library(str(so))

@@ -47,7 +47,7 @@ def limit_heap_growth(mmap_threshold_bytes: int = 64 * 1024) -> bool:
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
 FP32 = 4
 MB = 1024 * 1024
-FLOOR_CACHE_VERSION = 1
+FLOOR_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,9 @@ def _floor_key() -> str:
 
     import torch
 
-    return f"v{FLOOR_CACHE_VERSION}|py{platform.python_version()}|torch{torch.__version__}|{platform.machine()}|{sys.prefix}"
+    kernels = os.environ.get("EDGE_TUNE_KERNELS", "1")  # the compiled kernels' library is part of the floor
+    return (f"v{FLOOR_CACHE_VERSION}|py{platform.python_version()}|torch{torch.__version__}|{platform.machine()}|"
+            f"{sys.prefix}|kernels={kernels}")  # fmt: skip
 
 
 def runtime_floor_mb(refresh: bool = False) -> float:

@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="which implementation each op runs, the CPU's features, the toolchain")
 
     p = sub.add_parser(
+        "profile", help="compare methods x base precisions on memory (MB), speed (ms) and accuracy"
+    )
+    p.add_argument("--profile", default=None, help="device profile (default: raspberry-pi-4-4gb)")
+    p.add_argument("--methods", default="head,bitfit,lora", help="comma-separated (default head,bitfit,lora)")
+    p.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated (default fp32,int8,int4)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration (default 200)")
+    p.add_argument("--out", default="out/profile", help="folder for profile.json and profile.png")
+
+    p = sub.add_parser(
         "plan", help="predict a training run's peak memory (MB), itemised, and whether it fits"
     )
     p.add_argument(
@@ -182,6 +191,30 @@ def cmd_doctor(args) -> int:
     for op, where in kernel_paths().items():
         print(f"  edge_tune::{op:24} {where}")
     return 0
+
+
+def cmd_profile(args) -> int:
+    from .methods import MethodSpec
+    from .profiles import PRECISIONS, load_profile
+    from .profiling import profile_grid, table
+
+    prof = load_profile(args.profile)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for m in methods:
+        MethodSpec(m)  # one-line error for an unknown method, before any run
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not methods or not precisions or args.steps < 1:
+        raise EdgeTuneError(f"bad grid (precisions {bad}, steps {args.steps})", None,
+                            f"precisions among {', '.join(PRECISIONS)}, at least one method, --steps >= 1")  # fmt: skip
+    rows = profile_grid(prof.name if args.profile is None else args.profile, methods, precisions, args.steps,
+                        Path(args.out), progress=sys.stderr.isatty())  # fmt: skip
+    print(
+        f"profile {prof.name}: budget {prof.memory_budget_mb} MB, {args.steps} steps each, fresh process each"
+    )
+    print(table(rows))
+    print(f"wrote {Path(args.out) / 'profile.json'} and {Path(args.out) / 'profile.png'}")
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 def cmd_plan(args) -> int:
@@ -330,6 +363,7 @@ VERBS = {
     "profiles": cmd_profiles,
     "plan": cmd_plan,
     "doctor": cmd_doctor,
+    "profile": cmd_profile,
 }
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class TrainResult:
     peak_rss_mb: float
     history: list[dict] = field(default_factory=list)
     stop_reason: str = ""  # why it ended before cfg.steps, if it did
+    step_seconds: list[float] = field(
+        default_factory=list
+    )  # wall time of each optimizer step, evals excluded
 
 
 def set_threads(profile: DeviceProfile) -> int:
@@ -150,12 +154,13 @@ def train(
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not show, desc=f"train {cfg.method.name}",
                unit="step", file=sys.stderr)  # fmt: skip
-    stop_reason = ""
+    stop_reason, step_seconds = "", []
     model.train()
     while state.step < cfg.steps:
         if not state.batches:
             state.batches = length_grouped_batches(ids.lengths(), cfg.batch_size, rng)
         rows = state.batches.pop()
+        t_step = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(state.step, cfg.steps, cfg.warmup)
         loss_sum = 0.0
@@ -178,6 +183,7 @@ def train(
             log.warning("warning: non-finite loss or gradient at step %d; step skipped", state.step + 1)
         opt.zero_grad(set_to_none=True)
         state.step += 1
+        step_seconds.append(time.perf_counter() - t_step)
         bar.update(1)
         bar.set_postfix(
             loss=f"{loss_sum:.3f}", dev=f"{max(state.best_acc, 0):.3f}", rss_mb=f"{peak_rss_mb():.0f}"
@@ -216,5 +222,12 @@ def train(
             p.copy_(best[n])
     model.eval()
     return TrainResult(
-        best, state.best_acc, state.step, state.best_step, peak_rss_mb(), state.history, stop_reason
+        best,
+        state.best_acc,
+        state.step,
+        state.best_step,
+        peak_rss_mb(),
+        state.history,
+        stop_reason,
+        step_seconds,
     )

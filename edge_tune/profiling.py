@@ -1,0 +1,131 @@
+"""`edge-tune profile`: every method x base precision trained for N steps on SST-2 under a device
+profile, each in its own fresh process (so peak RSS is its own), and compared on memory, speed and
+accuracy. Prints a table, writes JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import EdgeTuneError
+
+COLUMNS = [  # (key, header, format)
+    ("method", "method", "{:7}"), ("precision", "base", "{:5}"), ("trainable", "trainable", "{:>10,}"),
+    ("patch_kb", "patch KB", "{:>9.1f}"), ("peak_rss_mb", "peak MB", "{:>8.0f}"), ("step_ms", "step ms", "{:>8.0f}"),
+    ("train_sent_s", "sent/s", "{:>7.0f}"), ("lat1_ms", "b1 ms", "{:>7.1f}"), ("lat32_ms", "b32 ms", "{:>7.0f}"),
+    ("dev_accuracy", "SST-2 dev", "{:>9.4f}"),
+]  # fmt: skip
+
+
+def run_one(profile: str | None, method: str, precision: str, steps: int, out: Path) -> dict:
+    """In this process: train, export, reload, time inference. Returns one table row."""
+    from .adapt import adapt
+    from .bank import PatchBank
+    from .data import read_tsv
+    from .memory import peak_rss_mb
+
+    r = adapt("sst2", out, method=method, profile=profile, steps=steps, eval_every=steps, precision=precision,
+              progress=False)  # fmt: skip
+    bank = PatchBank(precision=precision)
+    bank.activate(bank.load(out))
+    dev = read_tsv(Path(__file__).resolve().parent.parent / "data" / "sst2" / "dev.tsv").texts
+
+    def median_ms(texts: list[str], n: int) -> float:
+        bank.predict(texts)
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            bank.predict(texts, batch_size=32)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    step = statistics.median(r.train.step_seconds) if r.train.step_seconds else float("nan")
+    return {
+        "method": method, "precision": precision, "trainable": sum(t.numel() for t in r.train.tensors.values()),
+        "patch_kb": r.patch_bytes / 1024, "peak_rss_mb": peak_rss_mb(), "budget_mb": r.profile.memory_budget_mb,
+        "step_ms": step * 1e3, "train_sent_s": min(32, r.profile.max_batch_size) / step,
+        "lat1_ms": median_ms(dev[:1], 20), "lat32_ms": median_ms(dev[:32], 5), "dev_accuracy": r.train.dev_accuracy,
+    }  # fmt: skip
+
+
+def profile_grid(profile: str | None, methods: list[str], precisions: list[str], steps: int,
+                 out_dir: Path, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Each method x precision in a fresh `python -m edge_tune.profiling` process; rows in grid order."""
+    from tqdm import tqdm
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="edge_tune_profile_"))
+    grid = [(m, p) for p in precisions for m in methods]
+    for m, p in tqdm(grid, desc="profile", unit="config", disable=not progress, file=sys.stderr):
+        res = work / f"{m}_{p}.json"
+        cmd = [sys.executable, "-m", "edge_tune.profiling", profile or "", m, p, str(steps), str(work / f"{m}_{p}.patch"),
+               str(res)]  # fmt: skip
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            rows.append({"method": m, "precision": p, "error": last})
+            continue
+        rows.append(json.loads(res.read_text()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, out_dir / "profile.png")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as an aligned text table (units in the headers)."""
+    width = [max(len(h), 9) for _, h, _ in COLUMNS]
+    lines = [" ".join(h.rjust(w) for (_, h, _), w in zip(COLUMNS, width, strict=True))]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['method']:>9} {r['precision']:>9} error: {r['error']}")
+            continue
+        lines.append(
+            " ".join(f.format(r[k]).strip().rjust(w) for (k, _, f), w in zip(COLUMNS, width, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for r in ok:
+        a.scatter(r["peak_rss_mb"], r["dev_accuracy"])
+        a.annotate(f"{r['method']} {r['precision']}", (r["peak_rss_mb"], r["dev_accuracy"]), fontsize=8)
+    a.axvline(ok[0]["budget_mb"], color="red", ls="--", label=f"budget {ok[0]['budget_mb']} MB")
+    a.set_xlabel("peak training RSS (MB)")
+    a.set_ylabel("SST-2 dev accuracy")
+    a.legend()
+    labels = [f"{r['method']}\n{r['precision']}" for r in ok]
+    xs = range(len(ok))
+    b.bar([x - 0.2 for x in xs], [r["step_ms"] for r in ok], width=0.4, label="train step (ms)")
+    b.bar([x + 0.2 for x in xs], [r["lat32_ms"] for r in ok], width=0.4, label="batch-32 inference (ms)")
+    b.set_xticks(list(xs), labels, fontsize=8)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    prof, method, precision, n, patch, result = sys.argv[1:7]
+    try:
+        row = run_one(prof or None, method, precision, int(n), Path(patch))
+    except EdgeTuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    Path(result).write_text(json.dumps(row))

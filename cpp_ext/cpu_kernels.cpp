@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -48,6 +49,29 @@ ET_CLONES float dot_i4(const uint8_t* w, const at::Half* scale, const float* x, 
     acc += part * static_cast<float>(scale[g]);
   }
   return acc;
+}
+
+ET_CLONES float dot_f32(const float* a, const float* x, int64_t k) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < k; ++i) acc += a[i] * x[i];
+  return acc;
+}
+
+ET_CLONES void row_i8(const int8_t* w, float* out, int64_t k) {
+#pragma omp simd
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<float>(w[i]);
+}
+
+ET_CLONES void row_i4(const uint8_t* w, const at::Half* scale, float* out, int64_t k) {
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const float s = static_cast<float>(scale[g]);
+#pragma omp simd
+    for (int64_t j = 0; j < kGroup / 2; ++j) {
+      out[g * kGroup + 2 * j] = s * static_cast<float>(static_cast<int>(w[g * kGroup / 2 + j] & 0xF) - 8);
+      out[g * kGroup + 2 * j + 1] = s * static_cast<float>(static_cast<int>(w[g * kGroup / 2 + j] >> 4) - 8);
+    }
+  }
 }
 
 ET_CLONES void axpy_i8(float a, const int8_t* w, float* y, int64_t k) {
@@ -99,17 +123,30 @@ void check_x(const at::Tensor& x, int64_t k, const char* op) {
 }
 
 // ---- linear: y = x @ dequant(W).T + bias ----
-template <typename RowDot>
-at::Tensor direct_linear(const at::Tensor& x2, int64_t n, const c10::optional<at::Tensor>& bias, RowDot row_dot) {
+// One row of x: dot products straight off the quantized bytes. A few rows: each weight row is widened
+// once into a per-thread buffer and reused for every row of x.
+template <typename RowDot, typename RowWiden>
+at::Tensor direct_linear(const at::Tensor& x2, int64_t n, const c10::optional<at::Tensor>& bias, RowDot row_dot,
+                         RowWiden row_widen, const float* post_scale) {
   const int64_t m = x2.size(0), k = x2.size(1);
   auto y = at::empty({m, n}, x2.options());
   const float* xp = x2.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (m == 0) return y;
   at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = lo; o < hi; ++o)
-      for (int64_t r = 0; r < m; ++r) yp[r * n + o] = row_dot(o, xp + r * k) + (bp ? bp[o] : 0.f);
+    std::vector<float> buf(m > 1 ? k : 0);
+    for (int64_t o = lo; o < hi; ++o) {
+      const float bo = bp ? bp[o] : 0.f;
+      if (m == 1) {
+        yp[o] = row_dot(o, xp) + bo;
+        continue;
+      }
+      row_widen(o, buf.data());
+      const float so = post_scale ? post_scale[o] : 1.f;
+      for (int64_t r = 0; r < m; ++r) yp[r * n + o] = so * dot_f32(buf.data(), xp + r * k, k) + bo;
+    }
   });
   return y;
 }
@@ -133,7 +170,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   auto sc = scale.contiguous();
   const int8_t* w = wq.data_ptr<int8_t>();
   const float* s = sc.data_ptr<float>();
-  return finish(direct_linear(x2, n, bias, [&](int64_t o, const float* xr) { return s[o] * dot_i8(w + o * k, xr, k); }), x);
+  return finish(direct_linear(
+                    x2, n, bias, [&](int64_t o, const float* xr) { return s[o] * dot_i8(w + o * k, xr, k); },
+                    [&](int64_t o, float* buf) { row_i8(w + o * k, buf, k); }, s),
+                x);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scale,
@@ -151,9 +191,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
   const uint8_t* w = wp.data_ptr<uint8_t>();
   const at::Half* s = sc.data_ptr<at::Half>();
   const int64_t groups = k / kGroup;
-  return finish(direct_linear(x2, n, bias, [&](int64_t o, const float* xr) {
-    return dot_i4(w + o * k / 2, s + o * groups, xr, k);
-  }), x);
+  return finish(direct_linear(
+                    x2, n, bias, [&](int64_t o, const float* xr) { return dot_i4(w + o * k / 2, s + o * groups, xr, k); },
+                    [&](int64_t o, float* buf) { row_i4(w + o * k / 2, s + o * groups, buf, k); }, nullptr),
+                x);
 }
 
 // ---- input gradient: grad_x = grad_out @ dequant(W) ----

@@ -77,12 +77,18 @@ def load_kernels() -> bool:
     return _state["loaded"]
 
 
+def fallback_reason() -> str:
+    """Why the references run instead of the kernels ('' when the kernels are loaded)."""
+    load_kernels()
+    return _state["reason"]
+
+
 def kernel_paths() -> dict[str, str]:
     """Which implementation each edge_tune:: op runs on CPU now (for `edge-tune doctor`)."""
     from .ops import ALL_OPS
 
     loaded = load_kernels()
-    where = "C++ (cpp_ext/cpu_kernels.cpp)" if loaded else f"PyTorch reference ({_state['reason']})"
+    where = "C++ (cpp_ext/cpu_kernels.cpp)" if loaded else f"PyTorch reference ({fallback_reason()})"
     return {name: where for name in ALL_OPS}
 
 

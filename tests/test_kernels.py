@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from edge_tune import ops, quant
-from edge_tune.kernels import _state, load_kernels
+from edge_tune.kernels import fallback_reason, load_kernels
 
 LOADED = load_kernels()
-needs_kernels = pytest.mark.skipif(not LOADED, reason=f"C++ kernels off: {_state['reason']}")
+needs_kernels = pytest.mark.skipif(not LOADED, reason=f"C++ kernels off: {fallback_reason()}")
 SHAPES = [(384, 1536), (1536, 384), (64, 96), (32, 33)]  # (in K, out N): MiniLM's, small, odd N
 ROWS = [0, 1, 8, 17, 300]  # direct kernel (<= 16 rows) and dequantize + GEMM paths, and an empty batch
 

@@ -142,7 +142,7 @@ def edge_worker(args, out: dict) -> None:
 
 def peft_worker(args, out: dict) -> None:
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -178,7 +178,6 @@ def peft_worker(args, out: dict) -> None:
     samples = []
     timed_us(lambda: hotswap_adapter(pm, str(folder[TASKS[1]]), adapter_name=TASKS[0]), args.loads, samples)
     out["PEFT lora hotswap_adapter cold load (ms)"] = [s / 1e3 for s in samples]
-    del PeftModel
     rows = texts_for_mixed()
     texts, names = [s for _, s in rows], [t for t, _ in rows]
     enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")

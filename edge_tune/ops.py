@@ -20,6 +20,47 @@ def int8_linear_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None) 
     return torch.nn.functional.linear(x, quant.dequantize_int8(w_q, scale), bias)
 
 
+ACT_LEVELS = 127  # dynamic activations: 7-bit unsigned with a zero point (int8_linear_dynamic)
+
+
+def quantize_rows_ref(x2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x2: (M, K) fp32 -> (xu (M, K) in [0, 127] as fp32, row scale sx (M,), zero point zp (M,) as fp32).
+
+    Per-token asymmetric quantization over a range that always holds 0 (so 0 is exact). 7 bits, not 8,
+    because the u8 x s8 products of the x86 kernel (vpmaddubsw) are summed in pairs into int16 and
+    2 * 127 * 127 < 2^15 never saturates (fbgemm's `reduce_range` does the same)."""
+    lo = x2.amin(1).clamp(max=0) if x2.shape[1] else x2.new_zeros(x2.shape[0])
+    hi = x2.amax(1).clamp(min=0) if x2.shape[1] else x2.new_zeros(x2.shape[0])
+    sx = (hi - lo) / ACT_LEVELS
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    zp = torch.round(-lo / sx)
+    xu = (torch.round(x2 / sx[:, None]) + zp[:, None]).clamp(0, ACT_LEVELS)
+    return xu, sx, zp
+
+
+def int8_linear_dynamic_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x: (..., in) fp32, quantized per token to int8 on the fly; int32-exact accumulation (done here in
+    fp64); dequantize by row scale x column scale, add bias -> (..., out) fp32."""
+    k = w_q.shape[1]
+    x2 = x.reshape(-1, k)
+    xu, sx, zp = quantize_rows_ref(x2.nan_to_num(0.0, 0.0, 0.0))
+    acc = ((xu - zp[:, None]).double() @ w_q.double().t()).float()
+    y = acc * sx[:, None] * scale[None, :]
+    if bias is not None:
+        y = y + bias
+    bad = ~torch.isfinite(x2).all(1) if k else torch.zeros(x2.shape[0], dtype=torch.bool)
+    y = y.masked_fill(bad[:, None], float("nan"))
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def lora_linear_ref(
+    x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, lora_scale: float
+) -> Tensor:
+    """int8_linear_dynamic(x, w_q, scale, bias) + lora_scale * (x @ A.T) @ B.T; A: (r, in), B: (out, r)."""
+    base = int8_linear_dynamic_ref(x, w_q, scale, bias)
+    return base + lora_scale * ((x @ A.t()) @ B.t())
+
+
 def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x: (..., in) fp32; w_packed: (out, in/2) uint8; scale: (out, in/group) fp16 -> (..., out) fp32."""
     return torch.nn.functional.linear(x, quant.dequantize_int4(w_packed, scale), bias)
@@ -55,6 +96,14 @@ def _int4_linear_grad_input_ref(grad_out: Tensor, w_packed: Tensor, scale: Tenso
 
 SCHEMAS = {
     "int8_linear": ("(Tensor x, Tensor w_q, Tensor scale, Tensor? bias) -> Tensor", int8_linear_ref),
+    "int8_linear_dynamic": (
+        "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias) -> Tensor",
+        int8_linear_dynamic_ref,
+    ),
+    "lora_linear": (
+        "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias, Tensor A, Tensor B, float lora_scale) -> Tensor",
+        lora_linear_ref,
+    ),
     "int4_linear": ("(Tensor x, Tensor w_packed, Tensor scale, Tensor? bias) -> Tensor", int4_linear_ref),
     "int8_linear_grad_input": (
         "(Tensor grad_out, Tensor w_q, Tensor scale) -> Tensor",
@@ -73,6 +122,8 @@ for _name, (_schema, _ref) in SCHEMAS.items():
 
 int8_linear = torch.ops.edge_tune.int8_linear.default
 int4_linear = torch.ops.edge_tune.int4_linear.default
+int8_linear_dynamic = torch.ops.edge_tune.int8_linear_dynamic.default
+lora_linear = torch.ops.edge_tune.lora_linear.default
 int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
@@ -82,6 +133,16 @@ int4_embedding = torch.ops.edge_tune.int4_embedding.default
 # ---- fake kernels (shapes only; used by torch.compile / export and opcheck) ----
 @torch.library.register_fake("edge_tune::int8_linear", lib=_lib)
 def _(x, w_q, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("edge_tune::int8_linear_dynamic", lib=_lib)
+def _(x, w_q, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("edge_tune::lora_linear", lib=_lib)
+def _(x, w_q, scale, bias, A, B, lora_scale):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
@@ -129,11 +190,45 @@ def _linear_backward(grad_input_op):
     return backward
 
 
-for _op, _grad in ((int8_linear, int8_linear_grad_input), (int4_linear, int4_linear_grad_input)):
+# int8_linear_dynamic's input gradient is the fp32 one through the dequantized weight (the straight-through
+# estimator for the activation rounding): the forward is quantized, the gradient is not.
+for _op, _grad in (
+    (int8_linear, int8_linear_grad_input),
+    (int8_linear_dynamic, int8_linear_grad_input),
+    (int4_linear, int4_linear_grad_input),
+):
     torch.library.register_autograd(_op, _linear_backward(_grad), setup_context=_setup_linear, lib=_lib)
+
+def _setup_lora(ctx, inputs, output):
+    x, w_q, scale, bias, A, B, lora_scale = inputs
+    # x is saved here, unlike the frozen linears: the gradient of A needs it.
+    ctx.save_for_backward(x, w_q, scale, A, B)
+    ctx.has_bias, ctx.lora_scale = bias is not None, lora_scale
+
+
+def _lora_backward(ctx, grad):
+    x, w_q, scale, A, B = ctx.saved_tensors
+    s, need = ctx.lora_scale, ctx.needs_input_grad
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    gb = g2 @ B  # (M, r)
+    grad_x = grad_A = grad_B = grad_bias = None
+    if need[0]:
+        grad_x = int8_linear_grad_input(grad, w_q, scale) + s * (gb @ A).reshape(x.shape)
+    if need[4]:
+        grad_A = s * (gb.t() @ x2)
+    if need[5]:
+        grad_B = s * (g2.t() @ (x2 @ A.t()))
+    if ctx.has_bias and need[3]:
+        grad_bias = g2.sum(0)
+    return grad_x, None, None, grad_bias, grad_A, grad_B, None
+
+
+torch.library.register_autograd(lora_linear, _lora_backward, setup_context=_setup_lora, lib=_lib)
 
 ALL_OPS = {
     "int8_linear": int8_linear,
+    "int8_linear_dynamic": int8_linear_dynamic,
+    "lora_linear": lora_linear,
     "int4_linear": int4_linear,
     "int8_linear_grad_input": int8_linear_grad_input,
     "int4_linear_grad_input": int4_linear_grad_input,

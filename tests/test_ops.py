@@ -22,8 +22,12 @@ def _op_samples():
     e8 = quant.quantize(torch.randn(48, 64), "int8")
     e4 = quant.quantize(torch.randn(48, 64), "int4")
     g = torch.randn(5, 48)
+    A = torch.randn(4, 64, requires_grad=True)
+    B = torch.randn(48, 4, requires_grad=True)
     return {
         "int8_linear": [(x8, w8, s8, b8), (x8.detach()[:1], w8, s8, None)],
+        "int8_linear_dynamic": [(x8, w8, s8, b8), (x8.detach()[:0], w8, s8, None)],
+        "lora_linear": [(x8, w8, s8, b8, A, B, 2.0), (x8.detach()[:1], w8, s8, None, A, B, 0.5)],
         "int4_linear": [(x4, w4, s4, b4), (x4.detach()[:0], w4, s4, None)],
         "int8_linear_grad_input": [(g, w8, s8)],
         "int4_linear_grad_input": [(g, w4, s4)],
@@ -67,3 +71,40 @@ def test_frozen_linear_saves_no_activation():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ops.int8_linear(x, w_q, scale, b)
     assert saved and all(t.data_ptr() in (w_q.data_ptr(), scale.data_ptr()) for t in saved)
+
+
+def test_dynamic_int8_reference_is_per_token_7bit_with_exact_zero():
+    x = torch.tensor([[0.0, 1.0, -2.0, 0.5], [3.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    xu, sx, zp = ops.quantize_rows_ref(x)
+    assert xu.min() >= 0 and xu.max() <= ops.ACT_LEVELS
+    torch.testing.assert_close((xu - zp[:, None]) * sx[:, None], x, atol=sx.max().item() / 2, rtol=0)
+    assert torch.all(((xu - zp[:, None]) * sx[:, None])[x == 0] == 0)  # zeros stay exact (padding, GELU)
+
+
+def test_dynamic_int8_marks_rows_with_non_finite_inputs():
+    x, w_q, scale, b = _linear_inputs("int8", m=3)
+    x = x.detach().clone()
+    x[1, 5] = float("inf")
+    y = ops.int8_linear_dynamic(x, w_q, scale, b)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 7, 64), (0, 64)])
+def test_lora_linear_grads_match_plain_autograd(shape):
+    x, w_q, scale, b = _linear_inputs("int8", m=1)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    A = torch.randn(4, 64, requires_grad=True)
+    B = torch.randn(48, 4, requires_grad=True)
+    y = ops.lora_linear(x, w_q, scale, b, A, B, 1.5)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, b, A, B)]
+    x2, b2, A2, B2 = leaves
+    w = quant.dequantize_int8(w_q, scale)
+    # straight-through: the forward is the quantized one, the gradients those of x @ W.T + b + s * x A^T B^T
+    y2 = ops.int8_linear_dynamic_ref(x2.detach(), w_q, scale, None) + b2 + (x2 @ w.t() - (x2 @ w.t()).detach())
+    y2 = y2 + 1.5 * (x2 @ A2.t()) @ B2.t()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, b, A, B), gy)
+    want = torch.autograd.grad(y2, leaves, gy)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,8 @@ Per linear shape (K -> N in {384 -> 1536, 1536 -> 384}) and rows M (1024 = batch
   reference   ops.int8_linear_ref / int4_linear_ref (dequantize the whole weight, then F.linear)
   unfused     quantize x per token, torch._int_mm (int8 x int8 -> int32), dequantize, add bias
   fbgemm      torch.ao dynamic quantized linear (activation quantization and dequantize included)
-  ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`)
+  ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`):
+              int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear
 plus the whole model (int8 base) per backend, each in a fresh process: LoRA r8 training step (batch 16 x
 64 tokens) and batch-1 inference latency, with the kernels on and forced off (EDGE_TUNE_KERNELS=0).
 
@@ -76,6 +77,9 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
     from edge_tune import ops
 
     wt8 = q8.t().contiguous()
+    g = torch.Generator().manual_seed(1)
+    lora_a = torch.randn(8, x.shape[1], generator=g) * 0.1
+    lora_b = torch.randn(w.shape[0], 8, generator=g) * 0.1
 
     def unfused():
         sx = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
@@ -89,6 +93,8 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
         "int8 unfused _int_mm": unfused,
         "int8 fbgemm dynamic": lambda: dyn(x),
         "int8 ours": lambda: ops.int8_linear(x, q8, s8, b),
+        "int8 dynamic ours": lambda: ops.int8_linear_dynamic(x, q8, s8, b),
+        "lora r8 ours": lambda: ops.lora_linear(x, q8, s8, b, lora_a, lora_b, 2.0),
         "int4 reference": lambda: ops.int4_linear_ref(x, q4, s4, b),
         "int4 ours": lambda: ops.int4_linear(x, q4, s4, b),
     }
@@ -145,7 +151,16 @@ def main() -> int:
     print(f"{'shape':10} {'M':>5} " + " ".join(f"{n:>21}" for n in names) + "   (median µs)")
     for r in rows:
         print(f"{r['shape']:10} {r['m']:5d} " + " ".join(f"{r[n]:21.1f}" for n in names))
-    print("int8_linear_dynamic and lora_linear: not implemented yet (n/a)")
+    print("\ntargets (issue #8):")
+    for r in rows:
+        dyn, tag = r["int8 dynamic ours"], f"{r['shape']} M={r['m']}"
+        if r["m"] == 1024:
+            print(f"  {tag}: dynamic / fbgemm {dyn / r['int8 fbgemm dynamic']:.2f}x (<= 1.0), "
+                  f"lora / dynamic {r['lora r8 ours'] / dyn:.2f}x (<= 1.3), "
+                  f"int4 / fp32 {r['int4 ours'] / r['fp32']:.2f}x (<= 0.8)")  # fmt: skip
+        else:
+            print(f"  {tag}: dynamic / fp32 {dyn / r['fp32']:.2f}x (<= 1.0), int8 weight-only / fp32 "
+                  f"{r['int8 ours'] / r['fp32']:.2f}x")  # fmt: skip
     model = {}
     for label, env in (("kernels on", "1"), ("kernels off (references)", "0")):
         p = subprocess.run([sys.executable, __file__, "--model-worker", "--repeats", str(a.repeats)],

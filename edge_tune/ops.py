@@ -199,6 +199,7 @@ for _op, _grad in (
 ):
     torch.library.register_autograd(_op, _linear_backward(_grad), setup_context=_setup_linear, lib=_lib)
 
+
 def _setup_lora(ctx, inputs, output):
     x, w_q, scale, bias, A, B, lora_scale = inputs
     # x is saved here, unlike the frozen linears: the gradient of A needs it.

@@ -100,11 +100,13 @@ def test_lora_linear_grads_match_plain_autograd(shape):
     x2, b2, A2, B2 = leaves
     w = quant.dequantize_int8(w_q, scale)
     # straight-through: the forward is the quantized one, the gradients those of x @ W.T + b + s * x A^T B^T
-    y2 = ops.int8_linear_dynamic_ref(x2.detach(), w_q, scale, None) + b2 + (x2 @ w.t() - (x2 @ w.t()).detach())
+    y2 = (
+        ops.int8_linear_dynamic_ref(x2.detach(), w_q, scale, None) + b2 + (x2 @ w.t() - (x2 @ w.t()).detach())
+    )
     y2 = y2 + 1.5 * (x2 @ A2.t()) @ B2.t()
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, b, A, B), gy)
     want = torch.autograd.grad(y2, leaves, gy)
-    for g1, g2 in zip(got, want):
+    for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)

@@ -330,6 +330,18 @@ void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, i
   }
 }
 
+// The same layout from the transpose of a row-major (red, ld) weight: output column c0 + c reads down column
+// c0 + c of w (the input gradient reduces over the forward's output dimension).
+void pack_block_t(const int8_t* w, int64_t red, int64_t ld, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
+  std::fill(out, out + k4 * bcols, 0);
+  const int64_t cols = std::min(bcols, ld - c0);
+  for (int64_t i = 0; i < red; ++i) {
+    const int8_t* wr = w + i * ld + c0;
+    int8_t* o = out + (i / 4) * bcols * 4 + (i % 4);
+    for (int64_t c = 0; c < cols; ++c) o[c * 4] = wr[c];
+  }
+}
+
 #ifdef ET_X86
 template <int R>
 __attribute__((target("avx2"))) void panel_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4,
@@ -371,7 +383,7 @@ ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float 
                             const float* sw, const float* b, float* y) {
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c)
-    y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * sw[c] + (b ? b[c] : 0.f);
+    y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * (sw ? sw[c] : 1.f) + (b ? b[c] : 0.f);
 }
 
 using PanelFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
@@ -400,6 +412,51 @@ Tiles pick_tiles() {
     return {{nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>}};
 #endif
   return {{nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>}};
+}
+
+
+// y (m, n) = epilogue(xu (m, k) @ W^T): W is w_q (n, k) row-major, or with `transposed` the transpose of a
+// row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction).
+void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
+                const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
+  static const Panels panels = pick_panels();
+  const int64_t k4 = (k + 3) / 4 * 4;
+  // x rows padded to k4 with zeros (their products with the zero-padded weight vanish)
+  std::vector<uint8_t> xpad;
+  const uint8_t* xu = q.xu.data();
+  if (k4 != k) {
+    xpad.assign(m * k4, 0);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * k4, xu + r * k, k);
+    xu = xpad.data();
+  }
+  const int64_t bcols = block_cols(k4);
+  const int64_t blocks = (n + bcols - 1) / bcols;
+  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<int8_t> pw(k4 * bcols);
+    int32_t acc[4 * 16];
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t c0 = blk * bcols;
+      if (transposed)
+        pack_block_t(w, k, n, c0, k4, bcols, pw.data());
+      else
+        pack_block(w, n, k, c0, k4, bcols, pw.data());
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
+        for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
+          panels.by_rows[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
+          const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
+          const int64_t cc = c0 + t * 16;
+          for (int r = 0; r < rows; ++r) {
+            const int64_t row = r0 + r;
+            float* yr = yp + row * n + cc;
+            epilogue_run(acc + r * 16, cols, q.zp[row], q.sx[row], colsum + cc, colscale ? colscale + cc : nullptr,
+                         bias ? bias + cc : nullptr, yr);
+            if (q.bad[row]) std::fill(yr, yr + cols, std::numeric_limits<float>::quiet_NaN());
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
@@ -433,40 +490,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
     yp[row * n + col] = q.bad[row] ? std::numeric_limits<float>::quiet_NaN() : v;
   };
   if (m > kDirectMaxRows) {
-    static const Panels panels = pick_panels();
-    const int64_t k4 = (k + 3) / 4 * 4;
-    // x rows padded to k4 with zeros (their products with the zero-padded weight vanish)
-    std::vector<uint8_t> xpad;
-    const uint8_t* xu = q.xu.data();
-    if (k4 != k) {
-      xpad.assign(m * k4, 0);
-      for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * k4, xu + r * k, k);
-      xu = xpad.data();
-    }
-    const int64_t bcols = block_cols(k4);
-    const int64_t blocks = (n + bcols - 1) / bcols;
-    at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
-      std::vector<int8_t> pw(k4 * bcols);
-      int32_t acc[4 * 16];
-      for (int64_t blk = blo; blk < bhi; ++blk) {
-        const int64_t c0 = blk * bcols;
-        pack_block(w, n, k, c0, k4, bcols, pw.data());
-        for (int64_t r0 = 0; r0 < m; r0 += 4) {
-          const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-          for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-            panels.by_rows[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
-            const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
-            const int64_t cc = c0 + t * 16;
-            for (int r = 0; r < rows; ++r) {
-              const int64_t row = r0 + r;
-              float* yr = yp + row * n + cc;
-              epilogue_run(acc + r * 16, cols, q.zp[row], q.sx[row], wsum.data() + cc, sw + cc, bp ? bp + cc : nullptr, yr);
-              if (q.bad[row]) std::fill(yr, yr + cols, std::numeric_limits<float>::quiet_NaN());
-            }
-          }
-        }
-      }
-    });
+    panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);
     return finish(y, x);
   }
   // Few rows: 2 weight rows at a time straight from w_q, dot products along k.
@@ -485,6 +509,30 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
     }
   });
   return finish(y, x);
+}
+
+
+// Input gradient on the int8 path: grad_x = grad_out @ (scale * W). The per-output-channel scale lies along
+// this product's reduction, so it is folded into grad_out first; then grad_out is quantized per row like x.
+at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::Tensor& w_q, const at::Tensor& scale) {
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  check_x(grad_out, n, "int8_linear_dynamic_grad_input");
+  auto g2 = grad_out.reshape({-1, n}).mul(scale).contiguous();
+  const int64_t m = g2.size(0);
+  auto gx = at::empty({m, k}, g2.options());
+  auto sizes = grad_out.sizes().vec();
+  sizes.back() = k;
+  if (m == 0 || k == 0) return gx.view(sizes);
+  auto wq = w_q.contiguous();
+  const int8_t* w = wq.data_ptr<int8_t>();
+  RowQuant q = quantize_rows(g2.data_ptr<float>(), m, n);
+  std::vector<int32_t> colsum(k, 0);
+  at::parallel_for(0, k, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t o = 0; o < n; ++o)
+      for (int64_t c = lo; c < hi; ++c) colsum[c] += w[o * k + c];
+  });
+  panel_gemm(q, m, n, k, w, /*transposed=*/true, colsum.data(), nullptr, nullptr, gx.data_ptr<float>());
+  return gx.view(sizes);
 }
 
 // ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (one addmm) ----
@@ -610,6 +658,7 @@ TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear_dynamic", &int8_linear_dynamic);
   m.impl("lora_linear", &lora_linear);
+  m.impl("int8_linear_dynamic_grad_input", &int8_linear_dynamic_grad_input);
   m.impl("int8_linear_grad_input", &int8_linear_grad_input);
   m.impl("int4_linear_grad_input", &int4_linear_grad_input);
   m.impl("int8_embedding", &int8_embedding);

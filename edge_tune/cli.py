@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="bitfit", help="head | bitfit | lora (default: bitfit)")
     p.add_argument(
-        "--batch", type=int, default=32, help="micro-batch, sentences (default 32; capped by the profile)"
+        "--batch",
+        "--batch-size",
+        dest="batch",
+        type=int,
+        default=32,
+        help="micro-batch, sentences (default 32; capped by the profile)",
     )
     p.add_argument(
         "--seq-len", type=int, default=64, help="tokens per sentence (default 64; capped by the profile)"

@@ -116,12 +116,13 @@ def base_weight_bytes(cfg, precision: str) -> int:
 def saved_floats_per_token(cfg, spec) -> int:
     """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
-    attention's q, k, v, output and log-sum-exp, both LayerNorms' inputs and statistics, GELU's input, and,
-    for LoRA, each adapted linear's input and its rank-r projection."""
+    attention's q, k, v, output and log-sum-exp, both LayerNorms' inputs and statistics, GELU's input (kept
+    in fp16: half a float each, model._GeluHalfSaved), and, for LoRA, each adapted linear's input and its
+    rank-r projection."""
     if spec.name == "head":
         return 0  # the encoder runs without autograd
     D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    n = 4 * D + H + (D + 2) + F + (D + 2)
+    n = 4 * D + H + (D + 2) + F // 2 + (D + 2)
     if spec.name == "lora":
         t = set(spec.targets)
         n += spec.rank * len(t)

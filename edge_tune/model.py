@@ -3,6 +3,7 @@ classification head. Shapes: B = batch, T = tokens, D = hidden (384), H = heads 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+
+# How the int8 base treats activations: "dynamic" quantizes them per token to 7 bits and multiplies in
+# integers (ops.int8_linear_dynamic / lora_linear, the fast path); "fp32" keeps them in fp32 against the
+# dequantized weight (ops.int8_linear). EDGE_TUNE_INT8_ACTIVATIONS picks; README "Ops" gives the trade-off.
+INT8_ACTIVATIONS = os.environ.get("EDGE_TUNE_INT8_ACTIVATIONS", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,20 @@ class QuantLinear(nn.Module):
         self.lora_rows: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.precision == "int8":
+        lora_done = False
+        if self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
+            if self.lora_A is not None:
+                y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
+                                               float(self.lora_scale)), True  # fmt: skip
+            else:
+                y = ops.int8_linear_dynamic(x, self.w_q, self.scale, self.bias)
+        elif self.precision == "int8":
             y = ops.int8_linear(x, self.w_q, self.scale, self.bias)
         elif self.precision == "int4":
             y = ops.int4_linear(x, self.w_q, self.scale, self.bias)
         else:
             y = nn.functional.linear(x, self.weight, self.bias)
-        if self.lora_A is not None:
+        if self.lora_A is not None and not lora_done:
             y = y + (x @ self.lora_A.t()) @ (self.lora_B.t() * self.lora_scale)
         if self.lora_rows is not None:
             a, b = self.lora_rows
@@ -105,7 +118,26 @@ class EncoderLayer(nn.Module):
             split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=attn_mask
         )
         x = self.ln1(x + self.o(a.transpose(1, 2).reshape(B, T, D)))
-        return self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
+        h = self.ff1(x)
+        h = _GeluHalfSaved.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.gelu(h)
+        return self.ln2(x + self.ff2(h))
+
+
+class _GeluHalfSaved(torch.autograd.Function):
+    """Exact GELU that keeps its input for backward in fp16: the FFN hidden (1536 values a token) is the
+    largest activation a layer saves, and half its bytes is ~18 MB at batch 16 x 64 tokens. The derivative
+    is taken at the fp16-rounded input (relative error <= 2^-11 in x), which moves the gradient far less
+    than the int8 weights already do."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h.clamp(-65504.0, 65504.0).to(torch.float16))
+        return F.gelu(h)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h16,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, h16.float())
 
 
 class _Recompute(torch.autograd.Function):

@@ -7,6 +7,8 @@ buffers that are alive anyway. The compiled kernels of cpp_ext/ plug in behind t
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -51,6 +53,22 @@ def int8_linear_dynamic_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor 
     bad = ~torch.isfinite(x2).all(1) if k else torch.zeros(x2.shape[0], dtype=torch.bool)
     y = y.masked_fill(bad[:, None], float("nan"))
     return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def int8_linear_dynamic_grad_input_ref(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """grad_x = grad_out @ (scale * W) with grad_out * scale quantized per row like the activations (the
+    scale lies along the reduction, so it is folded in before quantizing); int32-exact accumulation."""
+    n = w_q.shape[0]
+    g2 = (grad_out.reshape(-1, n) * scale).nan_to_num(0.0, 0.0, 0.0)
+    xu, sx, zp = quantize_rows_ref(g2)
+    gx = ((xu - zp[:, None]).double() @ w_q.double()).float() * sx[:, None]
+    bad = (
+        ~torch.isfinite(grad_out.reshape(-1, n) * scale).all(1)
+        if n
+        else torch.zeros(g2.shape[0], dtype=torch.bool)
+    )
+    gx = gx.masked_fill(bad[:, None], float("nan"))
+    return gx.reshape(*grad_out.shape[:-1], w_q.shape[1])
 
 
 def lora_linear_ref(
@@ -100,6 +118,10 @@ SCHEMAS = {
         "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias) -> Tensor",
         int8_linear_dynamic_ref,
     ),
+    "int8_linear_dynamic_grad_input": (
+        "(Tensor grad_out, Tensor w_q, Tensor scale) -> Tensor",
+        int8_linear_dynamic_grad_input_ref,
+    ),
     "lora_linear": (
         "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias, Tensor A, Tensor B, float lora_scale) -> Tensor",
         lora_linear_ref,
@@ -124,6 +146,7 @@ int8_linear = torch.ops.edge_tune.int8_linear.default
 int4_linear = torch.ops.edge_tune.int4_linear.default
 int8_linear_dynamic = torch.ops.edge_tune.int8_linear_dynamic.default
 lora_linear = torch.ops.edge_tune.lora_linear.default
+int8_linear_dynamic_grad_input = torch.ops.edge_tune.int8_linear_dynamic_grad_input.default
 int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
@@ -139,6 +162,11 @@ def _(x, w_q, scale, bias):
 @torch.library.register_fake("edge_tune::int8_linear_dynamic", lib=_lib)
 def _(x, w_q, scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("edge_tune::int8_linear_dynamic_grad_input", lib=_lib)
+def _(grad_out, w_q, scale):
+    return grad_out.new_empty((*grad_out.shape[:-1], w_q.shape[1]))
 
 
 @torch.library.register_fake("edge_tune::lora_linear", lib=_lib)
@@ -190,11 +218,22 @@ def _linear_backward(grad_input_op):
     return backward
 
 
-# int8_linear_dynamic's input gradient is the fp32 one through the dequantized weight (the straight-through
-# estimator for the activation rounding): the forward is quantized, the gradient is not.
+# The dynamic int8 ops treat the activation rounding as identity in backward (straight-through), and compute
+# the input gradient either in fp32 through the dequantized weight ("fp32") or with the gradient quantized
+# per row like the activations ("int8"). EDGE_TUNE_DYNAMIC_GRAD picks; README "Ops" gives the trade-off.
+DYNAMIC_GRAD = os.environ.get("EDGE_TUNE_DYNAMIC_GRAD", "fp32")
+
+
+def dynamic_grad_input(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """The input gradient of int8_linear_dynamic / lora_linear's base, as DYNAMIC_GRAD says."""
+    if DYNAMIC_GRAD == "int8":
+        return int8_linear_dynamic_grad_input(grad_out, w_q, scale)
+    return int8_linear_grad_input(grad_out, w_q, scale)
+
+
 for _op, _grad in (
     (int8_linear, int8_linear_grad_input),
-    (int8_linear_dynamic, int8_linear_grad_input),
+    (int8_linear_dynamic, dynamic_grad_input),
     (int4_linear, int4_linear_grad_input),
 ):
     torch.library.register_autograd(_op, _linear_backward(_grad), setup_context=_setup_linear, lib=_lib)
@@ -214,7 +253,7 @@ def _lora_backward(ctx, grad):
     gb = g2 @ B  # (M, r)
     grad_x = grad_A = grad_B = grad_bias = None
     if need[0]:
-        grad_x = int8_linear_grad_input(grad, w_q, scale) + s * (gb @ A).reshape(x.shape)
+        grad_x = dynamic_grad_input(grad, w_q, scale) + s * (gb @ A).reshape(x.shape)
     if need[4]:
         grad_A = s * (gb.t() @ x2)
     if need[5]:
@@ -230,6 +269,7 @@ ALL_OPS = {
     "int8_linear": int8_linear,
     "int8_linear_dynamic": int8_linear_dynamic,
     "lora_linear": lora_linear,
+    "int8_linear_dynamic_grad_input": int8_linear_dynamic_grad_input,
     "int4_linear": int4_linear,
     "int8_linear_grad_input": int8_linear_grad_input,
     "int4_linear_grad_input": int4_linear_grad_input,

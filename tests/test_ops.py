@@ -30,6 +30,7 @@ def _op_samples():
         "lora_linear": [(x8, w8, s8, b8, A, B, 2.0), (x8.detach()[:1], w8, s8, None, A, B, 0.5)],
         "int4_linear": [(x4, w4, s4, b4), (x4.detach()[:0], w4, s4, None)],
         "int8_linear_grad_input": [(g, w8, s8)],
+        "int8_linear_dynamic_grad_input": [(g, w8, s8), (g[:0], w8, s8)],
         "int4_linear_grad_input": [(g, w4, s4)],
         "int8_embedding": [(ids, e8["w_q"], e8["scale"])],
         "int4_embedding": [(ids, e4["w_q"], e4["scale"])],
@@ -110,3 +111,16 @@ def test_lora_linear_grads_match_plain_autograd(shape):
     want = torch.autograd.grad(y2, leaves, gy)
     for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_int8_backward_modes(monkeypatch):
+    """fp32 mode: grad_x = grad @ dequant(W); int8 mode: the quantized-gradient op (its reference)."""
+    x, w_q, scale, b = _linear_inputs("int8", m=6)
+    gy = torch.randn(6, 48)
+    for mode, want in (
+        ("fp32", gy @ quant.dequantize_int8(w_q, scale)),
+        ("int8", ops.int8_linear_dynamic_grad_input_ref(gy, w_q, scale)),
+    ):
+        monkeypatch.setattr(ops, "DYNAMIC_GRAD", mode)
+        (gx,) = torch.autograd.grad(ops.int8_linear_dynamic(x, w_q, scale, b), (x,), gy)
+        torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-4)

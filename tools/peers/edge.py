@@ -1,0 +1,81 @@
+"""edge_tune in compare_peers: the quantized base (`--variant int8|int4`) and a delta method, trained on
+the protocol's batches with edge_tune's own pieces (model, methods, AdamW, fp16 patch). One row per
+process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import protocol  # noqa: E402
+
+
+def main() -> int:
+    a = protocol.worker_args()
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from edge_tune.base import load_base
+    from edge_tune.memory import limit_heap_growth
+    from edge_tune.methods import MethodSpec, apply_method
+    from edge_tune.optim import AdamW
+    from edge_tune.patch import Manifest, save_patch
+
+    torch.set_num_threads(a.threads)
+    limit_heap_growth()  # as `edge-tune train` does
+    arrays = protocol.load_arrays(a.arrays)
+    base = load_base(a.model_dir, precision=a.variant)
+    model = base.model
+    model.reset_head(2, 0)
+    spec = MethodSpec(a.method, rank=protocol.LORA_RANK, alpha=protocol.LORA_ALPHA, targets=("q", "v"))
+    params = apply_method(model, spec, 0)
+    opt = AdamW([{"params": list(params.values())}], lr=protocol.LR[a.method])
+    total = len(arrays["train_labels"]) // a.batch
+    frozen_encoder = a.method == "head"
+    timer = protocol.StepTimer()
+    model.train()
+    for step, (ids, mask, y) in enumerate(protocol.batches(arrays, a.batch)):
+        with timer:
+            for g in opt.param_groups:
+                g["lr"] = protocol.lr_at(a.method, step, total)
+            x, m = torch.from_numpy(ids), torch.from_numpy(mask)
+            if frozen_encoder:  # only the head trains: the encoder runs without autograd
+                with torch.no_grad():
+                    feats = model.pool(x, m)
+                logits = model.head(model.dropout(feats))
+            else:
+                logits = model(x, m)
+            F.cross_entropy(logits, torch.from_numpy(y)).backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), protocol.MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+    tensors = {n: p.detach().clone() for n, p in params.items()}
+    manifest = Manifest(method=a.method, hyper=spec.hyper(), label_names=["0", "1"], base_fingerprint=base.fingerprint,
+                        base_precision=a.variant, tensors_sha256="", task="sst2", seq_len=ids.shape[1])  # fmt: skip
+    patch = Path(a.work) / "sst2.patch"
+    nbytes = save_patch(patch, tensors, manifest, dtype=torch.float16)
+    with torch.no_grad():  # evaluate the patch as stored (fp16-rounded deltas)
+        for p in params.values():
+            p.copy_(p.half().float())
+    logits = []
+    with torch.inference_mode():
+        for i in range(0, len(arrays["dev_labels"]), 64):
+            x, m = (torch.from_numpy(arrays[k][i : i + 64]) for k in ("dev_ids", "dev_mask"))
+            logits.append(model(x, m).numpy())
+        one = tuple(torch.from_numpy(t) for t in protocol.one_sentence(arrays))
+        batch1 = protocol.median_ms(lambda: model(*one))
+    protocol.write_result(
+        a.result, step_ms=timer.median_ms(), dev_accuracy=protocol.accuracy(np.concatenate(logits), arrays["dev_labels"]),
+        adapter_kb=nbytes / 1024, batch1_ms=batch1, trainable=sum(p.numel() for p in params.values()),
+        patch_file_kb=os.path.getsize(patch) / 1024,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

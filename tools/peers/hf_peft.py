@@ -1,0 +1,103 @@
+"""Peer: Hugging Face transformers + PEFT on the fp32 model (head, BitFit, LoRA r8), and PEFT LoRA on a
+bitsandbytes 8-bit or NF4 4-bit base (`--variant bnb8|bnb4`). One row per process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+
+def build(a):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    kw = {}
+    if a.variant in ("bnb8", "bnb4"):
+        from transformers import BitsAndBytesConfig
+
+        # The new classifier head crashes under bnb on CPU unless it is left unquantized.
+        q = (
+            BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"])
+            if a.variant == "bnb8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+        )  # fmt: skip
+        kw = {"quantization_config": q, "device_map": {"": "cpu"}}
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=2, **kw)
+    if a.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if a.variant:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        cfg = LoraConfig(r=protocol.LORA_RANK, lora_alpha=protocol.LORA_ALPHA, target_modules=["query", "value"],
+                         modules_to_save=["classifier"])  # fmt: skip
+        model = get_peft_model(model, cfg)
+    else:
+        for n, p in model.named_parameters():
+            head = n.startswith("classifier.")
+            p.requires_grad_(head or (a.method == "bitfit" and n.endswith(".bias")))
+    return model
+
+
+def main() -> int:
+    a = protocol.worker_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    arrays = protocol.load_arrays(a.arrays)
+    model = build(a)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=protocol.LR[a.method], weight_decay=0.0)
+    total = len(arrays["train_labels"]) // a.batch
+    timer = protocol.StepTimer()
+    model.train()
+    for step, (ids, mask, y) in enumerate(protocol.batches(arrays, a.batch)):
+        with timer:
+            for g in opt.param_groups:
+                g["lr"] = protocol.lr_at(a.method, step, total)
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        labels=torch.from_numpy(y))  # fmt: skip
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, protocol.MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.eval()
+    logits = []
+    with torch.inference_mode():
+        for i in range(0, len(arrays["dev_labels"]), 64):
+            ids, mask = (torch.from_numpy(arrays[k][i : i + 64]) for k in ("dev_ids", "dev_mask"))
+            logits.append(model(input_ids=ids, attention_mask=mask).logits.float().numpy())
+        ids1, mask1 = protocol.one_sentence(arrays)
+        one = {"input_ids": torch.from_numpy(ids1), "attention_mask": torch.from_numpy(mask1)}
+        batch1 = protocol.median_ms(lambda: model(**one))
+    import numpy as np
+
+    acc = protocol.accuracy(np.concatenate(logits), arrays["dev_labels"])
+    out = Path(a.work) / "adapter"
+    if a.method == "lora":
+        model.save_pretrained(out)  # adapter_model.safetensors: LoRA factors + the saved classifier
+        adapter = out / "adapter_model.safetensors"
+    else:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        adapter = out / "trainable.safetensors"
+        save_file(
+            {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, adapter
+        )
+    protocol.write_result(
+        a.result, step_ms=timer.median_ms(), dev_accuracy=acc, adapter_kb=os.path.getsize(adapter) / 1024,
+        batch1_ms=batch1, trainable=sum(p.numel() for p in params),
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -378,13 +378,18 @@ void panel_scalar(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4, i
     }
 }
 
-// y[c] = (acc[c] - zp * wsum[c]) * sx * sw[c] + b[c] for one row's run of columns
+// y[c] = (acc[c] - zp * wsum[c]) * sx * sw[c] + b[c] for one row's run of columns. The one epilogue of every
+// path, compiled without FMA contraction: a row's output then never depends on which path (few or many rows,
+// so which batch it came in) computed it, and equals the reference's separately rounded float ops.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float sx, const int32_t* wsum,
                             const float* sw, const float* b, float* y) {
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c)
     y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * (sw ? sw[c] : 1.f) + (b ? b[c] : 0.f);
 }
+#pragma GCC pop_options
 
 using PanelFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
 
@@ -484,11 +489,6 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
       wsum[o] = t;
     }
   });
-  auto epilogue = [&](int64_t row, int64_t col, int32_t acc) {
-    float v = static_cast<float>(acc - q.zp[row] * wsum[col]) * q.sx[row] * sw[col];
-    if (bp) v += bp[col];
-    yp[row * n + col] = q.bad[row] ? std::numeric_limits<float>::quiet_NaN() : v;
-  };
   if (m > kDirectMaxRows) {
     panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);
     return finish(y, x);
@@ -503,8 +503,12 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
         const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
         int32_t acc[8];
         tiles.by_rows[rows](q.xu.data() + r0 * k, k, w + c0 * k, k, k, ncols, acc);
-        for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < ncols; ++c) epilogue(r0 + r, c0 + c, acc[r * 2 + c]);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t row = r0 + r;
+          float* yr = yp + row * n + c0;
+          epilogue_run(acc + r * 2, ncols, q.zp[row], q.sx[row], wsum.data() + c0, sw + c0, bp ? bp + c0 : nullptr, yr);
+          if (q.bad[row]) std::fill(yr, yr + ncols, std::numeric_limits<float>::quiet_NaN());
+        }
       }
     }
   });

@@ -1,6 +1,7 @@
 // CUDA kernels for the edge_tune:: ops (schemas and references in edge_tune/ops.py; CPU twins in
 // cpu_kernels.cpp). Many rows: dequantize the frozen weight once on the GPU and use cuBLAS (at::addmm).
-// Few rows (inference): one warp per output feature reads the quantized row directly.
+// Few rows (inference): one warp per output feature reads the quantized row directly. Dynamic int8: a
+// per-row quantization kernel and a plain int32-accumulating kernel (correctness first; no tensor cores).
 //
 // Status: compiled (nvcc, compile-only) by tests/test_kernels.py wherever nvcc exists; loaded by
 // edge_tune/kernels.py only when torch has CUDA. Not yet run on a GPU: no GPU was available to this
@@ -160,6 +161,131 @@ at::Tensor int4_embedding(const at::Tensor& ids, const at::Tensor& w_packed, con
   return out.view(sizes);
 }
 
+
+// ---- dynamic int8: per-row 7-bit quantization (one block a row), int32 dot products, fused epilogue ----
+constexpr float kActLevels = 127.f;
+
+// One block per row: min/max over the row (holding 0), then scale, zero point, and the quantized row.
+// `colscale` (nullable) multiplies column j first (the input gradient folds the weight scale in here).
+__global__ void quantize_rows_kernel(const float* x, const float* colscale, int64_t k, uint8_t* xu, float* sx,
+                                     int32_t* zp, int32_t* bad) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * k;
+  __shared__ float smin[256], smax[256];
+  __shared__ int sbad[256];
+  float mn = 0.f, mx = 0.f;
+  int b = 0;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const float v = xr[i] * (colscale ? colscale[i] : 1.f);
+    b |= !isfinite(v);
+    mn = fminf(mn, v);
+    mx = fmaxf(mx, v);
+  }
+  smin[threadIdx.x] = mn;
+  smax[threadIdx.x] = mx;
+  sbad[threadIdx.x] = b;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      smin[threadIdx.x] = fminf(smin[threadIdx.x], smin[threadIdx.x + s]);
+      smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + s]);
+      sbad[threadIdx.x] |= sbad[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  const bool is_bad = sbad[0] != 0;
+  float scl = is_bad ? 1.f : (smax[0] - smin[0]) / kActLevels;
+  if (!(scl > 0.f)) scl = 1.f;
+  const float z = is_bad ? 0.f : nearbyintf(-smin[0] / scl);
+  if (threadIdx.x == 0) {
+    sx[r] = scl;
+    zp[r] = static_cast<int32_t>(z);
+    bad[r] = is_bad;
+  }
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const float v = xr[i] * (colscale ? colscale[i] : 1.f);
+    xu[r * k + i] = is_bad ? 0 : static_cast<uint8_t>(fminf(kActLevels, fmaxf(0.f, nearbyintf(v / scl) + z)));
+  }
+}
+
+// y[r, c] = (sum_i xu[r, i] * W(c, i) - zp[r] * colsum[c]) * sx[r] * colscale[c] + bias[c], where W(c, i) is
+// w[c * k + i] (forward) or w[i * n + c] (transposed: the input gradient).
+__global__ void int8_gemm_kernel(const uint8_t* xu, const int8_t* w, bool transposed, const int32_t* colsum,
+                                 const float* sx, const int32_t* zp, const int32_t* bad, const float* colscale,
+                                 const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= m * n) return;
+  const int64_t r = idx / n, c = idx % n;
+  int32_t acc = 0;
+  for (int64_t i = 0; i < k; ++i)
+    acc += static_cast<int32_t>(xu[r * k + i]) * (transposed ? w[i * n + c] : w[c * k + i]);
+  float v = static_cast<float>(acc - zp[r] * colsum[c]) * sx[r] * (colscale ? colscale[c] : 1.f);
+  if (bias) v += bias[c];
+  y[idx] = bad[r] ? nanf("") : v;
+}
+
+__global__ void colsum_kernel(const int8_t* w, bool transposed, int64_t n, int64_t k, int32_t* out) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= n) return;
+  int32_t t = 0;
+  for (int64_t i = 0; i < k; ++i) t += transposed ? w[i * n + c] : w[c * k + i];
+  out[c] = t;
+}
+
+// (m, k) fp32 rows against the int8 weight -> (m, n) fp32; transposed: W is the (k, n) view of w_q's (n_w, k_w).
+at::Tensor dynamic_int8_gemm(const at::Tensor& x2, const at::Tensor& wq, bool transposed, const float* rowscale_cols,
+                             const at::Tensor& colscale, const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  auto y = at::empty({m, n}, x2.options());
+  if (m == 0 || n == 0) return y;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto opts = x2.options();
+  auto xu = at::empty({m, k}, opts.dtype(at::kByte));
+  auto sx = at::empty({m}, opts);
+  auto zp = at::empty({m}, opts.dtype(at::kInt));
+  auto bad = at::empty({m}, opts.dtype(at::kInt));
+  auto colsum = at::empty({n}, opts.dtype(at::kInt));
+  quantize_rows_kernel<<<static_cast<unsigned>(m), 256, 0, stream>>>(x2.data_ptr<float>(), rowscale_cols, k,
+                                                                      xu.data_ptr<uint8_t>(), sx.data_ptr<float>(),
+                                                                      zp.data_ptr<int32_t>(), bad.data_ptr<int32_t>());
+  colsum_kernel<<<blocks(n, 256), 256, 0, stream>>>(wq.data_ptr<int8_t>(), transposed, n, k, colsum.data_ptr<int32_t>());
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  int8_gemm_kernel<<<blocks(m * n, 256), 256, 0, stream>>>(
+      xu.data_ptr<uint8_t>(), wq.data_ptr<int8_t>(), transposed, colsum.data_ptr<int32_t>(), sx.data_ptr<float>(),
+      zp.data_ptr<int32_t>(), bad.data_ptr<int32_t>(), colscale.defined() ? colscale.data_ptr<float>() : nullptr,
+      b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), m, n, k);
+  return y;
+}
+
+at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& bias) {
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  auto x2 = x.reshape({-1, k}).contiguous();
+  auto y = dynamic_int8_gemm(x2, w_q.contiguous(), false, nullptr, scale.contiguous(), bias, n);
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return y.view(sizes);
+}
+
+at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& g, const at::Tensor& w_q, const at::Tensor& scale) {
+  const int64_t n = w_q.size(0), k = w_q.size(1);
+  auto g2 = g.reshape({-1, n}).contiguous();
+  auto sc = scale.contiguous();
+  auto gx = dynamic_int8_gemm(g2, w_q.contiguous(), true, sc.data_ptr<float>(), at::Tensor(), c10::nullopt, k);
+  auto sizes = g.sizes().vec();
+  sizes.back() = k;
+  return gx.view(sizes);
+}
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B, double lora_scale) {
+  auto y = int8_linear_dynamic(x, w_q, scale, bias);
+  auto x2 = x.reshape({-1, w_q.size(1)});
+  auto y2 = y.view({-1, w_q.size(0)});
+  if (x2.size(0) > 0) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CUDA, m) {
@@ -169,4 +295,7 @@ TORCH_LIBRARY_IMPL(edge_tune, CUDA, m) {
   m.impl("int4_linear_grad_input", &int4_linear_grad_input);
   m.impl("int8_embedding", &int8_embedding);
   m.impl("int4_embedding", &int4_embedding);
+  m.impl("int8_linear_dynamic", &int8_linear_dynamic);
+  m.impl("int8_linear_dynamic_grad_input", &int8_linear_dynamic_grad_input);
+  m.impl("lora_linear", &lora_linear);
 }

@@ -159,9 +159,10 @@ def encode(tokenizer, texts: list[str], max_len: int, chunk: int = 2048) -> Toke
     )
 
 
-def collate(rows: list[np.ndarray], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Pad id rows to the longest -> ids (B, T) int64, mask (B, T) int64 (1 = real token)."""
-    T = max(len(r) for r in rows)
+def collate(rows: list[np.ndarray], pad_id: int = 0, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad id rows to the longest (or to `length` tokens) -> ids (B, T) int64, mask (B, T) int64 (1 = real
+    token)."""
+    T = max([len(r) for r in rows] + [length or 0])
     ids = np.full((len(rows), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), T), dtype=np.int64)
     for i, r in enumerate(rows):

@@ -164,9 +164,13 @@ def train(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(state.step, cfg.steps, cfg.warmup)
         loss_sum = 0.0
+        # Every micro-batch is padded to the whole batch's length: with dynamic int8 activations a different
+        # padded length can move attention's last bit and flip a rounding, and accumulation must give the
+        # big batch's result up to the order of the gradient sums.
+        padded = max(len(ids[i]) for i in rows)
         for s in range(0, len(rows), micro):
             part = rows[s : s + micro]
-            logits = forward(*collate([ids[i] for i in part]))
+            logits = forward(*collate([ids[i] for i in part], length=padded))
             loss = F.cross_entropy(logits, labels[part], reduction="sum") / len(rows)
             loss.backward()
             loss_sum += loss.item()

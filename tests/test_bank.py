@@ -114,13 +114,20 @@ def test_mixed_batch_equals_per_patch_passes(bank):
     rng = random.Random(1)
     names = [rng.choice(list(TASKS)) for _ in range(4 * len(TEXTS))]
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
-    for mix in (names, [n for n in names if n != "subj"]):  # with BitFit: grouped passes; without: one pass
+    # With BitFit in the mix: one pass per patch over its own rows; without: one pass, per-row LoRA. Each
+    # is compared with a per-patch pass over the same sentences (so the same padded length: with dynamic
+    # int8 activations a different padding may move the last bit of attention and flip a rounding).
+    for mix, grouped in ((names, True), ([n for n in names if n != "subj"], False)):
         rows = [(t, n) for t, n in zip(texts, names, strict=True) if n in mix]
-        mixed = bank.predict([t for t, _ in rows], patches=[n for _, n in rows], batch_size=16)
-        for (t, n), got in zip(rows, mixed, strict=True):
-            want = bank.predict([t], patch=n)[0]
-            assert got.patch == n and got.label == want.label
-            assert got.probability == pytest.approx(want.probability, abs=1e-5)
+        batch = [t for t, _ in rows]
+        mixed = bank.predict(batch, patches=[n for _, n in rows], batch_size=len(batch))
+        for n in set(mix):
+            idx = [i for i, (_, m) in enumerate(rows) if m == n]
+            ref = bank.predict([batch[i] for i in idx] if grouped else batch, patch=n, batch_size=len(batch))
+            want = ref if grouped else [ref[i] for i in idx]
+            for i, w in zip(idx, want, strict=True):
+                assert mixed[i].patch == n and mixed[i].label == w.label
+                assert mixed[i].probability == pytest.approx(w.probability, abs=1e-5)
 
 
 def test_mixed_batch_restores_the_active_patch(bank):

@@ -69,6 +69,20 @@ def test_dynamic_int8_and_lora_kernels_match_references(k, n, m):
 
 
 @needs_kernels
+def test_dynamic_int8_rows_do_not_depend_on_their_batch():
+    """Few-row and many-row paths share one epilogue (no FMA contraction): a sentence's logits are the same
+    whichever batch served it, and equal the reference bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    q8, s8 = quant.quantize_int8(torch.randn(1536, 384, generator=g))
+    b = torch.randn(1536, generator=g)
+    x = torch.randn(40, 384, generator=g)
+    whole = ops.int8_linear_dynamic(x, q8, s8, b)
+    pieces = torch.cat([ops.int8_linear_dynamic(x[i : i + 8], q8, s8, b) for i in range(0, 40, 8)])
+    assert torch.equal(whole, pieces)
+    assert torch.equal(whole, ops.int8_linear_dynamic_ref(x, q8, s8, b))
+
+
+@needs_kernels
 def test_dynamic_int8_kernel_handles_scaled_and_strided_inputs():
     w, b, (q8, s8), _ = _weights(384, 96)
     for x in (torch.randn(40, 768)[:, ::2] * 1e4, torch.randn(3, 384) * 1e-30, torch.zeros(20, 384)):

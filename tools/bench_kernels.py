@@ -7,7 +7,8 @@ Per linear shape (K -> N in {384 -> 1536, 1536 -> 384}) and rows M (1024 = batch
   unfused     quantize x per token, torch._int_mm (int8 x int8 -> int32), dequantize, add bias
   fbgemm      torch.ao dynamic quantized linear (activation quantization and dequantize included)
   ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`):
-              int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear
+              int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear,
+              and the two input-gradient ops of the int8 base (grad_x fp32 via the dequantized weight, int8)
 plus the whole model (int8 base) per backend, each in a fresh process: LoRA r8 training step (batch 16 x
 64 tokens) and batch-1 inference latency, with the kernels on and forced off (EDGE_TUNE_KERNELS=0).
 
@@ -80,6 +81,7 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
     g = torch.Generator().manual_seed(1)
     lora_a = torch.randn(8, x.shape[1], generator=g) * 0.1
     lora_b = torch.randn(w.shape[0], 8, generator=g) * 0.1
+    grad = torch.randn(x.shape[0], w.shape[0], generator=g)  # an output gradient, for the backward ops
 
     def unfused():
         sx = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
@@ -95,6 +97,8 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
         "int8 ours": lambda: ops.int8_linear(x, q8, s8, b),
         "int8 dynamic ours": lambda: ops.int8_linear_dynamic(x, q8, s8, b),
         "lora r8 ours": lambda: ops.lora_linear(x, q8, s8, b, lora_a, lora_b, 2.0),
+        "grad_x fp32 ours": lambda: ops.int8_linear_grad_input(grad, q8, s8),
+        "grad_x int8 ours": lambda: ops.int8_linear_dynamic_grad_input(grad, q8, s8),
         "int4 reference": lambda: ops.int4_linear_ref(x, q4, s4, b),
         "int4 ours": lambda: ops.int4_linear(x, q4, s4, b),
     }

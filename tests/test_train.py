@@ -48,7 +48,9 @@ def test_gradient_accumulation_matches_big_batch(base_int8, tiny_ds):
         finally:
             model.INT8_ACTIVATIONS = "dynamic"
         assert set(a.tensors) == set(b.tensors)
-        assert any(a.tensors[n].abs().sum() > 0 for n in a.tensors if n.endswith("lora_B")), "LoRA B never moved"
+        assert any(a.tensors[n].abs().sum() > 0 for n in a.tensors if n.endswith("lora_B")), (
+            "LoRA B never moved"
+        )
         for n in a.tensors:
             if activations == "fp32":
                 torch.testing.assert_close(a.tensors[n], b.tensors[n], atol=2e-3, rtol=0)

@@ -1,0 +1,107 @@
+"""`edge-tune profile` on a tiny grid (a real 2-step run in a fresh process) and the report writers of
+`edge-tune profile` and `tools/compare_peers.py` (table, JSON, PNG). Nothing here is timed."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tools" / "peers"))
+
+import compare_peers  # noqa: E402
+import protocol  # noqa: E402
+
+from edge_tune.profiling import table  # noqa: E402
+
+
+def test_profile_runs_a_tiny_grid_and_writes_table_json_png(tmp_path):
+    out = tmp_path / "prof"
+    p = subprocess.run(
+        [sys.executable, "-m", "edge_tune.cli", "profile", "--methods", "head", "--precisions", "int8",
+         "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "peak MB" in p.stdout and "SST-2 dev" in p.stdout
+    rows = json.loads((out / "profile.json").read_text())
+    assert len(rows) == 1 and rows[0]["method"] == "head" and rows[0]["precision"] == "int8"
+    r = rows[0]
+    assert r["trainable"] == 770 and r["patch_kb"] > 0 and 0 <= r["dev_accuracy"] <= 1
+    assert 0 < r["peak_rss_mb"] <= r["budget_mb"] and r["step_ms"] > 0 and r["lat1_ms"] > 0
+    assert (out / "profile.png").stat().st_size > 10_000
+
+
+def test_profile_table_shows_errors_in_their_row():
+    good = {"method": "lora", "precision": "int8", "trainable": 74498, "patch_kb": 148.2, "peak_rss_mb": 500.0,
+            "step_ms": 200.0, "train_sent_s": 160.0, "lat1_ms": 5.0, "lat32_ms": 280.0, "dev_accuracy": 0.84}  # fmt: skip
+    text = table([good, {"method": "bitfit", "precision": "int4", "error": "BudgetError: needs 900 MB"}])
+    lines = text.splitlines()
+    assert len(lines) == 3 and "0.8400" in lines[1] and "BudgetError: needs 900 MB" in lines[2]
+
+
+def _peer_rows():
+    row = {
+        "peak_rss_mb": 900.0,
+        "step_ms": 400.0,
+        "dev_accuracy": 0.81,
+        "adapter_kb": 290.0,
+        "batch1_ms": 10.0,
+    }
+    ours = {
+        "peak_rss_mb": 380.0,
+        "step_ms": 500.0,
+        "dev_accuracy": 0.83,
+        "adapter_kb": 148.0,
+        "batch1_ms": 4.0,
+    }
+    return {
+        ("PEFT fp32", "lora"): row,
+        ("ONNX Runtime", "bitfit"): {**row, "step_ms": 390.0, "batch1_ms": 3.9, "peak_rss_mb": 700.0},
+        ("ExecuTorch", "bitfit"): {"error": "could not set up its venv: no network"},
+        ("edge_tune int8", "lora"): ours,
+    }
+
+
+def test_compare_peers_table_ratios_and_error_rows():
+    text = compare_peers.table(_peer_rows())
+    lines = text.splitlines()
+    assert len(lines) == 2 + 4
+    ours = next(ln for ln in lines if ln.startswith("| edge_tune int8 | lora"))
+    assert (
+        "0.42x" in ours and "1.25x" in ours and "0.40x" in ours and "0.51x" in ours
+    )  # 380/900, 500/400, ...
+    assert "could not set up its venv: no network" in text
+
+
+def test_compare_peers_verdicts_say_met_and_missed():
+    v = "\n".join(compare_peers.verdicts(_peer_rows()))
+    assert "peak RSS / PEFT fp32 LoRA: 0.422 (target <= 0.45) met" in v
+    assert "step time / ORT BitFit: 1.282 (target <= 1.0) MISSED" in v
+    assert "n/a" in v  # no ORT LoRA row in this run
+
+
+def test_compare_peers_plot_writes_a_png(tmp_path):
+    compare_peers.plot(_peer_rows(), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_protocol_schedule_and_arrays(tmp_path):
+    lrs = [protocol.lr_at("lora", s, 100) for s in range(100)]
+    assert lrs[0] < lrs[5] == max(lrs) == protocol.LR["lora"] and lrs[-1] < lrs[50] and min(lrs) > 0
+    path = tmp_path / "a.npz"
+    compare_peers.make_arrays(path, steps=3, batch=2, seq_len=16)
+    a = protocol.load_arrays(path)
+    assert (
+        a["train_ids"].shape == (6, 16)
+        and a["train_mask"].shape == (6, 16)
+        and a["train_labels"].shape == (6,)
+    )
+    assert a["dev_ids"].shape[1] == 16 and len(a["dev_labels"]) == 872
+    assert np.all(a["train_mask"].sum(1) >= 3)  # [CLS] word [SEP] at least
+    ids, mask = protocol.one_sentence(a)
+    assert ids.shape == mask.shape and mask.all() and not math.isnan(float(ids.sum()))

@@ -59,14 +59,16 @@ def load_kernels() -> bool:
         name = _build_name()
         so = _build_dir(name) / f"{name}.so"
         if not so.is_file():
+            # Built in a child process: torch.utils.cpp_extension imports torch._dynamo and sympy (~57 MB
+            # RSS), which must not land in a training process that has a memory budget to keep.
             log.info("edge_tune: building the C++ kernels once (~1 min) into %s", so.parent)
-            from torch.utils.cpp_extension import load
+            import subprocess
 
-            so.parent.mkdir(parents=True, exist_ok=True)
-            load(name, [str(s) for s in _sources()], extra_cflags=CFLAGS, build_directory=str(so.parent),
-                 is_python_module=False, verbose=False)  # fmt: skip
-        else:
-            torch.ops.load_library(str(so))
+            p = subprocess.run([sys.executable, "-m", "edge_tune.kernels", "--build"], capture_output=True,
+                               text=True)  # fmt: skip
+            if p.returncode or not so.is_file():
+                raise RuntimeError((p.stderr.strip().splitlines() or ["the kernel build failed"])[-1])
+        torch.ops.load_library(str(so))
         _state["loaded"] = True
     except Exception as e:  # any build or load failure: the references still work
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
@@ -92,6 +94,21 @@ def kernel_paths() -> dict[str, str]:
     return {name: where for name in ALL_OPS}
 
 
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    from . import ops  # noqa: F401  (the op schemas must exist before kernels register)
+
+    name = _build_name()
+    out = _build_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    load(name, [str(s) for s in _sources()], extra_cflags=CFLAGS, build_directory=str(out), is_python_module=False,
+         verbose=False)  # fmt: skip
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    print(kernel_paths())
+    if sys.argv[1:] == ["--build"]:
+        _build()
+    else:
+        print(kernel_paths())

@@ -20,25 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools" / "peers"))
+from protocol import median_ms  # noqa: E402  (the one timing rule: 3 warm-up calls, then the median)
 
 
 def median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    return median_ms(fn, repeats) * 1e3
 
 
 def op_table(repeats: int) -> list[dict]:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process since it started, in MB (VmHWM)."""
+    """Peak resident set size of this process since it started, in MB: VmHWM of /proc/self/status.
+    Not getrusage's ru_maxrss: Linux carries that across fork+exec, so a process started by a large parent
+    (pytest, a benchmark driver) would report the parent's peak as its own."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
@@ -47,7 +53,7 @@ def limit_heap_growth(mmap_threshold_bytes: int = 64 * 1024) -> bool:
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
 FP32 = 4
 MB = 1024 * 1024
-FLOOR_CACHE_VERSION = 2
+FLOOR_CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,19 @@ def test_over_budget_run_is_refused_before_training(tmp_path, tsv, capsys):
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "cannot fit 150 MB" in lines[0] and "needs" in lines[0]
     assert not (tmp_path / "x.patch").exists() and "train bitfit" not in err
+
+
+def test_peak_rss_is_this_process_not_the_parent():
+    """Linux carries ru_maxrss across fork+exec: a fresh process started by a 600 MB parent (pytest, a
+    benchmark driver) would report 600 MB. The runtime floor and every per-method peak depend on this."""
+    ballast = bytearray(600 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page so it is resident
+    import edge_tune.memory as m
+
+    # memory.py alone (stdlib imports only), so the child stays far below the parent
+    code = (f"import importlib.util as u, sys; s = u.spec_from_file_location('m', {m.__file__!r}); "
+            "mod = sys.modules['m'] = u.module_from_spec(s); s.loader.exec_module(mod); print(mod.peak_rss_mb())")  # fmt: skip
+    child = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert len(ballast) and 0 < child < 200

@@ -4,37 +4,14 @@
 // kernels dequantize the frozen weight once and call it (MKL/oneDNN through at::addmm). Where it is not
 // (few tokens: batch-1 inference, the int4 formats) they work on the quantized bytes directly: one pass
 // over the int8 or packed int4 weight, converted in registers, never to a full fp32 copy.
-//
-// Runtime CPU dispatch: the hot loops are compiled twice (target_clones: AVX2+FMA and the baseline), and
-// the loader picks per CPU, so the binary never crashes on an older CPU.
+// The dynamic int8 ops (int8 activations too) are in cpu_dynamic.cpp.
 
-#include <torch/library.h>
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <cstdint>
-#include <limits>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define ET_X86 1
-#endif
+#include "cpu_common.h"
 
 namespace {
+using namespace edge_tune_cpu;
 
-// Below this many rows of x the direct kernels beat dequantize + GEMM (measured by tools/bench_kernels.py).
-constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kGroup = 32;  // int4 group size along the input dimension (quant.GROUP_SIZE)
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ET_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define ET_CLONES
-#endif
 
 ET_CLONES float dot_i8(const int8_t* w, const float* x, int64_t k) {
   float acc = 0.f;
@@ -126,10 +103,6 @@ at::Tensor dequant_int4(const at::Tensor& w_packed, const at::Tensor& scale) {
   return out;
 }
 
-void check_x(const at::Tensor& x, int64_t k, const char* op) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x's last dimension must be ", k);
-}
 
 // ---- linear: y = x @ dequant(W).T + bias ----
 // One row of x: dot products straight off the quantized bytes. A few rows: each weight row is widened
@@ -160,11 +133,6 @@ at::Tensor direct_linear(const at::Tensor& x2, int64_t n, const c10::optional<at
   return y;
 }
 
-at::Tensor finish(const at::Tensor& y2, const at::Tensor& x) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = y2.size(1);
-  return y2.view(sizes);
-}
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
@@ -206,351 +174,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w_packed, const at
                 x);
 }
 
-
-// ---- dynamic int8: per-token activation quantization, int8 x int8 -> int32 GEMM, fused epilogue ----
-// Activations are quantized per row to 7-bit unsigned with a zero point (as fbgemm's reduce_range does on
-// x86): u8 x s8 pairs summed by vpmaddubsw then stay below 2^15, so the int16 step never saturates.
-// y[m, n] = (float)(sum_k xu[m,k] * w[n,k] - zp[m] * wsum[n]) * sx[m] * sw[n] + bias[n]
-constexpr float kActLevels = 127.f;
-
-struct RowQuant {
-  std::vector<uint8_t> xu;  // (m, k)
-  std::vector<float> sx;    // (m,)
-  std::vector<int32_t> zp;  // (m,)
-  std::vector<uint8_t> bad; // (m,) 1 where the row holds a non-finite value
-};
-
-ET_CLONES bool all_finite(const float* x, int64_t k) {
-  int bad = 0;
-#pragma omp simd reduction(| : bad)
-  for (int64_t i = 0; i < k; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
-  return !bad;
-}
-
-ET_CLONES void row_range(const float* x, int64_t k, float* mn_out, float* mx_out) {
-  float mn = 0.f, mx = 0.f;  // the range always holds 0, so 0 is exact
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-  for (int64_t i = 0; i < k; ++i) {
-    mn = std::min(mn, x[i]);
-    mx = std::max(mx, x[i]);
-  }
-  *mn_out = mn;
-  *mx_out = mx;
-}
-
-ET_CLONES void quantize_row(const float* x, int64_t k, float s, float z, uint8_t* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < k; ++i) {
-    const float v = std::nearbyint(x[i] / s) + z;
-    out[i] = static_cast<uint8_t>(std::min(kActLevels, std::max(0.f, v)));
-  }
-}
-
-RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
-  RowQuant q{std::vector<uint8_t>(m * k), std::vector<float>(m), std::vector<int32_t>(m), std::vector<uint8_t>(m)};
-  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = x + r * k;
-      q.bad[r] = !all_finite(xr, k);
-      float mn = 0.f, mx = 0.f;
-      if (!q.bad[r]) row_range(xr, k, &mn, &mx);
-      float s = (mx - mn) / kActLevels;
-      if (!(s > 0.f)) s = 1.f;
-      const float z = std::nearbyint(-mn / s);
-      q.sx[r] = s;
-      q.zp[r] = static_cast<int32_t>(z);
-      if (!q.bad[r]) quantize_row(xr, k, s, z, q.xu.data() + r * k);
-    }
-  });
-  return q;
-}
-
-// R rows of xu against 2 weight rows: out[r * 2 + c] = sum_k xu[r, k] * w[c, k].
-template <int R>
-void tile_scalar(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k, int ncols, int32_t* out) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ncols; ++c) {
-      int32_t acc = 0;
-      for (int64_t i = 0; i < k; ++i) acc += static_cast<int32_t>(x[r * ldx + i]) * w[c * ldw + i];
-      out[r * 2 + c] = acc;
-    }
-}
-
-#ifdef ET_X86
-__attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-template <int R>
-__attribute__((target("avx2"))) void tile_avx2(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
-                                               int ncols, int32_t* out) {
-  if (ncols < 2) return tile_scalar<R>(x, ldx, w, ldw, k, ncols, out);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ldw + i));
-    for (int r = 0; r < R; ++r) {
-      const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ldx + i));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xr, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xr, w1), ones));
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2; ++c) {
-      int32_t t = hsum_epi32(acc[r][c]);
-      for (int64_t j = i; j < k; ++j) t += static_cast<int32_t>(x[r * ldx + j]) * w[c * ldw + j];
-      out[r * 2 + c] = t;
-    }
-}
-#endif
-
-
-// Many rows: the weight is repacked per block of 64 output columns into [k/4][col][4] so that one 32-byte
-// load holds 4 consecutive k of 8 columns, the 4 matching x bytes of a row are broadcast, and vpmaddubsw +
-// vpmaddwd leave 8 columns' partial sums in one register: no horizontal sums, a vector epilogue.
-// A block is as wide as keeps its packed bytes (block columns x k) within ~24 KB, so that it stays in L1
-// while every row tile of x passes over it: 64 columns at k = 384, 16 at k = 1536.
-constexpr int64_t kL1Block = 24 * 1024;
-
-int64_t block_cols(int64_t k4) { return std::max<int64_t>(16, std::min<int64_t>(64, kL1Block / (16 * k4) * 16)); }
-
-void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
-  std::fill(out, out + k4 * bcols, 0);
-  const int64_t cols = std::min(bcols, n - c0);
-  for (int64_t c = 0; c < cols; ++c) {
-    const int8_t* wr = w + (c0 + c) * k;
-    for (int64_t kb = 0; kb < k / 4; ++kb) std::memcpy(out + (kb * bcols + c) * 4, wr + kb * 4, 4);
-    for (int64_t i = k / 4 * 4; i < k; ++i) out[((i / 4) * bcols + c) * 4 + (i % 4)] = wr[i];
-  }
-}
-
-// The same layout from the transpose of a row-major (red, ld) weight: output column c0 + c reads down column
-// c0 + c of w (the input gradient reduces over the forward's output dimension).
-void pack_block_t(const int8_t* w, int64_t red, int64_t ld, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
-  std::fill(out, out + k4 * bcols, 0);
-  const int64_t cols = std::min(bcols, ld - c0);
-  for (int64_t i = 0; i < red; ++i) {
-    const int8_t* wr = w + i * ld + c0;
-    int8_t* o = out + (i / 4) * bcols * 4 + (i % 4);
-    for (int64_t c = 0; c < cols; ++c) o[c * 4] = wr[c];
-  }
-}
-
-#ifdef ET_X86
-template <int R>
-__attribute__((target("avx2"))) void panel_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4,
-                                                int64_t bcols, int32_t* out /* R x 16 */) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t kb = 0; kb < k4 / 4; ++kb) {
-    const int8_t* p = pw + kb * bcols * 4;
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, x + r * ldx + kb * 4, 4);
-      const __m256i xb = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16), acc[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16 + 8), acc[r][1]);
-  }
-}
-#endif
-
-template <int R>
-void panel_scalar(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4, int64_t bcols, int32_t* out) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 16; ++c) {
-      int32_t acc = 0;
-      for (int64_t i = 0; i < k4; ++i) acc += static_cast<int32_t>(x[r * ldx + i]) * pw[((i / 4) * bcols + c) * 4 + i % 4];
-      out[r * 16 + c] = acc;
-    }
-}
-
-// y[c] = (acc[c] - zp * wsum[c]) * sx * sw[c] + b[c] for one row's run of columns. The one epilogue of every
-// path, compiled without FMA contraction: a row's output then never depends on which path (few or many rows,
-// so which batch it came in) computed it, and equals the reference's separately rounded float ops.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float sx, const int32_t* wsum,
-                            const float* sw, const float* b, float* y) {
-#pragma omp simd
-  for (int64_t c = 0; c < cols; ++c)
-    y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * (sw ? sw[c] : 1.f) + (b ? b[c] : 0.f);
-}
-#pragma GCC pop_options
-
-using PanelFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
-
-struct Panels {
-  PanelFn by_rows[5];
-};
-
-Panels pick_panels() {
-#ifdef ET_X86
-  if (__builtin_cpu_supports("avx2"))
-    return {{nullptr, panel_avx2<1>, panel_avx2<2>, panel_avx2<3>, panel_avx2<4>}};
-#endif
-  return {{nullptr, panel_scalar<1>, panel_scalar<2>, panel_scalar<3>, panel_scalar<4>}};
-}
-
-using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int, int32_t*);
-
-struct Tiles {
-  TileFn by_rows[5];
-};
-
-Tiles pick_tiles() {
-#ifdef ET_X86
-  if (__builtin_cpu_supports("avx2"))
-    return {{nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>}};
-#endif
-  return {{nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>}};
-}
-
-
-// y (m, n) = epilogue(xu (m, k) @ W^T): W is w_q (n, k) row-major, or with `transposed` the transpose of a
-// row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction).
-void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
-                const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
-  static const Panels panels = pick_panels();
-  const int64_t k4 = (k + 3) / 4 * 4;
-  // x rows padded to k4 with zeros (their products with the zero-padded weight vanish)
-  std::vector<uint8_t> xpad;
-  const uint8_t* xu = q.xu.data();
-  if (k4 != k) {
-    xpad.assign(m * k4, 0);
-    for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * k4, xu + r * k, k);
-    xu = xpad.data();
-  }
-  const int64_t bcols = block_cols(k4);
-  const int64_t blocks = (n + bcols - 1) / bcols;
-  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
-    std::vector<int8_t> pw(k4 * bcols);
-    int32_t acc[4 * 16];
-    for (int64_t blk = blo; blk < bhi; ++blk) {
-      const int64_t c0 = blk * bcols;
-      if (transposed)
-        pack_block_t(w, k, n, c0, k4, bcols, pw.data());
-      else
-        pack_block(w, n, k, c0, k4, bcols, pw.data());
-      for (int64_t r0 = 0; r0 < m; r0 += 4) {
-        const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-        for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-          panels.by_rows[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
-          const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
-          const int64_t cc = c0 + t * 16;
-          for (int r = 0; r < rows; ++r) {
-            const int64_t row = r0 + r;
-            float* yr = yp + row * n + cc;
-            epilogue_run(acc + r * 16, cols, q.zp[row], q.sx[row], colsum + cc, colscale ? colscale + cc : nullptr,
-                         bias ? bias + cc : nullptr, yr);
-            if (q.bad[row]) std::fill(yr, yr + cols, std::numeric_limits<float>::quiet_NaN());
-          }
-        }
-      }
-    }
-  });
-}
-
-at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                               const c10::optional<at::Tensor>& bias) {
-  static const Tiles tiles = pick_tiles();
-  const int64_t n = w_q.size(0), k = w_q.size(1);
-  check_x(x, k, "int8_linear_dynamic");
-  auto x2 = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2.size(0);
-  auto y = at::empty({m, n}, x2.options());
-  if (m == 0 || n == 0) return finish(y, x);
-  auto wq = w_q.contiguous();
-  auto sc = scale.contiguous();
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int8_t* w = wq.data_ptr<int8_t>();
-  const float* sw = sc.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  RowQuant q = quantize_rows(x2.data_ptr<float>(), m, k);
-  std::vector<int32_t> wsum(n);
-  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = lo; o < hi; ++o) {
-      int32_t t = 0;
-      for (int64_t i = 0; i < k; ++i) t += w[o * k + i];
-      wsum[o] = t;
-    }
-  });
-  if (m > kDirectMaxRows) {
-    panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);
-    return finish(y, x);
-  }
-  // Few rows: 2 weight rows at a time straight from w_q, dot products along k.
-  const int64_t pairs = (n + 1) / 2;
-  at::parallel_for(0, pairs, 8, [&](int64_t plo, int64_t phi) {
-    for (int64_t r0 = 0; r0 < m; r0 += 4) {
-      const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-      for (int64_t p = plo; p < phi; ++p) {
-        const int64_t c0 = 2 * p;
-        const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
-        int32_t acc[8];
-        tiles.by_rows[rows](q.xu.data() + r0 * k, k, w + c0 * k, k, k, ncols, acc);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t row = r0 + r;
-          float* yr = yp + row * n + c0;
-          epilogue_run(acc + r * 2, ncols, q.zp[row], q.sx[row], wsum.data() + c0, sw + c0, bp ? bp + c0 : nullptr, yr);
-          if (q.bad[row]) std::fill(yr, yr + ncols, std::numeric_limits<float>::quiet_NaN());
-        }
-      }
-    }
-  });
-  return finish(y, x);
-}
-
-
-// Input gradient on the int8 path: grad_x = grad_out @ (scale * W). The per-output-channel scale lies along
-// this product's reduction, so it is folded into grad_out first; then grad_out is quantized per row like x.
-at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::Tensor& w_q, const at::Tensor& scale) {
-  const int64_t n = w_q.size(0), k = w_q.size(1);
-  check_x(grad_out, n, "int8_linear_dynamic_grad_input");
-  auto g2 = grad_out.reshape({-1, n}).mul(scale).contiguous();
-  const int64_t m = g2.size(0);
-  auto gx = at::empty({m, k}, g2.options());
-  auto sizes = grad_out.sizes().vec();
-  sizes.back() = k;
-  if (m == 0 || k == 0) return gx.view(sizes);
-  auto wq = w_q.contiguous();
-  const int8_t* w = wq.data_ptr<int8_t>();
-  RowQuant q = quantize_rows(g2.data_ptr<float>(), m, n);
-  std::vector<int32_t> colsum(k, 0);
-  at::parallel_for(0, k, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t o = 0; o < n; ++o)
-      for (int64_t c = lo; c < hi; ++c) colsum[c] += w[o * k + c];
-  });
-  panel_gemm(q, m, n, k, w, /*transposed=*/true, colsum.data(), nullptr, nullptr, gx.data_ptr<float>());
-  return gx.view(sizes);
-}
-
-// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (one addmm) ----
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B, double lora_scale) {
-  const int64_t k = w_q.size(1);
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == k && B.size(0) == w_q.size(0) && B.size(1) == A.size(0),
-              "lora_linear: A must be (r, in) and B (out, r)");
-  auto y = int8_linear_dynamic(x, w_q, scale, bias);
-  auto x2 = x.reshape({-1, k});
-  auto y2 = y.view({-1, w_q.size(0)});
-  if (x2.size(0) > 0) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
-  return y;
-}
 
 // ---- input gradient: grad_x = grad_out @ dequant(W) ----
 template <typename RowAxpy>
@@ -660,9 +283,6 @@ at::Tensor int4_embedding(const at::Tensor& ids, const at::Tensor& w_packed, con
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
-  m.impl("int8_linear_dynamic", &int8_linear_dynamic);
-  m.impl("lora_linear", &lora_linear);
-  m.impl("int8_linear_dynamic_grad_input", &int8_linear_dynamic_grad_input);
   m.impl("int8_linear_grad_input", &int8_linear_grad_input);
   m.impl("int4_linear_grad_input", &int4_linear_grad_input);
   m.impl("int8_embedding", &int8_embedding);

@@ -21,7 +21,7 @@ log = logging.getLogger("edge_tune")
 
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
 CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
-CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp"]
+CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp", CPP_DIR / "cpu_dynamic.cpp"]
 CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
 _state: dict = {"loaded": None, "reason": ""}
@@ -33,7 +33,7 @@ def _sources() -> list[Path]:
 
 def _build_name() -> str:
     h = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for src in _sources():
+    for src in [*_sources(), *sorted(CPP_DIR.glob("*.h"))]:
         h.update(src.read_bytes())
     return f"edge_tune_kernels_{h.hexdigest()[:12]}"
 
@@ -90,8 +90,12 @@ def kernel_paths() -> dict[str, str]:
     from .ops import ALL_OPS
 
     loaded = load_kernels()
-    where = "C++ (cpp_ext/cpu_kernels.cpp)" if loaded else f"PyTorch reference ({fallback_reason()})"
-    return {name: where for name in ALL_OPS}
+    if not loaded:
+        return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
+    dynamic = ("int8_linear_dynamic", "int8_linear_dynamic_grad_input", "lora_linear")
+    return {
+        name: f"C++ (cpp_ext/{'cpu_dynamic' if name in dynamic else 'cpu_kernels'}.cpp)" for name in ALL_OPS
+    }
 
 
 def _build() -> None:

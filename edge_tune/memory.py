@@ -48,12 +48,52 @@ def limit_heap_growth(mmap_threshold_bytes: int = 64 * 1024) -> bool:
         return False
 
 
+MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def trim_code_pages() -> float:
+    """Drop this process's resident pages of read-only file mappings: the shared libraries' code and
+    constants. torch maps libtorch_cpu.so whole and its import leaves 70-120 MB of it resident (more where
+    the page cache holds the file in large folios, as right after pip wrote it), most of which training
+    never runs. Pages still in use fault back in on their next touch, so what stays is the working set;
+    nothing is written anywhere (the pages are clean copies of files). Returns the MB freed, 0 where
+    madvise(MADV_PAGEOUT) is unavailable (not Linux, kernel < 5.4)."""
+    if not sys.platform.startswith("linux"):
+        return 0.0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        before = current_rss_mb()
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+        for m in maps:
+            # file-backed and not writable: clean pages, never dirty copies that would need swap
+            if len(m) >= 6 and m[5].startswith("/") and "w" not in m[1]:
+                lo, hi = (int(x, 16) for x in m[0].split("-"))
+                libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+        return max(0.0, before - current_rss_mb())
+    except (OSError, AttributeError, ValueError):
+        return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak RSS (VmHWM) from its current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # ---- the memory plan ----
 # Everything below is in bytes until MemoryPlan reports MB. Activations are fp32 (4 bytes), counted per
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
 FP32 = 4
 MB = 1024 * 1024
-FLOOR_CACHE_VERSION = 3
+FLOOR_CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -68,7 +108,7 @@ class MemoryPlan:
     rank: int
     checkpointing: bool
     eval_batch: int
-    runtime_floor_mb: float  # interpreter + torch + tokenizer + kernels' code, measured on this machine
+    runtime_floor_mb: float  # interpreter + torch + tokenizer + the code pages training runs, measured here
     base_weights_mb: float  # frozen encoder tensors as stored
     data_mb: float  # texts and token ids of the train and dev sets
     trainable_mb: float
@@ -78,10 +118,17 @@ class MemoryPlan:
     activations_per_layer_mb: float
     workspace_mb: float  # transient buffers of the largest op of a training step
     eval_extra_mb: float  # how far an evaluation batch's transients exceed a training step's (else 0)
+    startup_peak_mb: float = 0.0  # imports' peak, before trim_code_pages: a floor for the whole process
+
+    @property
+    def parts_mb(self) -> float:
+        """The training phase: the parts added up."""
+        return sum(getattr(self, f) for f in PLAN_PARTS)
 
     @property
     def total_mb(self) -> float:
-        return sum(getattr(self, f) for f in PLAN_PARTS)
+        """Predicted peak RSS: the training phase, or the imports' peak if a small run stays below it."""
+        return max(self.parts_mb, self.startup_peak_mb)
 
     def fits(self, budget_mb: float) -> bool:
         return self.total_mb <= budget_mb
@@ -91,6 +138,9 @@ class MemoryPlan:
         rows = [(f.removesuffix("_mb").replace("_", " "), getattr(self, f)) for f in PLAN_PARTS]
         lines = [f"{name:18} {mb:9.1f} MB" for name, mb in rows]
         lines.append(f"{'(per layer)':18} {self.activations_per_layer_mb:9.2f} MB")
+        lines.append(
+            f"{'startup peak':18} {self.startup_peak_mb:9.1f} MB  (imports, before trimming code pages)"
+        )
         lines.append(f"{'predicted peak':18} {self.total_mb:9.1f} MB")
         if budget_mb is not None:
             verdict = "fits" if self.fits(budget_mb) else "does NOT fit"
@@ -185,6 +235,7 @@ def plan_memory(
         activations_per_layer_mb=per_layer / MB,
         workspace_mb=train_ws / MB,
         eval_extra_mb=max(0, eval_ws - saved - train_ws) / MB,
+        startup_peak_mb=startup_peak_mb(),
     )  # fmt: skip
 
 
@@ -326,21 +377,33 @@ def _floor_key() -> str:
 
 
 def runtime_floor_mb(refresh: bool = False) -> float:
-    """Peak RSS (MB) of a fresh process that imports edge_tune, loads the tokenizer and runs tiny training
-    and evaluation steps through every code path (so the libraries' code pages are resident), minus the
-    tiny model: the part of any training process's peak that does not grow with the work. Measured once
-    per machine and Python environment (a ~5 s subprocess) and cached in ~/.cache/edge_tune."""
+    """Peak RSS (MB) of the training phase of a fresh process with no work to do: interpreter, torch,
+    edge_tune, the tokenizer, and the code pages a training and an evaluation step run, after
+    trim_code_pages has dropped the rest (train() trims before its first step). Measured in a subprocess
+    that runs tiny training and evaluation steps through every code path, minus the tiny model; once per
+    machine and Python environment (~5 s), cached in ~/.cache/edge_tune."""
+    return _floor_values(refresh)["floor"]
+
+
+def startup_peak_mb(refresh: bool = False) -> float:
+    """Peak RSS (MB) of a fresh process once edge_tune's training path is imported and its kernels loaded,
+    before any trimming: no training process peaks lower. Measured with runtime_floor_mb."""
+    return _floor_values(refresh)["startup"]
+
+
+def _floor_values(refresh: bool = False) -> dict[str, float]:
     path, key = _floor_cache_path(), _floor_key()
     if not refresh:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return float(json.loads(path.read_text())[key])
+            v = json.loads(path.read_text())[key]
+            return {"floor": float(v["floor"]), "startup": float(v["startup"])}
     import subprocess
 
     p = subprocess.run([sys.executable, "-m", "edge_tune.memory", "--measure-floor"], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})  # fmt: skip
     if p.returncode != 0:
         raise RuntimeError(f"measuring the runtime floor failed: {p.stderr.strip()[-500:]}")
-    value = float(p.stdout.strip().splitlines()[-1])
+    value = json.loads(p.stdout.strip().splitlines()[-1])
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         old = {}
@@ -352,26 +415,31 @@ def runtime_floor_mb(refresh: bool = False) -> float:
     return value
 
 
-def _measure_floor() -> float:
-    """Runs in a fresh process: see runtime_floor_mb."""
+def _measure_floor() -> dict[str, float]:
+    """Runs in a fresh process: see runtime_floor_mb. Follows adapt's order: import, load the kernels,
+    trim, load the tokenizer (and, in adapt, data and base), trim, train."""
     import dataclasses
 
     import torch
     import torch.nn.functional as F
 
-    from . import quant
+    from . import adapt, cli, quant  # noqa: F401  (what `edge-tune train` imports before its first trim)
     from .base import default_model_dir, load_tokenizer, read_config
     from .kernels import load_kernels
     from .methods import MethodSpec, apply_method, detach_lora
     from .optim import AdamW
 
     load_kernels()
+    startup = peak_rss_mb()
+    trim_code_pages()
+    reset_peak_rss()
     model_dir = default_model_dir()
     tok = load_tokenizer(model_dir)
     tok.encode_batch(["warm up the tokenizer ."])
     cfg = dataclasses.replace(
         read_config(model_dir), num_hidden_layers=1, vocab_size=64, max_position_embeddings=16
     )
+    trim_code_pages()
     tiny_bytes = 0
     for precision in ("int8", "int4"):
         model = skeleton(cfg, precision)
@@ -390,9 +458,9 @@ def _measure_floor() -> float:
                 detach_lora(model)
         with torch.inference_mode():
             model.eval()(ids, mask)
-    return peak_rss_mb() - tiny_bytes / MB
+    return {"floor": peak_rss_mb() - tiny_bytes / MB, "startup": startup}
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--measure-floor"]:
-        print(f"{_measure_floor():.2f}")
+        print(json.dumps({k: round(v, 2) for k, v in _measure_floor().items()}))

@@ -47,11 +47,12 @@ def worker(a) -> dict:
 
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
-    from edge_tune.memory import peak_rss_mb
+    from edge_tune.memory import peak_rss_mb, trim_code_pages
     from edge_tune.methods import MethodSpec
     from edge_tune.train import TrainConfig, train
 
     torch.set_num_threads(2)
+    trim_code_pages()  # as adapt does after its imports
     data = json.loads(Path(a.data).read_text())
     train_ds = Dataset(data["train"], data["train_labels"], ["0", "1"], "grid")
     dev_ds = Dataset(data["dev"], data["dev_labels"], ["0", "1"], "grid-dev")
@@ -89,11 +90,13 @@ def main() -> int:
     from tqdm import tqdm
 
     from edge_tune.base import default_model_dir, read_config
-    from edge_tune.memory import dataset_bytes, plan_memory, runtime_floor_mb
+    from edge_tune.memory import dataset_bytes, plan_memory, runtime_floor_mb, startup_peak_mb
     from edge_tune.methods import MethodSpec
 
     cfg = read_config(default_model_dir())
-    print(f"runtime floor (measured once, cached): {runtime_floor_mb():.1f} MB")
+    print(
+        f"runtime floor (measured once, cached): {runtime_floor_mb():.1f} MB, startup peak {startup_peak_mb():.1f} MB"
+    )
     work = Path(tempfile.mkdtemp(prefix="plan_accuracy_"))
     cells = [(m, b, t, p) for p in a.precisions.split(",") for m in a.methods.split(",")
              for t in map(int, a.seq_lens.split(",")) for b in map(int, a.batches.split(","))]  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from .base import default_model_dir, load_base, read_config
 from .data import load_task
 from .errors import EdgeTuneError
-from .memory import dataset_bytes, plan_batch_size, trim_code_pages
+from .memory import dataset_bytes, plan_batch_size, trim_resident_memory
 from .methods import MethodSpec
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
@@ -151,7 +151,7 @@ def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alp
                   lr, eval_every, patience, seed, progress, resume, checkpoint_every,
                   allow_shorter_seq, patch_dtype) -> AdaptResult:  # fmt: skip
     threads = set_threads(prof)
-    trim_code_pages()  # the imports' unused code pages: data and base then load under the training floor
+    trim_resident_memory()  # the imports' unused code pages: data and base then load under the training floor
     train_ds, dev_ds = load_task(data, seed=seed)
     r = used["rank"]
     spec = MethodSpec(method, rank=r, alpha=alpha or 2.0 * r, targets=targets)

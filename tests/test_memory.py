@@ -154,14 +154,14 @@ def test_trimming_code_pages_frees_memory_and_keeps_working(tmp_path):
     """A read-only file mapping stands in for a library's code: 48 MB resident, trimmed, still readable."""
     import mmap
 
-    from edge_tune.memory import current_rss_mb, trim_code_pages
+    from edge_tune.memory import current_rss_mb, trim_resident_memory
 
     f = tmp_path / "lib.so"
     f.write_bytes(bytes(range(256)) * (48 * 4096))
     with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
         touched = sum(m[i] for i in range(0, len(m), 4096))
         before = current_rss_mb()
-        freed = trim_code_pages()
+        freed = trim_resident_memory()
         assert freed > 40 and current_rss_mb() < before - 40
         assert sum(m[i] for i in range(0, len(m), 4096)) == touched  # the dropped pages fault back in
     x = torch.randn(64, 64)

@@ -47,12 +47,12 @@ def worker(a) -> dict:
 
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
-    from edge_tune.memory import peak_rss_mb, trim_code_pages
+    from edge_tune.memory import peak_rss_mb, trim_resident_memory
     from edge_tune.methods import MethodSpec
     from edge_tune.train import TrainConfig, train
 
     torch.set_num_threads(2)
-    trim_code_pages()  # as adapt does after its imports
+    trim_resident_memory()  # as adapt does after its imports
     data = json.loads(Path(a.data).read_text())
     train_ds = Dataset(data["train"], data["train_labels"], ["0", "1"], "grid")
     dev_ds = Dataset(data["dev"], data["dev_labels"], ["0", "1"], "grid-dev")

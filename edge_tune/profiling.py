@@ -62,6 +62,10 @@ def profile_grid(profile: str | None, methods: list[str], precisions: list[str],
     rows = []
     work = Path(tempfile.mkdtemp(prefix="edge_tune_profile_"))
     grid = [(m, p) for p in precisions for m in methods]
+    from .memory import trim_resident_memory
+
+    # This process imported torch: drop its code pages, which a child could not trim while shared.
+    trim_resident_memory()
     for m, p in tqdm(grid, desc="profile", unit="config", disable=not progress, file=sys.stderr):
         res = work / f"{m}_{p}.json"
         cmd = [sys.executable, "-m", "edge_tune.profiling", profile or "", m, p, str(steps), str(work / f"{m}_{p}.patch"),

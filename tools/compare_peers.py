@@ -109,6 +109,11 @@ def make_arrays(path: Path, steps: int, batch: int, seq_len: int) -> None:
     did, dmask = pad(dev.texts)
     np.savez(path, train_ids=tid, train_mask=tmask, train_labels=np.array([train.labels[i] for i in order]),
              dev_ids=did, dev_mask=dmask, dev_labels=np.array(dev.labels))  # fmt: skip
+    from edge_tune.memory import trim_resident_memory
+
+    # This driver imported torch: drop its code pages, which the edge_tune rows (same venv, same files)
+    # could not trim while shared.
+    trim_resident_memory()
 
 
 def run_row(row, a, arrays: Path, work: Path) -> dict:

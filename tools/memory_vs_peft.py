@@ -110,6 +110,10 @@ def main() -> int:
     data = work / "data.json"
     data.write_text(json.dumps({"texts": texts, "labels": labels}))
     results = {}
+    # full_length_texts imported torch here: drop its code pages, which a worker cannot trim while shared
+    from edge_tune.memory import trim_resident_memory
+
+    trim_resident_memory()
     for runtime, method, precision, ck in ROWS:
         res = work / "r.json"
         cmd = [sys.executable, __file__, "--worker", runtime, "--method", method, "--precision", precision,

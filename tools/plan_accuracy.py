@@ -90,7 +90,13 @@ def main() -> int:
     from tqdm import tqdm
 
     from edge_tune.base import default_model_dir, read_config
-    from edge_tune.memory import dataset_bytes, plan_memory, runtime_floor_mb, startup_peak_mb
+    from edge_tune.memory import (
+        dataset_bytes,
+        plan_memory,
+        runtime_floor_mb,
+        startup_peak_mb,
+        trim_resident_memory,
+    )
     from edge_tune.methods import MethodSpec
 
     cfg = read_config(default_model_dir())
@@ -108,6 +114,8 @@ def main() -> int:
         data_files[t].write_text(json.dumps({"train": tr, "train_labels": trl, "dev": dv, "dev_labels": dvl}))
         tokens = (TRAIN_ROWS + DEV_ROWS) * t  # truncated to t tokens each
         data_files[t, "bytes"] = dataset_bytes(TRAIN_ROWS + DEV_ROWS, sum(map(len, tr + dv)), tokens)
+    # This driver imported torch: drop its code pages, which each worker could not trim while shared.
+    trim_resident_memory()
     for m, b, t, p in tqdm(cells, desc="grid", unit="cell", file=sys.stderr):
         spec = MethodSpec(m, rank=a.rank, alpha=2.0 * a.rank, targets=("q", "v"))
         plan = plan_memory(cfg, spec, p, b, t, checkpointing=a.checkpointing, eval_batch=a.eval_batch,

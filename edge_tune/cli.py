@@ -47,7 +47,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         "--seq-len", type=int, default=64, help="max tokens per sentence (default 64; capped by the profile)"
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps at most (default: the method's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the method's; BitFit 1e-2 at batch 32, scaled down linearly for smaller batches)",
+    )
     p.add_argument(
         "--eval-every", type=int, default=100, help="optimizer steps between dev evaluations (default 100)"
     )

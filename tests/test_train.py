@@ -69,3 +69,11 @@ def test_same_seed_same_patch(base_int8, tiny_ds):
     a = quick_train(copy.deepcopy(base_int8), tiny_ds, "bitfit", steps=3, seed=5)
     b = quick_train(copy.deepcopy(base_int8), tiny_ds, "bitfit", steps=3, seed=5)
     assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
+
+def test_bitfit_lr_scales_down_with_the_batch_only():
+    from edge_tune.adapt import DEFAULT_LR, default_lr
+
+    assert default_lr("bitfit", 32) == DEFAULT_LR["bitfit"] == default_lr("bitfit", 64)
+    assert default_lr("bitfit", 16) == DEFAULT_LR["bitfit"] / 2
+    assert default_lr("lora", 16) == DEFAULT_LR["lora"]

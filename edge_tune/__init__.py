@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever downloads; make interop code agree
 
-from .memory import limit_heap_growth
+from .rss import limit_heap_growth
 
 limit_heap_growth()
 

@@ -16,10 +16,11 @@ import torch
 from .base import default_model_dir, load_base, read_config
 from .data import load_task
 from .errors import EdgeTuneError
-from .memory import dataset_bytes, plan_batch_size, trim_resident_memory
+from .memory import dataset_bytes, plan_batch_size
 from .methods import MethodSpec
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
+from .rss import trim_resident_memory
 from .train import TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")

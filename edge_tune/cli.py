@@ -279,7 +279,7 @@ def cmd_demo(args) -> int:
 
     from .adapt import adapt
     from .bank import PatchBank
-    from .memory import peak_rss_mb
+    from .rss import peak_rss_mb
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

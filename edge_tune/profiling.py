@@ -28,7 +28,7 @@ def run_one(profile: str | None, method: str, precision: str, steps: int, out: P
     from .adapt import adapt
     from .bank import PatchBank
     from .data import read_tsv
-    from .memory import peak_rss_mb
+    from .rss import peak_rss_mb
 
     r = adapt("sst2", out, method=method, profile=profile, steps=steps, eval_every=steps, precision=precision,
               progress=False)  # fmt: skip
@@ -62,7 +62,7 @@ def profile_grid(profile: str | None, methods: list[str], precisions: list[str],
     rows = []
     work = Path(tempfile.mkdtemp(prefix="edge_tune_profile_"))
     grid = [(m, p) for p in precisions for m in methods]
-    from .memory import trim_resident_memory
+    from .rss import trim_resident_memory
 
     # This process imported torch: drop its code pages, which a child could not trim while shared.
     trim_resident_memory()

@@ -22,10 +22,10 @@ from .base import Base
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .data import Dataset, collate, encode, length_grouped_batches
 from .errors import EdgeTuneError
-from .memory import peak_rss_mb, trim_resident_memory
 from .methods import MethodSpec, apply_method
 from .optim import AdamW
 from .profiles import DeviceProfile
+from .rss import peak_rss_mb, trim_resident_memory
 
 log = logging.getLogger("edge_tune")
 
@@ -119,7 +119,7 @@ def train(
     """Train `cfg.method`'s deltas on `train_ds`, keep the best dev checkpoint, leave the model holding it.
     With `checkpoint`, the full state is saved there atomically every `checkpoint_every` steps, and with
     `resume` a run continues from it and ends bit-identical to an uninterrupted run (same threads).
-    Before the first step it trims the process's code pages (memory.trim_resident_memory)."""
+    Before the first step it trims the process's code pages (rss.trim_resident_memory)."""
     seed_everything(cfg.seed)
     model = base.model
     model.reset_head(len(train_ds.label_names), cfg.seed)
@@ -152,7 +152,7 @@ def train(
     elif resume:
         log.info("no checkpoint at %s; starting from step 0", checkpoint)
 
-    # Loading and tokenizing are done: drop the code pages only they ran (memory.trim_resident_memory), so the
+    # Loading and tokenizing are done: drop the code pages only they ran (rss.trim_resident_memory), so the
     # training steps' peak is the floor the plan counts (memory.runtime_floor_mb), not the imports' leftovers.
     trim_resident_memory()
     show = sys.stderr.isatty() if progress is None else progress

@@ -138,7 +138,7 @@ def test_peak_rss_is_this_process_not_the_parent():
     benchmark driver) would report 600 MB. The runtime floor and every per-method peak depend on this."""
     ballast = bytearray(600 * 1024 * 1024)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page so it is resident
-    import edge_tune.memory as m
+    import edge_tune.rss as m
 
     # memory.py alone (stdlib imports only), so the child stays far below the parent
     code = (f"import importlib.util as u, sys; s = u.spec_from_file_location('m', {m.__file__!r}); "
@@ -154,7 +154,7 @@ def test_trimming_code_pages_frees_memory_and_keeps_working(tmp_path):
     """A read-only file mapping stands in for a library's code: 48 MB resident, trimmed, still readable."""
     import mmap
 
-    from edge_tune.memory import current_rss_mb, trim_resident_memory
+    from edge_tune.rss import current_rss_mb, trim_resident_memory
 
     f = tmp_path / "lib.so"
     f.write_bytes(bytes(range(256)) * (48 * 4096))

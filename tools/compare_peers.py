@@ -109,7 +109,7 @@ def make_arrays(path: Path, steps: int, batch: int, seq_len: int) -> None:
     did, dmask = pad(dev.texts)
     np.savez(path, train_ids=tid, train_mask=tmask, train_labels=np.array([train.labels[i] for i in order]),
              dev_ids=did, dev_mask=dmask, dev_labels=np.array(dev.labels))  # fmt: skip
-    from edge_tune.memory import trim_resident_memory
+    from edge_tune.rss import trim_resident_memory
 
     # This driver imported torch: drop its code pages, which the edge_tune rows (same venv, same files)
     # could not trim while shared.

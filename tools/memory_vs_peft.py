@@ -39,7 +39,7 @@ def peft_worker(a, texts, labels) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from edge_tune.base import default_model_dir
-    from edge_tune.memory import peak_rss_mb
+    from edge_tune.rss import peak_rss_mb
 
     mdir = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(mdir)
@@ -68,8 +68,8 @@ def peft_worker(a, texts, labels) -> float:
 def edge_worker(a, texts, labels) -> float:
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
-    from edge_tune.memory import peak_rss_mb
     from edge_tune.methods import MethodSpec
+    from edge_tune.rss import peak_rss_mb
     from edge_tune.train import TrainConfig, train
 
     base = load_base(precision=a.precision)
@@ -111,7 +111,7 @@ def main() -> int:
     data.write_text(json.dumps({"texts": texts, "labels": labels}))
     results = {}
     # full_length_texts imported torch here: drop its code pages, which a worker cannot trim while shared
-    from edge_tune.memory import trim_resident_memory
+    from edge_tune.rss import trim_resident_memory
 
     trim_resident_memory()
     for runtime, method, precision, ck in ROWS:

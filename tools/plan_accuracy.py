@@ -47,8 +47,8 @@ def worker(a) -> dict:
 
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
-    from edge_tune.memory import peak_rss_mb, trim_resident_memory
     from edge_tune.methods import MethodSpec
+    from edge_tune.rss import peak_rss_mb, trim_resident_memory
     from edge_tune.train import TrainConfig, train
 
     torch.set_num_threads(2)
@@ -95,9 +95,9 @@ def main() -> int:
         plan_memory,
         runtime_floor_mb,
         startup_peak_mb,
-        trim_resident_memory,
     )
     from edge_tune.methods import MethodSpec
+    from edge_tune.rss import trim_resident_memory
 
     cfg = read_config(default_model_dir())
     print(

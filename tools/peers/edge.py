@@ -20,10 +20,10 @@ def main() -> int:
     import torch.nn.functional as F
 
     from edge_tune.base import load_base
-    from edge_tune.memory import limit_heap_growth
     from edge_tune.methods import MethodSpec, apply_method
     from edge_tune.optim import AdamW
     from edge_tune.patch import Manifest, save_patch
+    from edge_tune.rss import limit_heap_growth
 
     torch.set_num_threads(a.threads)
     limit_heap_growth()  # as `edge-tune train` does

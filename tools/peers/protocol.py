@@ -46,7 +46,7 @@ def one_sentence(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 def peak_rss_mb() -> float:
     """Peak resident set of this process so far (MB): VmHWM, which, unlike ru_maxrss, Linux does not carry
-    over from the parent that started this process. (edge_tune.memory.peak_rss_mb is the same rule; the peer
+    over from the parent that started this process. (edge_tune.rss.peak_rss_mb is the same rule; the peer
     venvs do not have edge_tune installed.)"""
     try:
         with open("/proc/self/status") as f:

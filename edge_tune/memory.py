@@ -96,13 +96,13 @@ def base_weight_bytes(cfg, precision: str) -> int:
 def saved_floats_per_token(cfg, spec) -> int:
     """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
-    attention's q, k, v, output and log-sum-exp, both LayerNorms' inputs and statistics, GELU's input (kept
-    in fp16: half a float each, model._GeluHalfSaved), and, for LoRA, each adapted linear's input and its
-    rank-r projection."""
+    attention's q, k and v (fp16: half a float each, model._AttentionHalfSaved), both LayerNorms' inputs
+    (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and, for
+    LoRA, each adapted linear's input and its rank-r projection."""
     if spec.name == "head":
         return 0  # the encoder runs without autograd
-    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    n = 4 * D + H + (D + 2) + F // 2 + (D + 2)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    n = 3 * D // 2 + (D // 2 + 2) + F // 2 + (D // 2 + 2)
     if spec.name == "lora":
         t = set(spec.targets)
         n += spec.rank * len(t)
@@ -142,7 +142,8 @@ def plan_memory(
     elif checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
         saved = L * D * tokens * FP32 + per_layer
     else:
-        saved = L * per_layer + D * tokens * FP32 * (1 + (spec.name == "bitfit"))  # + pooling, embeddings LN
+        # + the pooling's input, and the embeddings' LayerNorm input (fp16) and statistics where it trains
+        saved = L * per_layer + (D + (D // 2 + 2) * (spec.name == "bitfit")) * tokens * FP32
     dequant = F * D * FP32 if precision != "fp32" else 0  # the reference ops dequantize one weight at a time
     train_ws = workspace_floats_per_token(cfg) * tokens * FP32 + 2 * dequant
     eval_ws = workspace_floats_per_token(cfg) * eval_batch * seq_len * FP32 + dequant

@@ -114,13 +114,74 @@ class EncoderLayer(nn.Module):
         """x: (B, T, D); attn_mask: (B, 1, 1, T) bool, True where a key is a real token."""
         B, T, D = x.shape
         split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        a = F.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=attn_mask
-        )
-        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(B, T, D)))
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        # CPU only: _AttentionHalfSaved reruns torch's CPU flash kernels
+        trains = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if trains and x.device.type == "cpu":
+            a = _AttentionHalfSaved.apply(q, k, v, attn_mask)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = layer_norm(self.ln1, x + self.o(a.transpose(1, 2).reshape(B, T, D)))
         h = self.ff1(x)
         h = _GeluHalfSaved.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.gelu(h)
-        return self.ln2(x + self.ff2(h))
+        return layer_norm(self.ln2, x + self.ff2(h))
+
+
+class _AttentionHalfSaved(torch.autograd.Function):
+    """Scaled dot-product attention that keeps only q, k and v for backward, in fp16, and reruns the
+    forward there. torch's SDPA keeps q, k, v, the output and the log-sum-exp in fp32 (4 x 384 floats a
+    token and layer); this keeps 1.5 x 384, ~24 MB less at batch 16 x 64 tokens. Backward reruns torch's
+    CPU flash-attention forward for the output and log-sum-exp its backward needs: measured +2.5 ms a
+    layer at batch 16 x 64 (~3% of a LoRA step). The gradients are those at the fp16-rounded q, k, v
+    (relative error ~4e-4 against SDPA's), which moves them far less than the int8 weights already do."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+        half = lambda t: t.clamp(-65504.0, 65504.0).to(torch.float16)  # noqa: E731
+        ctx.save_for_backward(half(q), half(k), half(v), attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q16, k16, v16, attn_mask = ctx.saved_tensors
+        q, k, v = q16.float(), k16.float(), v16.float()
+        # the flash kernels take an additive float mask, not SDPA's boolean one
+        bias = torch.zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias
+        )
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias
+        )
+        return dq, dk, dv, None
+
+
+def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+    """`ln(x)`; while training, through _LayerNormHalfSaved."""
+    if torch.is_grad_enabled() and (x.requires_grad or ln.weight.requires_grad or ln.bias.requires_grad):
+        return _LayerNormHalfSaved.apply(x, ln.weight, ln.bias, ln.eps)
+    return ln(x)
+
+
+class _LayerNormHalfSaved(torch.autograd.Function):
+    """LayerNorm that keeps its input for backward in fp16 (with its per-token mean and 1/std in fp32):
+    384 bytes a token less per LayerNorm, ~9 MB over the encoder at batch 16 x 64 tokens. Backward is
+    torch's own, at the fp16-rounded input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        out, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+        ctx.save_for_backward(x.clamp(-65504.0, 65504.0).to(torch.float16), mean, rstd, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x16, mean, rstd, weight, bias = ctx.saved_tensors
+        x = x16.float()
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            grad, x, x.shape[-1:], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3])
+        )
+        return dx, dw, db, None
 
 
 class _GeluHalfSaved(torch.autograd.Function):
@@ -189,7 +250,7 @@ class Encoder(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32."""
         T = ids.shape[1]
-        x = self.emb_ln(self.word(ids) + self.pos[:T] + self.typ)
+        x = layer_norm(self.emb_ln, self.word(ids) + self.pos[:T] + self.typ)
         attn_mask = mask.bool()[:, None, None, :]
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():

@@ -42,3 +42,62 @@ def test_load_base_errors(tmp_path):
         load_base(tmp_path)
     with pytest.raises(EdgeTuneError, match="unknown precision"):
         load_base(precision="int3")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads-transposed"])  # the encoder passes the second
+def test_half_saved_attention_gradients_match_sdpa(layout):
+    """The attention that saves fp16 q/k/v and reruns the forward in backward gives SDPA's output exactly
+    and its gradients to fp16 rounding (relative error well under 1%), with padded keys masked."""
+    from edge_tune import model
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, d = 3, 4, 7, 16
+    shape = (B, H, T, d) if layout == "contiguous" else (B, T, H, d)
+    q, k, v = (torch.randn(*shape, generator=g) * 2 for _ in range(3))
+    if layout != "contiguous":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    mask[2, ..., 2:] = False
+    up = torch.randn(B, H, T, d, generator=g)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, mask)
+        (out * up).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    ref_out, ref = grads(
+        lambda a, b, c, m: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=m)
+    )
+    out, got = grads(model._AttentionHalfSaved.apply)
+    assert torch.equal(out, ref_out)
+    for r, x in zip(ref, got, strict=True):
+        assert ((x - r).norm() / r.norm()).item() < 3e-3
+
+
+def test_half_saved_gelu_gradient_matches_gelu():
+    from edge_tune.model import _GeluHalfSaved
+
+    h = (torch.randn(64, 96, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
+    ref = torch.autograd.grad(torch.nn.functional.gelu(h).sum(), h)[0]
+    got = torch.autograd.grad(_GeluHalfSaved.apply(h).sum(), h)[0]
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_half_saved_layer_norm_gradients_match_layer_norm():
+    from edge_tune.model import layer_norm
+
+    g = torch.Generator().manual_seed(2)
+    ln = torch.nn.LayerNorm(48, eps=1e-12)
+    with torch.no_grad():
+        ln.weight.copy_(torch.rand(48, generator=g) + 0.5)
+        ln.bias.copy_(torch.randn(48, generator=g))
+    x = (torch.randn(5, 7, 48, generator=g) * 3 + 10).requires_grad_()  # an offset, as residual streams have
+    up = torch.randn(5, 7, 48, generator=g)
+    ref = torch.autograd.grad((ln(x) * up).sum(), [x, ln.weight, ln.bias])
+    out = layer_norm(ln, x)
+    assert torch.equal(out, ln(x))
+    got = torch.autograd.grad((out * up).sum(), [x, ln.weight, ln.bias])
+    for r, v in zip(ref, got, strict=True):
+        assert ((v - r).norm() / r.norm()).item() < 3e-3

@@ -86,15 +86,17 @@ def fallback_reason() -> str:
 
 
 def kernel_paths() -> dict[str, str]:
-    """Which implementation each edge_tune:: op runs on CPU now (for `edge-tune doctor`)."""
+    """Which implementation each edge_tune:: op runs now (for `edge-tune doctor`)."""
     from .ops import ALL_OPS
 
     loaded = load_kernels()
     if not loaded:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
     dynamic = ("int8_linear_dynamic", "int8_linear_dynamic_grad_input", "lora_linear")
+    cuda = "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)" if torch.cuda.is_available() else ""
     return {
-        name: f"C++ (cpp_ext/{'cpu_dynamic' if name in dynamic else 'cpu_kernels'}.cpp)" for name in ALL_OPS
+        name: f"C++ (cpp_ext/{'cpu_dynamic' if name in dynamic else 'cpu_kernels'}.cpp){cuda}"
+        for name in ALL_OPS
     }
 
 

@@ -326,6 +326,9 @@ def _floor_values(refresh: bool = False) -> dict[str, float]:
             return {"floor": float(v["floor"]), "startup": float(v["startup"])}
     import subprocess
 
+    # A page this process maps too cannot be trimmed in the child (MADV_PAGEOUT skips shared pages): measured
+    # from an untrimmed parent holding torch (pytest, say) the floor read 260 MB instead of 204.
+    trim_resident_memory()
     p = subprocess.run([sys.executable, "-m", "edge_tune.memory", "--measure-floor"], capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})  # fmt: skip
     if p.returncode != 0:

@@ -114,17 +114,21 @@ class EncoderLayer(nn.Module):
         """x: (B, T, D); attn_mask: (B, 1, 1, T) bool, True where a key is a real token."""
         B, T, D = x.shape
         split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        # CPU only: _AttentionHalfSaved reruns torch's CPU flash kernels
-        trains = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if trains and x.device.type == "cpu":
-            a = _AttentionHalfSaved.apply(q, k, v, attn_mask)
-        else:
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # q, k and v as arguments, not locals: they are freed when attention returns, not at the layer's end
+        a = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask)
         x = layer_norm(self.ln1, x + self.o(a.transpose(1, 2).reshape(B, T, D)))
         h = self.ff1(x)
         h = _GeluHalfSaved.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.gelu(h)
         return layer_norm(self.ln2, x + self.ff2(h))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+    """Scaled dot-product attention; while training on CPU, through _AttentionHalfSaved (it reruns torch's
+    CPU flash kernels)."""
+    trains = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if trains and q.device.type == "cpu":
+        return _AttentionHalfSaved.apply(q, k, v, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class _AttentionHalfSaved(torch.autograd.Function):

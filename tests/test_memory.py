@@ -150,6 +150,18 @@ def test_peak_rss_is_this_process_not_the_parent():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux-only")
+def test_floor_measured_from_a_parent_holding_torch_is_trimmed(tmp_path, monkeypatch):
+    """pytest holds torch's pages resident; the floor's child shares them and could not trim them unless the
+    parent trims first (measured: 260 MB instead of 204, above the untrimmed startup peak of 222)."""
+    from edge_tune import memory
+
+    monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path))
+    torch.randn(64, 64) @ torch.randn(64, 64)  # this process's torch code is resident
+    v = memory._floor_values(refresh=True)
+    assert v["floor"] < v["startup"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux-only")
 def test_trimming_code_pages_frees_memory_and_keeps_working(tmp_path):
     """A read-only file mapping stands in for a library's code: 48 MB resident, trimmed, still readable."""
     import mmap

@@ -130,3 +130,42 @@ def test_cuda_opcheck():
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
                 and "grad_input" not in name and "embedding" not in name else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cuda_model_step_matches_cpu(method, precision):
+    """A whole (small, random) model on CUDA: the logits and every trainable gradient of one step equal
+    the CPU model's. Random weights (memory.skeleton): this machine may not have the packaged MiniLM."""
+    import copy
+
+    from edge_tune.memory import skeleton
+    from edge_tune.methods import MethodSpec, apply_method
+    from edge_tune.model import BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=300, num_hidden_layers=2, max_position_embeddings=40)
+    cpu = skeleton(cfg, precision)
+    apply_method(cpu, MethodSpec(method, rank=4, targets=("q", "v", "ff2")))
+    with torch.no_grad():  # non-zero LoRA B, so that every factor gets a gradient
+        for name, p in cpu.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    gpu = copy.deepcopy(cpu).cuda()
+    ids = torch.randint(0, 300, (5, 33))
+    mask = torch.ones(5, 33, dtype=torch.long)
+    mask[1, 20:] = 0
+    results = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        model.eval()  # no dropout: the two devices draw different masks
+        logits = model(ids.to(dev), mask.to(dev))
+        logits.square().sum().backward()
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach().cpu(), grads))
+    (lc, gc), (lg, gg) = results
+    torch.testing.assert_close(lg, lc, rtol=1e-3, atol=1e-3)
+    assert gc.keys() == gg.keys() and gc
+    for name in gc:
+        torch.testing.assert_close(
+            gg[name], gc[name], rtol=1e-2, atol=1e-2 * gc[name].abs().max().item() + 1e-6
+        )

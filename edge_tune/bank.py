@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Base, load_base
-from .data import collate, encode
+from .data import collate, encode, length_buckets
 from .errors import PatchError
 from .model import QuantLinear
 from .patch import Patch, load_patch
@@ -194,8 +194,8 @@ class PatchBank:
         model.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
-            for s in range(0, len(order), batch_size):
-                idx = torch.tensor(order[s : s + batch_size])
+            for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
+                idx = torch.tensor(order[s:e])
                 for lin, (a, b) in stacks.items():
                     lin.lora_rows = (a[pid[idx]], b[pid[idx]])
                 feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))

@@ -300,15 +300,16 @@ class Classifier(nn.Module):
     @torch.inference_mode()
     def predict_proba(self, rows: list, batch_size: int = 64) -> Tensor:
         """rows: token-id arrays -> class probabilities (N, num_labels), in eval mode. Rows are run in
-        length order so that each batch pads little, and returned in the order given."""
-        from .data import collate
+        length order, in passes of at most `batch_size` cut where padding would cost most
+        (data.length_buckets), and returned in the order given."""
+        from .data import collate, length_buckets
 
         was_training = self.training
         self.eval()
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = torch.empty(len(rows), self.head.weight.shape[0])
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for s, e in length_buckets([len(rows[i]) for i in order], batch_size):
+            idx = order[s:e]
             out[idx] = self(*collate([rows[i] for i in idx])).softmax(-1)
         self.train(was_training)
         return out

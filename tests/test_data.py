@@ -63,3 +63,31 @@ def test_collate_pads_and_masks():
 
     ids, mask = collate([np.array([101, 7, 102]), np.array([101, 102])])
     assert ids.tolist() == [[101, 7, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_length_buckets_cover_the_rows_and_minimise_padded_tokens():
+    import itertools
+    import random
+
+    from edge_tune.data import length_buckets
+
+    def cost(spans, lengths, per_pass):
+        return sum((e - s) * lengths[e - 1] + per_pass for s, e in spans)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, max_rows, per_pass = rng.randint(1, 8), rng.randint(1, 5), rng.choice([0, 16, 200])
+        lengths = sorted(rng.randint(2, 64) for _ in range(n))
+        spans = length_buckets(lengths, max_rows, per_pass)
+        assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == n
+        assert all(0 < e - s <= max_rows for s, e in spans)
+        best = min(  # every way to cut n sorted rows into runs of at most max_rows
+            cost(list(zip((0, *cuts), (*cuts, n), strict=True)), lengths, per_pass)
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+            if all(0 < e - s <= max_rows for s, e in zip((0, *cuts), (*cuts, n), strict=True))
+        )
+        assert cost(spans, lengths, per_pass) == best
+    assert length_buckets([], 4) == []
+    # one long sentence no longer pads a batch of short ones
+    assert length_buckets([3, 4, 4, 5, 49], 32) == [(0, 4), (4, 5)]

@@ -170,3 +170,39 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                         "--expt-relaxed-constexpr", *includes], capture_output=True, text=True, timeout=600)  # fmt: skip
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert p.returncode == 0 and (tmp_path / "k.o").is_file(), "\n".join(errors[:10]) or p.stderr[-2000:]
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@needs_kernels
+@pytest.mark.skipif(not _cpu_has_vnni(), reason="no AVX-512 VNNI on this CPU: only the AVX2 path runs")
+def test_vnni_and_avx2_paths_give_the_same_outputs(tmp_path):
+    """The dispatch picks vpdpbusd (AVX-512 VNNI) where the CPU has it; EDGE_TUNE_NO_VNNI=1 forces the AVX2
+    vpmaddubsw path. With 7-bit activations neither saturates, so the outputs must be bit-identical."""
+    code = (
+        "import sys, torch\n"
+        "from edge_tune import ops, quant\n"
+        "from edge_tune.kernels import load_kernels\n"
+        "assert load_kernels()\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "q8, s8 = quant.quantize_int8(torch.randn(96, 384, generator=g))\n"
+        "b = torch.randn(96, generator=g)\n"
+        "xs = [torch.randn(m, 384, generator=g) * 3 for m in (5, 40)]\n"
+        "torch.save([ops.int8_linear_dynamic(x, q8, s8, b) for x in xs]"
+        " + [ops.int8_linear_dynamic_grad_input(torch.randn(40, 96, generator=g), q8, s8)], sys.argv[1])\n"
+    )
+    outs = []
+    for flag in ("", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "EDGE_TUNE_NO_VNNI"}
+        if flag:
+            env["EDGE_TUNE_NO_VNNI"] = flag
+        path = tmp_path / f"out{flag}.pt"
+        subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, capture_output=True)
+        outs.append(torch.load(path))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)

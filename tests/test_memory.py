@@ -178,3 +178,17 @@ def test_trimming_code_pages_frees_memory_and_keeps_working(tmp_path):
         assert sum(m[i] for i in range(0, len(m), 4096)) == touched  # the dropped pages fault back in
     x = torch.randn(64, 64)
     assert torch.equal(x @ x, x @ x)
+
+
+def test_mmap_threshold_env(monkeypatch, capsys):
+    from edge_tune.rss import MMAP_THRESHOLD_ENV, mmap_threshold_bytes
+
+    monkeypatch.delenv(MMAP_THRESHOLD_ENV, raising=False)
+    assert mmap_threshold_bytes() == 64 * 1024
+    monkeypatch.setenv(MMAP_THRESHOLD_ENV, "2048")
+    assert mmap_threshold_bytes() == 2048 * 1024
+    for bad in ("-1", "0", "lots", "1.5"):
+        monkeypatch.setenv(MMAP_THRESHOLD_ENV, bad)
+        assert mmap_threshold_bytes() == 64 * 1024
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and MMAP_THRESHOLD_ENV in err

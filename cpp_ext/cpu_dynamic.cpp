@@ -107,7 +107,6 @@ __attribute__((target("avx2"))) void tile_avx2(const uint8_t* x, int64_t ldx, co
       out[r * 2 + c] = t;
     }
 }
-
 #endif
 
 
@@ -230,18 +229,10 @@ struct Panels {
   PanelFn by_rows[5];
 };
 
-bool has_vnni() {
-#ifdef ET_X86
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
-
 Panels pick_panels() {
 #ifdef ET_X86
-  if (has_vnni() && !std::getenv("EDGE_TUNE_NO_VNNI"))
+  // EDGE_TUNE_NO_VNNI=1 keeps AVX2 on a VNNI CPU: to compare the two, and to test both on one machine
+  if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") && !std::getenv("EDGE_TUNE_NO_VNNI"))
     return {{nullptr, panel_vnni<1>, panel_vnni<2>, panel_vnni<3>, panel_vnni<4>}};
   if (__builtin_cpu_supports("avx2"))
     return {{nullptr, panel_avx2<1>, panel_avx2<2>, panel_avx2<3>, panel_avx2<4>}};

@@ -21,7 +21,7 @@ log = logging.getLogger("edge_tune")
 
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
 CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
-CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp", CPP_DIR / "cpu_dynamic.cpp"]
+CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp", CPP_DIR / "cpu_dynamic.cpp", CPP_DIR / "cpu_allocator.cpp"]
 CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
 _state: dict = {"loaded": None, "reason": ""}
@@ -70,6 +70,9 @@ def load_kernels() -> bool:
                 raise RuntimeError((p.stderr.strip().splitlines() or ["the kernel build failed"])[-1])
         torch.ops.load_library(str(so))
         _state["loaded"] = True
+        from .rss import start_tensor_cache
+
+        start_tensor_cache()
     except Exception as e:  # any build or load failure: the references still work
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         _state["reason"] = f"{e.__class__.__name__}: {first}"

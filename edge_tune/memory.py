@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rss import peak_rss_mb, reset_peak_rss, trim_resident_memory
+from .rss import peak_rss_mb, reset_peak_rss, tensor_cache_slack_mb, trim_resident_memory
 
 # Everything below is in bytes until MemoryPlan reports MB. Activations are fp32 (4 bytes), counted per
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
@@ -42,6 +42,9 @@ class MemoryPlan:
     activations_per_layer_mb: float
     workspace_mb: float  # transient buffers of the largest op of a training step
     eval_extra_mb: float  # how far an evaluation batch's transients exceed a training step's (else 0)
+    tensor_cache_mb: float = (
+        0.0  # what the tensor cache may hold beyond the working set (rss.tensor_cache_slack_mb)
+    )
     startup_peak_mb: float = 0.0  # imports' peak, before trim_resident_memory: a floor for the whole process
 
     @property
@@ -73,7 +76,7 @@ class MemoryPlan:
 
 
 PLAN_PARTS = ("runtime_floor_mb", "base_weights_mb", "data_mb", "trainable_mb", "gradients_mb", "optimizer_mb",
-              "activations_mb", "workspace_mb", "eval_extra_mb")  # fmt: skip
+              "activations_mb", "workspace_mb", "eval_extra_mb", "tensor_cache_mb")  # fmt: skip
 
 
 def base_weight_bytes(cfg, precision: str) -> int:
@@ -160,6 +163,7 @@ def plan_memory(
         activations_per_layer_mb=per_layer / MB,
         workspace_mb=train_ws / MB,
         eval_extra_mb=max(0, eval_ws - saved - train_ws) / MB,
+        tensor_cache_mb=tensor_cache_slack_mb() or 0.0,
         startup_peak_mb=startup_peak_mb(),
     )  # fmt: skip
 

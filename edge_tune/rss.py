@@ -66,6 +66,63 @@ def limit_heap_growth(mmap_threshold: int | None = None) -> bool:
         return False
 
 
+TENSOR_CACHE_ENV = (
+    "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or the MB the tensor cache may add to the peak (default 0)
+)
+
+
+def tensor_cache_slack_mb() -> float | None:
+    """How many MB the tensor cache (cpp_ext/cpu_allocator.cpp) may hold beyond the process's own high-water
+    mark: $EDGE_TUNE_TENSOR_CACHE_MB, default 0 (reuse only what the peak already needed); None for "off".
+    A bad value is ignored with one line on stderr."""
+    raw = os.environ.get(TENSOR_CACHE_ENV, "0").strip().lower()
+    if raw == "off":
+        return None
+    try:
+        mb = float(raw)
+        if not mb >= 0 or mb == float("inf"):
+            raise ValueError
+        return mb
+    except ValueError:
+        print(
+            f"edge_tune: ignoring {TENSOR_CACHE_ENV}={raw!r} (want MB >= 0, or 'off'); using 0",
+            file=sys.stderr,
+        )
+        return 0.0
+
+
+def start_tensor_cache() -> bool:
+    """Install the compiled tensor cache as torch's CPU allocator with tensor_cache_slack_mb() of slack, or
+    stop it for "off"; empties it either way. Freed tensors of 64 KB and more are then reused instead of
+    mapped and faulted in afresh: a LoRA step (16 x 64, 2 threads) measured 650 ms without, ~440 ms at
+    0 MB (same peak RSS), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels
+    calls this); returns whether the cache is on."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch.ops.edge_tune, "tensor_cache_configure"):
+        return False
+    slack = tensor_cache_slack_mb()
+    torch.ops.edge_tune.tensor_cache_configure(-1 if slack is None else int(slack * 2**20))
+    return slack is not None
+
+
+def tensor_cache_stats() -> dict[str, float]:
+    """The tensor cache's counters: hits, misses (allocations of 64 KB and more), cached_mb, live_mb,
+    peak_live_mb, on (1/0). Empty where the kernels are not loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch.ops.edge_tune, "tensor_cache_stats"):
+        return {}
+    hits, misses, cached, live, peak, on = torch.ops.edge_tune.tensor_cache_stats()
+    mb = 2**20
+    return {"hits": hits, "misses": misses, "cached_mb": cached / mb, "live_mb": live / mb,
+            "peak_live_mb": peak / mb, "on": on}  # fmt: skip
+
+
+def _empty_tensor_cache() -> None:
+    stats = tensor_cache_stats()
+    if stats.get("on"):
+        start_tensor_cache()  # frees what it holds and restarts its high-water mark from what is live
+
+
 MADV_PAGEOUT = 21  # Linux >= 5.4
 
 
@@ -76,7 +133,9 @@ def trim_resident_memory() -> float:
     wrote it, and training runs little of it), and the free memory glibc keeps in its heaps (malloc_trim:
     ~3 MB after tokenizing SST-2). Code pages still in use fault back in on their next touch, so what stays
     is the working set; nothing is written anywhere (the pages are clean copies of files). Returns the MB
-    freed; 0 where madvise(MADV_PAGEOUT) (Linux >= 5.4) and glibc are unavailable."""
+    freed; 0 where madvise(MADV_PAGEOUT) (Linux >= 5.4) and glibc are unavailable. The tensor cache is
+    emptied too, and its high-water mark restarts from here."""
+    _empty_tensor_cache()
     if not sys.platform.startswith("linux"):
         return 0.0
     try:

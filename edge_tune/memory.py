@@ -42,9 +42,7 @@ class MemoryPlan:
     activations_per_layer_mb: float
     workspace_mb: float  # transient buffers of the largest op of a training step
     eval_extra_mb: float  # how far an evaluation batch's transients exceed a training step's (else 0)
-    tensor_cache_mb: float = (
-        0.0  # what the tensor cache may hold beyond the working set (rss.tensor_cache_slack_mb)
-    )
+    tensor_cache_mb: float = 0.0  # the tensor cache's slack beyond the working set (rss.py)
     startup_peak_mb: float = 0.0  # imports' peak, before trim_resident_memory: a floor for the whole process
 
     @property

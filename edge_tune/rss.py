@@ -66,9 +66,7 @@ def limit_heap_growth(mmap_threshold: int | None = None) -> bool:
         return False
 
 
-TENSOR_CACHE_ENV = (
-    "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or the MB the tensor cache may add to the peak (default 0)
-)
+TENSOR_CACHE_ENV = "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or MB the tensor cache may add to the peak
 
 
 def tensor_cache_slack_mb() -> float | None:

@@ -17,7 +17,7 @@ from edge_tune.kernels import fallback_reason, load_kernels
 LOADED = load_kernels()
 needs_kernels = pytest.mark.skipif(not LOADED, reason=f"C++ kernels off: {fallback_reason()}")
 SHAPES = [(384, 1536), (1536, 384), (64, 96), (32, 33)]  # (in K, out N): MiniLM's, small, odd N
-ROWS = [0, 1, 8, 17, 300]  # direct kernel (<= 16 rows) and dequantize + GEMM paths, and an empty batch
+ROWS = [0, 1, 3, 8, 17, 300]  # direct kernels (<= 16 rows; dynamic int8: <= 4) and GEMM paths, an empty batch
 
 
 def _weights(k, n, seed=0):
@@ -49,7 +49,8 @@ def test_linear_kernels_match_references(k, n, m):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("k", "n"), SHAPES + [(30, 17)])  # k not a multiple of 4: the padded panel path
+# k not a multiple of 4: the padded panel path; 70: the row sums' vector loop and its tail
+@pytest.mark.parametrize(("k", "n"), SHAPES + [(30, 17), (70, 17)])
 @pytest.mark.parametrize("m", ROWS)
 def test_dynamic_int8_and_lora_kernels_match_references(k, n, m):
     """The integer part is exact, so only the float epilogue may differ (by rounding order)."""
@@ -77,7 +78,7 @@ def test_dynamic_int8_rows_do_not_depend_on_their_batch():
     b = torch.randn(1536, generator=g)
     x = torch.randn(40, 384, generator=g)
     whole = ops.int8_linear_dynamic(x, q8, s8, b)
-    pieces = torch.cat([ops.int8_linear_dynamic(x[i : i + 8], q8, s8, b) for i in range(0, 40, 8)])
+    pieces = torch.cat([ops.int8_linear_dynamic(x[i : i + 3], q8, s8, b) for i in range(0, 40, 3)])
     assert torch.equal(whole, pieces)
     assert torch.equal(whole, ops.int8_linear_dynamic_ref(x, q8, s8, b))
 

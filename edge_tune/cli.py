@@ -181,7 +181,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from .kernels import KERNELS_ENV, kernel_paths
-    from .rss import TENSOR_CACHE_ENV, tensor_cache_slack_mb, tensor_cache_stats
+    from .rss import tensor_cache_summary
 
     flags = ""
     with contextlib.suppress(OSError):
@@ -201,10 +201,7 @@ def cmd_doctor(args) -> int:
     print(f"kernels          {KERNELS_ENV}={os.environ.get(KERNELS_ENV, '1')}")
     for op, where in kernel_paths().items():
         print(f"  edge_tune::{op:24} {where}")
-    on = tensor_cache_stats().get("on")
-    print(
-        f"tensor cache     {'on' if on else 'off'}, slack {tensor_cache_slack_mb()} MB ({TENSOR_CACHE_ENV})"
-    )
+    print(f"tensor cache     {tensor_cache_summary()}")
     return 0
 
 

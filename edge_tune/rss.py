@@ -115,6 +115,15 @@ def tensor_cache_stats() -> dict[str, float]:
             "peak_live_mb": peak / mb, "on": on}  # fmt: skip
 
 
+def tensor_cache_summary() -> str:
+    """One line for `edge-tune doctor`: on or off, the slack, and the counters so far."""
+    s = tensor_cache_stats()
+    state = "on" if s.get("on") else "off (kernels not loaded)" if not s else "off"
+    slack = tensor_cache_slack_mb()
+    counts = f", {s['hits']} hits / {s['misses']} misses" if s else ""
+    return f"{state}, slack {'-' if slack is None else slack} MB ({TENSOR_CACHE_ENV}){counts}"
+
+
 def _empty_tensor_cache() -> None:
     stats = tensor_cache_stats()
     if stats.get("on"):

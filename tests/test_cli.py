@@ -229,3 +229,15 @@ def test_plan_verb_prints_the_itemised_plan(capsys):
     )
     out = capsys.readouterr().out
     assert (code == 0) == ("-> fits" in out)
+
+
+def test_doctor_names_every_op_and_the_tensor_cache(capsys):
+    from edge_tune.kernels import load_kernels
+    from edge_tune.ops import ALL_OPS
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for op in ALL_OPS:
+        assert f"edge_tune::{op} " in out
+    cache_line = next(ln for ln in out.splitlines() if ln.startswith("tensor cache"))
+    assert cache_line.split()[2].startswith("on," if load_kernels() else "off")

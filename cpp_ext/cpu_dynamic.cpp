@@ -240,13 +240,13 @@ Panels pick_panels() {
   return {{nullptr, panel_scalar<1>, panel_scalar<2>, panel_scalar<3>, panel_scalar<4>}};
 }
 
-// Row sums of the int8 weight (the zero-point correction of the epilogue), recomputed every call because the
-// weight is not ours to annotate. Scalar, this pass cost as much as the few-row product itself.
 // Above this many rows the panel GEMM beats the two-column tiles even for one sentence's tokens: measured on
 // a 2-core AVX2 EPYC at 10 rows, 384->384 61 -> 37 us, 1536->384 121 -> 100 us (kDirectMaxRows, 16, is the
 // weight-only int8 kernels' threshold).
 constexpr int64_t kDynamicDirectMaxRows = 4;
 
+// Row sums of the int8 weight (the zero-point correction of the epilogue), recomputed every call because the
+// weight is not ours to annotate. Scalar, this pass cost as much as the few-row product itself.
 using RowSumFn = void (*)(const int8_t*, int64_t, int64_t, int32_t*);
 
 void row_sums_scalar(const int8_t* w, int64_t rows, int64_t k, int32_t* out) {

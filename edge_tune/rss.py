@@ -89,27 +89,36 @@ def tensor_cache_slack_mb() -> float | None:
         return 0.0
 
 
+def _tensor_cache_ops():
+    """torch.ops.edge_tune where the compiled kernels (and with them the cache's ops) are loaded, else None.
+    Never imports torch: this module is also used before it is."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch.ops.edge_tune, "tensor_cache_configure"):
+        return None
+    return torch.ops.edge_tune
+
+
 def start_tensor_cache() -> bool:
     """Install the compiled tensor cache as torch's CPU allocator with tensor_cache_slack_mb() of slack, or
     stop it for "off"; empties it either way. Freed tensors of 64 KB and more are then reused instead of
     mapped and faulted in afresh: a LoRA step (16 x 64, 2 threads) measured 650 ms without, ~440 ms at
     0 MB (same peak RSS), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels
     calls this); returns whether the cache is on."""
-    torch = sys.modules.get("torch")
-    if torch is None or not hasattr(torch.ops.edge_tune, "tensor_cache_configure"):
+    ops = _tensor_cache_ops()
+    if ops is None:
         return False
     slack = tensor_cache_slack_mb()
-    torch.ops.edge_tune.tensor_cache_configure(-1 if slack is None else int(slack * 2**20))
+    ops.tensor_cache_configure(-1 if slack is None else int(slack * 2**20))
     return slack is not None
 
 
 def tensor_cache_stats() -> dict[str, float]:
     """The tensor cache's counters: hits, misses (allocations of 64 KB and more), cached_mb, live_mb,
     peak_live_mb, on (1/0). Empty where the kernels are not loaded."""
-    torch = sys.modules.get("torch")
-    if torch is None or not hasattr(torch.ops.edge_tune, "tensor_cache_stats"):
+    ops = _tensor_cache_ops()
+    if ops is None:
         return {}
-    hits, misses, cached, live, peak, on = torch.ops.edge_tune.tensor_cache_stats()
+    hits, misses, cached, live, peak, on = ops.tensor_cache_stats()
     mb = 2**20
     return {"hits": hits, "misses": misses, "cached_mb": cached / mb, "live_mb": live / mb,
             "peak_live_mb": peak / mb, "on": on}  # fmt: skip

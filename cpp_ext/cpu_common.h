@@ -11,6 +11,7 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)

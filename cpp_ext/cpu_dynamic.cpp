@@ -2,9 +2,11 @@
 // quantized per token, int8 x int8 -> int32 products, one fused epilogue. Schemas and references: ops.py.
 
 #include "cpu_common.h"
+#include "int8_panels.h"
 
 namespace {
 using namespace edge_tune_cpu;
+using namespace edge_tune_int8;
 
 // ---- dynamic int8: per-token activation quantization, int8 x int8 -> int32 GEMM, fused epilogue ----
 // Activations are quantized per row to 7-bit unsigned with a zero point (as fbgemm's reduce_range does on
@@ -64,152 +66,6 @@ RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
   return q;
 }
 
-// R rows of xu against 2 weight rows: out[r * 2 + c] = sum_k xu[r, k] * w[c, k].
-template <int R>
-void tile_scalar(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k, int ncols, int32_t* out) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ncols; ++c) {
-      int32_t acc = 0;
-      for (int64_t i = 0; i < k; ++i) acc += static_cast<int32_t>(x[r * ldx + i]) * w[c * ldw + i];
-      out[r * 2 + c] = acc;
-    }
-}
-
-#ifdef ET_X86
-__attribute__((target("avx2"))) inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-template <int R>
-__attribute__((target("avx2"))) void tile_avx2(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k,
-                                               int ncols, int32_t* out) {
-  if (ncols < 2) return tile_scalar<R>(x, ldx, w, ldw, k, ncols, out);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ldw + i));
-    for (int r = 0; r < R; ++r) {
-      const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * ldx + i));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xr, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xr, w1), ones));
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2; ++c) {
-      int32_t t = hsum_epi32(acc[r][c]);
-      for (int64_t j = i; j < k; ++j) t += static_cast<int32_t>(x[r * ldx + j]) * w[c * ldw + j];
-      out[r * 2 + c] = t;
-    }
-}
-#endif
-
-
-// Many rows: the weight is repacked per block of 64 output columns into [k/4][col][4] so that one 32-byte
-// load holds 4 consecutive k of 8 columns, the 4 matching x bytes of a row are broadcast, and vpmaddubsw +
-// vpmaddwd leave 8 columns' partial sums in one register: no horizontal sums, a vector epilogue.
-// A block is as wide as keeps its packed bytes (block columns x k) within ~24 KB, so that it stays in L1
-// while every row tile of x passes over it: 64 columns at k = 384, 16 at k = 1536.
-constexpr int64_t kL1Block = 24 * 1024;
-
-int64_t block_cols(int64_t k4) { return std::max<int64_t>(16, std::min<int64_t>(64, kL1Block / (16 * k4) * 16)); }
-
-void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
-  std::fill(out, out + k4 * bcols, 0);
-  const int64_t cols = std::min(bcols, n - c0);
-  for (int64_t c = 0; c < cols; ++c) {
-    const int8_t* wr = w + (c0 + c) * k;
-    for (int64_t kb = 0; kb < k / 4; ++kb) std::memcpy(out + (kb * bcols + c) * 4, wr + kb * 4, 4);
-    for (int64_t i = k / 4 * 4; i < k; ++i) out[((i / 4) * bcols + c) * 4 + (i % 4)] = wr[i];
-  }
-}
-
-// The same layout from the transpose of a row-major (red, ld) weight: output column c0 + c reads down column
-// c0 + c of w (the input gradient reduces over the forward's output dimension).
-void pack_block_t(const int8_t* w, int64_t red, int64_t ld, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
-  std::fill(out, out + k4 * bcols, 0);
-  const int64_t cols = std::min(bcols, ld - c0);
-  for (int64_t i = 0; i < red; ++i) {
-    const int8_t* wr = w + i * ld + c0;
-    int8_t* o = out + (i / 4) * bcols * 4 + (i % 4);
-    for (int64_t c = 0; c < cols; ++c) o[c * 4] = wr[c];
-  }
-}
-
-#ifdef ET_X86
-template <int R>
-__attribute__((target("avx2"))) void panel_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4,
-                                                int64_t bcols, int32_t* out /* R x 16 */) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t kb = 0; kb < k4 / 4; ++kb) {
-    const int8_t* p = pw + kb * bcols * 4;
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, x + r * ldx + kb * 4, 4);
-      const __m256i xb = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16), acc[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16 + 8), acc[r][1]);
-  }
-}
-
-// AVX-512 VNNI: one 64-byte load holds 4 k of all 16 columns, one vpdpbusd per row and k-quad (it does
-// vpmaddubsw + vpmaddwd + vpaddd in one; with 7-bit activations vpmaddubsw never saturates, so both paths
-// give the same integers). Two accumulator banks (even and odd k-quads): vpdpbusd's latency, not its
-// throughput, bounds a single chain. For few rows (the tile path) the AVX2 chain measured faster.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uint8_t* x, int64_t ldx, const int8_t* pw,
-                                                                        int64_t k4, int64_t bcols, int32_t* out) {
-  __m512i even[R], odd[R];
-  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_si512();
-  const int64_t quads = k4 / 4;
-  int64_t kb = 0;
-  for (; kb + 2 <= quads; kb += 2) {
-    const __m512i w0 = _mm512_loadu_si512(pw + kb * bcols * 4);
-    const __m512i w1 = _mm512_loadu_si512(pw + (kb + 1) * bcols * 4);
-    for (int r = 0; r < R; ++r) {
-      int32_t f0, f1;
-      std::memcpy(&f0, x + r * ldx + kb * 4, 4);
-      std::memcpy(&f1, x + r * ldx + kb * 4 + 4, 4);
-      even[r] = _mm512_dpbusd_epi32(even[r], _mm512_set1_epi32(f0), w0);
-      odd[r] = _mm512_dpbusd_epi32(odd[r], _mm512_set1_epi32(f1), w1);
-    }
-  }
-  if (kb < quads) {
-    const __m512i w0 = _mm512_loadu_si512(pw + kb * bcols * 4);
-    for (int r = 0; r < R; ++r) {
-      int32_t f0;
-      std::memcpy(&f0, x + r * ldx + kb * 4, 4);
-      even[r] = _mm512_dpbusd_epi32(even[r], _mm512_set1_epi32(f0), w0);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_si512(out + r * 16, _mm512_add_epi32(even[r], odd[r]));
-}
-#endif
-
-template <int R>
-void panel_scalar(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4, int64_t bcols, int32_t* out) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 16; ++c) {
-      int32_t acc = 0;
-      for (int64_t i = 0; i < k4; ++i) acc += static_cast<int32_t>(x[r * ldx + i]) * pw[((i / 4) * bcols + c) * 4 + i % 4];
-      out[r * 16 + c] = acc;
-    }
-}
-
 // y[c] = (acc[c] - zp * wsum[c]) * sx * sw[c] + b[c] for one row's run of columns. The one epilogue of every
 // path, compiled without FMA contraction: a row's output then never depends on which path (few or many rows,
 // so which batch it came in) computed it, and equals the reference's separately rounded float ops.
@@ -223,85 +79,28 @@ ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float 
 }
 #pragma GCC pop_options
 
-using PanelFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
-
-struct Panels {
-  PanelFn by_rows[5];
-};
-
-Panels pick_panels() {
-#ifdef ET_X86
-  // EDGE_TUNE_NO_VNNI=1 keeps AVX2 on a VNNI CPU: to compare the two, and to test both on one machine
-  if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") && !std::getenv("EDGE_TUNE_NO_VNNI"))
-    return {{nullptr, panel_vnni<1>, panel_vnni<2>, panel_vnni<3>, panel_vnni<4>}};
-  if (__builtin_cpu_supports("avx2"))
-    return {{nullptr, panel_avx2<1>, panel_avx2<2>, panel_avx2<3>, panel_avx2<4>}};
-#endif
-  return {{nullptr, panel_scalar<1>, panel_scalar<2>, panel_scalar<3>, panel_scalar<4>}};
+// The integer cores for this CPU, chosen once per process (int8_panels.h: its fastest ISA, or the one
+// EDGE_TUNE_INT8_ISA names).
+Isa picked_isa() {
+  static const Isa isa = best_isa();
+  return isa;
 }
+const Int8Kernels& picked() {
+  static const Int8Kernels k = int8_kernels(picked_isa());
+  return k;
+}
+
+std::string int8_isa() { return isa_name(picked_isa()); }
 
 // Above this many rows the panel GEMM beats the two-column tiles even for one sentence's tokens: measured on
 // a 2-core AVX2 EPYC at 10 rows, 384->384 61 -> 37 us, 1536->384 121 -> 100 us (kDirectMaxRows, 16, is the
 // weight-only int8 kernels' threshold).
 constexpr int64_t kDynamicDirectMaxRows = 4;
 
-// Row sums of the int8 weight (the zero-point correction of the epilogue), recomputed every call because the
-// weight is not ours to annotate. Scalar, this pass cost as much as the few-row product itself.
-using RowSumFn = void (*)(const int8_t*, int64_t, int64_t, int32_t*);
-
-void row_sums_scalar(const int8_t* w, int64_t rows, int64_t k, int32_t* out) {
-  for (int64_t o = 0; o < rows; ++o) {
-    int32_t t = 0;
-    for (int64_t i = 0; i < k; ++i) t += w[o * k + i];
-    out[o] = t;
-  }
-}
-
-#if defined(ET_X86)
-__attribute__((target("avx2"))) void row_sums_avx2(const int8_t* w, int64_t rows, int64_t k, int32_t* out) {
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  for (int64_t o = 0; o < rows; ++o) {
-    const int8_t* r = w + o * k;
-    __m256i acc = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {  // |pair sums| <= 256: no int16 saturation in maddubs
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
-    }
-    int32_t t = hsum_epi32(acc);
-    for (; i < k; ++i) t += r[i];
-    out[o] = t;
-  }
-}
-#endif
-
-RowSumFn pick_row_sums() {
-#if defined(ET_X86)
-  if (__builtin_cpu_supports("avx2")) return row_sums_avx2;
-#endif
-  return row_sums_scalar;
-}
-
-using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int, int32_t*);
-
-struct Tiles {
-  TileFn by_rows[5];
-};
-
-Tiles pick_tiles() {
-#ifdef ET_X86
-  if (__builtin_cpu_supports("avx2"))
-    return {{nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>}};
-#endif
-  return {{nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>}};
-}
-
-
 // y (m, n) = epilogue(xu (m, k) @ W^T): W is w_q (n, k) row-major, or with `transposed` the transpose of a
 // row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction).
 void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
                 const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
-  static const Panels panels = pick_panels();
   const int64_t k4 = (k + 3) / 4 * 4;
   // x rows padded to k4 with zeros (their products with the zero-padded weight vanish)
   std::vector<uint8_t> xpad;
@@ -325,7 +124,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
         for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-          panels.by_rows[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
+          picked().panel[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
           const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
           const int64_t cc = c0 + t * 16;
           for (int r = 0; r < rows; ++r) {
@@ -343,7 +142,6 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
 
 at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
                                const c10::optional<at::Tensor>& bias) {
-  static const Tiles tiles = pick_tiles();
   const int64_t n = w_q.size(0), k = w_q.size(1);
   check_x(x, k, "int8_linear_dynamic");
   auto x2 = x.reshape({-1, k}).contiguous();
@@ -359,8 +157,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
   float* yp = y.data_ptr<float>();
   RowQuant q = quantize_rows(x2.data_ptr<float>(), m, k);
   std::vector<int32_t> wsum(n);
-  static const RowSumFn row_sums = pick_row_sums();
-  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) { row_sums(w + lo * k, hi - lo, k, wsum.data() + lo); });
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) { picked().row_sums(w + lo * k, hi - lo, k, wsum.data() + lo); });
   if (m > kDynamicDirectMaxRows) {
     panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);
     return finish(y, x);
@@ -374,7 +171,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
         const int64_t c0 = 2 * p;
         const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
         int32_t acc[8];
-        tiles.by_rows[rows](q.xu.data() + r0 * k, k, w + c0 * k, k, k, ncols, acc);
+        picked().tile[rows](q.xu.data() + r0 * k, k, w + c0 * k, k, k, ncols, acc);
         for (int r = 0; r < rows; ++r) {
           const int64_t row = r0 + r;
           float* yr = yp + row * n + c0;
@@ -431,3 +228,6 @@ TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("lora_linear", &lora_linear);
   m.impl("int8_linear_dynamic_grad_input", &int8_linear_dynamic_grad_input);
 }
+
+// Which integer cores run here (for `edge-tune doctor`).
+TORCH_LIBRARY_FRAGMENT(edge_tune, m) { m.def("int8_isa() -> str", &int8_isa); }

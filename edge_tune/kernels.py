@@ -96,9 +96,13 @@ def kernel_paths() -> dict[str, str]:
     if not loaded:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
     dynamic = ("int8_linear_dynamic", "int8_linear_dynamic_grad_input", "lora_linear")
+    # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
+    isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
     cuda = "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)" if torch.cuda.is_available() else ""
     return {
-        name: f"C++ (cpp_ext/{'cpu_dynamic' if name in dynamic else 'cpu_kernels'}.cpp){cuda}"
+        name: f"C++ (cpp_ext/cpu_dynamic.cpp{isa}){cuda}"
+        if name in dynamic
+        else f"C++ (cpp_ext/cpu_kernels.cpp){cuda}"
         for name in ALL_OPS
     }
 

@@ -239,5 +239,10 @@ def test_doctor_names_every_op_and_the_tensor_cache(capsys):
     out = capsys.readouterr().out
     for op in ALL_OPS:
         assert f"edge_tune::{op} " in out
+    if load_kernels():  # the dynamic ops name the integer cores picked for this CPU
+        line = next(ln for ln in out.splitlines() if "edge_tune::int8_linear_dynamic " in ln)
+        assert any(
+            f"{isa} int8 cores" in line for isa in ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod")
+        )
     cache_line = next(ln for ln in out.splitlines() if ln.startswith("tensor cache"))
     assert cache_line.split()[2].startswith("on," if load_kernels() else "off")

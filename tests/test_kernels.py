@@ -173,37 +173,39 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     assert p.returncode == 0 and (tmp_path / "k.o").is_file(), "\n".join(errors[:10]) or p.stderr[-2000:]
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+INT8_ISAS = ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod")  # cpp_ext/int8_panels.h, isa_name
 
 
 @needs_kernels
-@pytest.mark.skipif(not _cpu_has_vnni(), reason="no AVX-512 VNNI on this CPU: only the AVX2 path runs")
-def test_vnni_and_avx2_paths_give_the_same_outputs(tmp_path):
-    """The dispatch picks vpdpbusd (AVX-512 VNNI) where the CPU has it; EDGE_TUNE_NO_VNNI=1 forces the AVX2
-    vpmaddubsw path. With 7-bit activations neither saturates, so the outputs must be bit-identical."""
+def test_every_int8_isa_gives_the_same_outputs(tmp_path):
+    """The dynamic ops' integer cores are picked per CPU (int8_panels.h: vpdpbusd with AVX-512 VNNI, else
+    AVX2 vpmaddubsw; sdot or smull on ARM; a scalar twin), and EDGE_TUNE_INT8_ISA forces any the CPU has.
+    With 7-bit activations none saturates, so every path must give bit-identical outputs, through the op."""
     code = (
         "import sys, torch\n"
         "from edge_tune import ops, quant\n"
         "from edge_tune.kernels import load_kernels\n"
         "assert load_kernels()\n"
         "g = torch.Generator().manual_seed(3)\n"
-        "q8, s8 = quant.quantize_int8(torch.randn(96, 384, generator=g))\n"
+        "q8, s8 = quant.quantize_int8(torch.randn(96, 385, generator=g))\n"
         "b = torch.randn(96, generator=g)\n"
-        "xs = [torch.randn(m, 384, generator=g) * 3 for m in (5, 40)]\n"
-        "torch.save([ops.int8_linear_dynamic(x, q8, s8, b) for x in xs]"
-        " + [ops.int8_linear_dynamic_grad_input(torch.randn(40, 96, generator=g), q8, s8)], sys.argv[1])\n"
+        "xs = [torch.randn(m, 385, generator=g) * 3 for m in (1, 3, 5, 40)]\n"
+        "out = [ops.int8_linear_dynamic(x, q8, s8, b) for x in xs]\n"
+        "out.append(ops.int8_linear_dynamic_grad_input(torch.randn(40, 96, generator=g), q8, s8))\n"
+        "torch.save((torch.ops.edge_tune.int8_isa(), out), sys.argv[1])\n"
     )
-    outs = []
-    for flag in ("", "1"):
-        env = {k: v for k, v in os.environ.items() if k != "EDGE_TUNE_NO_VNNI"}
-        if flag:
-            env["EDGE_TUNE_NO_VNNI"] = flag
-        path = tmp_path / f"out{flag}.pt"
+    results = {}
+    for isa in INT8_ISAS:
+        path = tmp_path / f"{isa}.pt"
+        env = {**os.environ, "EDGE_TUNE_INT8_ISA": isa}
         subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, capture_output=True)
-        outs.append(torch.load(path))
-    for a, b in zip(*outs, strict=True):
-        assert torch.equal(a, b)
+        picked, out = torch.load(path)
+        if picked == isa:  # else the CPU lacks it and the best one ran
+            results[isa] = out
+    assert "scalar" in results  # every CPU has it
+    if len(results) < 2:
+        pytest.skip("this CPU has no vector int8 cores to compare with the scalar ones")
+    first, *others = results.values()
+    for out in others:
+        for a, b in zip(first, out, strict=True):
+            assert torch.equal(a, b)

@@ -15,28 +15,30 @@ using namespace edge_tune_int8;
 constexpr float kActLevels = 127.f;
 
 struct RowQuant {
-  std::vector<uint8_t> xu;  // (m, k)
+  // (m, ld) bytes, each row zero-padded to ld = k rounded up to 4 (the panels' k-quads). A tensor, not a
+  // vector: it comes from the c10 allocator, so the tensor cache hands back the same pages every call.
+  at::Tensor xu;
+  int64_t ld;
   std::vector<float> sx;    // (m,)
   std::vector<int32_t> zp;  // (m,)
   std::vector<uint8_t> bad; // (m,) 1 where the row holds a non-finite value
+
+  const uint8_t* row(int64_t r) const { return xu.data_ptr<uint8_t>() + r * ld; }
 };
 
-ET_CLONES bool all_finite(const float* x, int64_t k) {
+// The row's range, which always holds 0 (so 0 is exact), and whether every value is finite: one pass.
+ET_CLONES bool row_range(const float* x, int64_t k, float* mn_out, float* mx_out) {
+  float mn = 0.f, mx = 0.f;
   int bad = 0;
-#pragma omp simd reduction(| : bad)
-  for (int64_t i = 0; i < k; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
-  return !bad;
-}
-
-ET_CLONES void row_range(const float* x, int64_t k, float* mn_out, float* mx_out) {
-  float mn = 0.f, mx = 0.f;  // the range always holds 0, so 0 is exact
-#pragma omp simd reduction(min : mn) reduction(max : mx)
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
   for (int64_t i = 0; i < k; ++i) {
     mn = std::min(mn, x[i]);
     mx = std::max(mx, x[i]);
+    bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
   }
   *mn_out = mn;
   *mx_out = mx;
+  return !bad;
 }
 
 ET_CLONES void quantize_row(const float* x, int64_t k, float s, float z, uint8_t* out) {
@@ -48,19 +50,23 @@ ET_CLONES void quantize_row(const float* x, int64_t k, float s, float z, uint8_t
 }
 
 RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
-  RowQuant q{std::vector<uint8_t>(m * k), std::vector<float>(m), std::vector<int32_t>(m), std::vector<uint8_t>(m)};
+  const int64_t ld = (k + 3) / 4 * 4;
+  RowQuant q{at::empty({m, ld}, at::kByte), ld, std::vector<float>(m), std::vector<int32_t>(m), std::vector<uint8_t>(m)};
+  uint8_t* xb = q.xu.data_ptr<uint8_t>();
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = x + r * k;
-      q.bad[r] = !all_finite(xr, k);
-      float mn = 0.f, mx = 0.f;
-      if (!q.bad[r]) row_range(xr, k, &mn, &mx);
+      float mn, mx;
+      q.bad[r] = !row_range(xr, k, &mn, &mx);
+      if (q.bad[r]) mn = mx = 0.f;
       float s = (mx - mn) / kActLevels;
       if (!(s > 0.f)) s = 1.f;
       const float z = std::nearbyint(-mn / s);
       q.sx[r] = s;
       q.zp[r] = static_cast<int32_t>(z);
-      if (!q.bad[r]) quantize_row(xr, k, s, z, q.xu.data() + r * k);
+      uint8_t* out = xb + r * ld;
+      if (!q.bad[r]) quantize_row(xr, k, s, z, out);
+      std::fill(out + (q.bad[r] ? 0 : k), out + ld, 0);
     }
   });
   return q;
@@ -101,15 +107,7 @@ constexpr int64_t kDynamicDirectMaxRows = 4;
 // row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction).
 void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
                 const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
-  const int64_t k4 = (k + 3) / 4 * 4;
-  // x rows padded to k4 with zeros (their products with the zero-padded weight vanish)
-  std::vector<uint8_t> xpad;
-  const uint8_t* xu = q.xu.data();
-  if (k4 != k) {
-    xpad.assign(m * k4, 0);
-    for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * k4, xu + r * k, k);
-    xu = xpad.data();
-  }
+  const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
   const int64_t bcols = block_cols(k4);
   const int64_t blocks = (n + bcols - 1) / bcols;
   at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
@@ -124,7 +122,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
         for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-          picked().panel[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
+          picked().panel[rows](q.row(r0), k4, pw.data() + t * 16 * 4, k4, bcols, acc);
           const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
           const int64_t cc = c0 + t * 16;
           for (int r = 0; r < rows; ++r) {
@@ -171,7 +169,7 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
         const int64_t c0 = 2 * p;
         const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
         int32_t acc[8];
-        picked().tile[rows](q.xu.data() + r0 * k, k, w + c0 * k, k, k, ncols, acc);
+        picked().tile[rows](q.row(r0), q.ld, w + c0 * k, k, k, ncols, acc);
         for (int r = 0; r < rows; ++r) {
           const int64_t row = r0 + r;
           float* yr = yp + row * n + c0;

@@ -67,6 +67,7 @@ def limit_heap_growth(mmap_threshold: int | None = None) -> bool:
 
 
 TENSOR_CACHE_ENV = "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or MB the tensor cache may add to the peak
+_warned_slack: set[str] = set()
 
 
 def tensor_cache_slack_mb() -> float | None:
@@ -82,10 +83,12 @@ def tensor_cache_slack_mb() -> float | None:
             raise ValueError
         return mb
     except ValueError:
-        print(
-            f"edge_tune: ignoring {TENSOR_CACHE_ENV}={raw!r} (want MB >= 0, or 'off'); using 0",
-            file=sys.stderr,
-        )
+        if raw not in _warned_slack:  # plan, start and doctor all read it: say so once per value
+            _warned_slack.add(raw)
+            print(
+                f"edge_tune: ignoring {TENSOR_CACHE_ENV}={raw!r} (want MB >= 0, or 'off'); using 0",
+                file=sys.stderr,
+            )
         return 0.0
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edge_tune import rss
 from edge_tune.kernels import fallback_reason, load_kernels
 from edge_tune.rss import TENSOR_CACHE_ENV, start_tensor_cache, tensor_cache_slack_mb, tensor_cache_stats
 
@@ -38,11 +39,13 @@ def test_slack_env(monkeypatch, capsys):
     assert tensor_cache_slack_mb() == 32.0
     monkeypatch.setenv(TENSOR_CACHE_ENV, "OFF")
     assert tensor_cache_slack_mb() is None
+    monkeypatch.setattr(rss, "_warned_slack", set())
     for bad in ("-1", "lots", "nan", "inf"):
         monkeypatch.setenv(TENSOR_CACHE_ENV, bad)
         assert tensor_cache_slack_mb() == 0.0
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and TENSOR_CACHE_ENV in err
+        assert tensor_cache_slack_mb() == 0.0 and capsys.readouterr().err == ""  # said once per value
 
 
 @needs_kernels

@@ -222,11 +222,12 @@ def plot(results: dict, path: Path) -> None:
 
     ok = {k: r for k, r in results.items() if "error" not in r}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    for (label, method), r in ok.items():
+    for i, ((label, method), r) in enumerate(ok.items()):  # labels alternate above and below: rows cluster
         axes[0].scatter(
             r["peak_rss_mb"], r["dev_accuracy"] * 100, marker="o" if "edge_tune" in label else "s"
         )
-        axes[0].annotate(f"{label} {method}", (r["peak_rss_mb"], r["dev_accuracy"] * 100), fontsize=7)
+        axes[0].annotate(f"{label} {method}", (r["peak_rss_mb"], r["dev_accuracy"] * 100), fontsize=7,
+                         xytext=(4, 4 if i % 2 else -9), textcoords="offset points")  # fmt: skip
     axes[0].set_xlabel("peak training RSS (MB)")
     axes[0].set_ylabel("SST-2 dev accuracy (%)")
     names = [f"{k[0]}\n{k[1]}" for k in ok]

@@ -94,7 +94,7 @@ def train(a, steps: int) -> None:
     trained = {n: t.clone() for n, t in mod.named_parameters().items()}
     infer = _load_for_executorch(str(Path(a.work) / "infer.pte"))
     one = tuple(torch.from_numpy(t) for t in protocol.one_sentence(arrays))
-    batch1 = protocol.median_ms(lambda: infer.forward(one), repeats=10)
+    batch1 = protocol.median_ms(lambda: infer.forward(one), repeats=10, warmup=3)
     n_train = sum(t.numel() for t in trained.values())
     rss_training = protocol.peak_rss_mb()  # before PyTorch scores the dev set in this process
     model, _ = model_and_trainable(a)

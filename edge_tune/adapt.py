@@ -20,7 +20,7 @@ from .memory import dataset_bytes, plan_batch_size
 from .methods import MethodSpec
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
-from .rss import trim_resident_memory
+from .rss import set_tensor_cache_slack, trim_resident_memory
 from .train import TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")
@@ -174,6 +174,9 @@ def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alp
         micro_batch=-(-used["batch_size"] // grad_accum), data_bytes=_data_bytes(train_ds, dev_ds, used["seq_len"]),
         num_labels=len(train_ds.label_names), allow_shorter_seq=allow_shorter_seq,
     )  # fmt: skip
+    set_tensor_cache_slack(
+        plan.tensor_cache_mb
+    )  # the headroom the plan spends on speed (memory.with_tensor_cache)
     log.info("memory plan for %s under %s:\n%s", method, prof.name, plan.table(prof.memory_budget_mb))
     for n in notes:
         log.warning("%s", n)

@@ -11,7 +11,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rss import peak_rss_mb, reset_peak_rss, tensor_cache_slack_mb, trim_resident_memory
+from .rss import (
+    peak_rss_mb,
+    reset_peak_rss,
+    tensor_cache_slack_mb,
+    tensor_cache_slack_set_by_env,
+    trim_resident_memory,
+)
 
 # Everything below is in bytes until MemoryPlan reports MB. Activations are fp32 (4 bytes), counted per
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
@@ -232,7 +238,7 @@ def plan_batch_size(
                             notes.append(
                                 f"memory plan: sequence length lowered from {seq_len} to {seq} tokens"
                             )
-                        return plan, notes
+                        return with_tensor_cache(plan, budget_mb), notes
     need = plan_memory(cfg, spec, precision, 1, seqs[-1], checkpointing=True, eval_batch=1, num_labels=num_labels,
                        data_bytes=data_bytes).total_mb  # fmt: skip
     raise BudgetError(
@@ -240,6 +246,23 @@ def plan_batch_size(
         f"(needs {need:.0f} MB)",
         None,
         "use a profile with a larger budget, a smaller rank or sequence length, or --allow-shorter-seq",
+    )
+
+
+TENSOR_CACHE_AUTO_MB = 64.0  # more slack stopped making a step faster (rss.start_tensor_cache)
+
+
+def with_tensor_cache(plan: MemoryPlan, budget_mb: float) -> MemoryPlan:
+    """`plan` with the tensor cache's slack it can afford, unless $EDGE_TUNE_TENSOR_CACHE_MB says: a quarter
+    of the headroom under `budget_mb`, at most 64 MB. Speed from spare budget: a LoRA step at 16 x 64
+    measured 395-471 ms at 0 MB, 347-361 ms at 64 MB (+24 MB peak)."""
+    import dataclasses
+
+    if tensor_cache_slack_set_by_env():
+        return plan
+    base = dataclasses.replace(plan, tensor_cache_mb=0.0)
+    return dataclasses.replace(
+        base, tensor_cache_mb=max(0.0, min(TENSOR_CACHE_AUTO_MB, (budget_mb - base.total_mb) // 4))
     )
 
 

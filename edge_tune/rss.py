@@ -68,13 +68,21 @@ def limit_heap_growth(mmap_threshold: int | None = None) -> bool:
 
 TENSOR_CACHE_ENV = "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or MB the tensor cache may add to the peak
 _warned_slack: set[str] = set()
+_chosen_slack_mb = 0.0  # the slack a run planned for itself (set_tensor_cache_slack), where the env is unset
+
+
+def tensor_cache_slack_set_by_env() -> bool:
+    return os.environ.get(TENSOR_CACHE_ENV) is not None
 
 
 def tensor_cache_slack_mb() -> float | None:
     """How many MB the tensor cache (cpp_ext/cpu_allocator.cpp) may hold beyond the process's own high-water
-    mark: $EDGE_TUNE_TENSOR_CACHE_MB, default 0 (reuse only what the peak already needed); None for "off".
+    mark: $EDGE_TUNE_TENSOR_CACHE_MB; where unset, what the run chose (set_tensor_cache_slack; `edge-tune
+    train` spends spare budget on it), else 0 (reuse only what the peak already needed). None for "off".
     A bad value is ignored with one line on stderr."""
-    raw = os.environ.get(TENSOR_CACHE_ENV, "0").strip().lower()
+    if not tensor_cache_slack_set_by_env():
+        return _chosen_slack_mb
+    raw = os.environ[TENSOR_CACHE_ENV].strip().lower()
     if raw == "off":
         return None
     try:
@@ -113,6 +121,14 @@ def start_tensor_cache() -> bool:
     slack = tensor_cache_slack_mb()
     ops.tensor_cache_configure(-1 if slack is None else int(slack * 2**20))
     return slack is not None
+
+
+def set_tensor_cache_slack(slack_mb: float) -> None:
+    """The slack a run planned for itself (memory.with_tensor_cache), applied now if the cache runs, else
+    when the kernels load. $EDGE_TUNE_TENSOR_CACHE_MB, where set, wins."""
+    global _chosen_slack_mb
+    _chosen_slack_mb = float(slack_mb)
+    start_tensor_cache()
 
 
 def tensor_cache_stats() -> dict[str, float]:

@@ -21,6 +21,14 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _no_chosen_tensor_cache_slack(monkeypatch):
+    """A run (adapt) keeps the tensor-cache slack it planned for the rest of its process; tests start at 0."""
+    from edge_tune import rss
+
+    monkeypatch.setattr(rss, "_chosen_slack_mb", 0.0)
+
+
 @pytest.fixture(scope="session")
 def base_int8():
     return load_base(precision="int8")

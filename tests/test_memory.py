@@ -118,6 +118,23 @@ def test_plan_batch_size_keeps_caps_and_budget(base_int8):
     assert floor > 200
 
 
+def test_spare_budget_buys_tensor_cache_slack(base_int8, monkeypatch):
+    """plan_batch_size spends a quarter of the headroom on the tensor cache, at most 64 MB, and never more
+    than fits; $EDGE_TUNE_TENSOR_CACHE_MB, where set, decides instead."""
+    from edge_tune.rss import TENSOR_CACHE_ENV
+
+    monkeypatch.delenv(TENSOR_CACHE_ENV, raising=False)
+    cfg, spec = base_int8.config, MethodSpec("lora", rank=8, alpha=16.0, targets=("q", "v"))
+    bare = plan_memory(cfg, spec, "int8", 16, 64).total_mb
+    assert plan_batch_size(cfg, spec, "int8", 4096, 16, 64)[0].tensor_cache_mb == 64.0
+    tight, _ = plan_batch_size(cfg, spec, "int8", bare + 40, 16, 64)
+    assert tight.tensor_cache_mb == 10.0 and tight.micro_batch == 16
+    assert tight.fits(bare + 40) and tight.total_mb == pytest.approx(bare + 10)
+    assert plan_batch_size(cfg, spec, "int8", bare + 2, 16, 64)[0].tensor_cache_mb == 0.0
+    monkeypatch.setenv(TENSOR_CACHE_ENV, "5")
+    assert plan_batch_size(cfg, spec, "int8", 4096, 16, 64)[0].tensor_cache_mb == 5.0
+
+
 def test_over_budget_run_is_refused_before_training(tmp_path, tsv, capsys):
     from edge_tune.cli import main
 

@@ -146,3 +146,17 @@ def test_a_fresh_process_runs_with_the_cache_on_by_default():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "True"]
+
+
+def test_a_run_sets_its_planned_slack_unless_the_env_does(monkeypatch):
+    """adapt hands the slack its plan chose to rss.set_tensor_cache_slack; the env, where set, wins."""
+    monkeypatch.delenv(TENSOR_CACHE_ENV, raising=False)
+    try:
+        rss.set_tensor_cache_slack(12)
+        assert tensor_cache_slack_mb() == 12.0
+        assert "slack 12.0 MB" in rss.tensor_cache_summary()
+        monkeypatch.setenv(TENSOR_CACHE_ENV, "3")
+        assert tensor_cache_slack_mb() == 3.0
+    finally:
+        monkeypatch.delenv(TENSOR_CACHE_ENV, raising=False)
+        rss.set_tensor_cache_slack(0)

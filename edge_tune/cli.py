@@ -233,7 +233,7 @@ def cmd_plan(args) -> int:
     from .adapt import _data_bytes
     from .base import default_model_dir, read_config
     from .data import load_task
-    from .memory import plan_batch_size, plan_memory
+    from .memory import plan_batch_size, plan_memory, with_tensor_cache
     from .methods import MethodSpec
     from .profiles import clamp_to_profile, load_profile
 
@@ -250,6 +250,10 @@ def cmd_plan(args) -> int:
     plan = plan_memory(cfg, spec, precision, used["batch_size"], used["seq_len"], checkpointing=args.checkpointing,
                        eval_batch=min(64, max(16, used["batch_size"])), num_labels=len(train_ds.label_names),
                        data_bytes=data_bytes)  # fmt: skip
+    if plan.fits(
+        prof.memory_budget_mb
+    ):  # as `edge-tune train` would run it: spare budget buys tensor-cache slack
+        plan = with_tensor_cache(plan, prof.memory_budget_mb)
     print(f"{args.method} on a {precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
           f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {prof.name}:")  # fmt: skip
     print(plan.table(prof.memory_budget_mb))

@@ -113,7 +113,8 @@ def start_tensor_cache() -> bool:
     """Install the compiled tensor cache as torch's CPU allocator with tensor_cache_slack_mb() of slack, or
     stop it for "off"; empties it either way. Freed tensors of 64 KB and more are then reused instead of
     mapped and faulted in afresh: a LoRA step (16 x 64, 2 threads) measured 650 ms without, ~440 ms at
-    0 MB (same peak RSS), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels
+    0 MB (same peak RSS for that fixed-shape step; a run whose batch shapes vary measured +18 MB, see the
+    README), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels
     calls this); returns whether the cache is on."""
     ops = _tensor_cache_ops()
     if ops is None:

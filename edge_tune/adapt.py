@@ -174,9 +174,8 @@ def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alp
         micro_batch=-(-used["batch_size"] // grad_accum), data_bytes=_data_bytes(train_ds, dev_ds, used["seq_len"]),
         num_labels=len(train_ds.label_names), allow_shorter_seq=allow_shorter_seq,
     )  # fmt: skip
-    set_tensor_cache_slack(
-        plan.tensor_cache_mb
-    )  # the headroom the plan spends on speed (memory.with_tensor_cache)
+    # the headroom the plan spends on speed (memory.with_tensor_cache)
+    set_tensor_cache_slack(plan.tensor_cache_mb)
     log.info("memory plan for %s under %s:\n%s", method, prof.name, plan.table(prof.memory_budget_mb))
     for n in notes:
         log.warning("%s", n)

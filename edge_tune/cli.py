@@ -250,9 +250,8 @@ def cmd_plan(args) -> int:
     plan = plan_memory(cfg, spec, precision, used["batch_size"], used["seq_len"], checkpointing=args.checkpointing,
                        eval_batch=min(64, max(16, used["batch_size"])), num_labels=len(train_ds.label_names),
                        data_bytes=data_bytes)  # fmt: skip
-    if plan.fits(
-        prof.memory_budget_mb
-    ):  # as `edge-tune train` would run it: spare budget buys tensor-cache slack
+    # as `edge-tune train` would run it: spare budget buys tensor-cache slack
+    if plan.fits(prof.memory_budget_mb):
         plan = with_tensor_cache(plan, prof.memory_budget_mb)
     print(f"{args.method} on a {precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
           f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {prof.name}:")  # fmt: skip

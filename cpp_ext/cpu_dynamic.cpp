@@ -108,6 +108,8 @@ constexpr int64_t kDynamicDirectMaxRows = 4;
 void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
                 const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
   const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
+  const uint8_t* xu = q.row(0);
+  const Int8Kernels& kern = picked();
   const int64_t bcols = block_cols(k4);
   const int64_t blocks = (n + bcols - 1) / bcols;
   at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
@@ -122,7 +124,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
         for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-          picked().panel[rows](q.row(r0), k4, pw.data() + t * 16 * 4, k4, bcols, acc);
+          kern.panel[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
           const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
           const int64_t cc = c0 + t * 16;
           for (int r = 0; r < rows; ++r) {

@@ -8,6 +8,17 @@ namespace {
 using namespace edge_tune_cpu;
 using namespace edge_tune_int8;
 
+// The integer cores for this CPU, chosen once per process (int8_panels.h: its fastest ISA, or the one
+// EDGE_TUNE_INT8_ISA names).
+Isa picked_isa() {
+  static const Isa isa = best_isa();
+  return isa;
+}
+const Int8Kernels& picked() {
+  static const Int8Kernels k = int8_kernels(picked_isa());
+  return k;
+}
+
 // ---- dynamic int8: per-token activation quantization, int8 x int8 -> int32 GEMM, fused epilogue ----
 // Activations are quantized per row to 7-bit unsigned with a zero point (as fbgemm's reduce_range does on
 // x86): u8 x s8 pairs summed by vpmaddubsw then stay below 2^15, so the int16 step never saturates.
@@ -49,15 +60,77 @@ ET_CLONES void quantize_row(const float* x, int64_t k, float s, float z, uint8_t
   }
 }
 
+using RangeFn = bool (*)(const float*, int64_t, float*, float*);
+using QuantizeFn = void (*)(const float*, int64_t, float, float, uint8_t*);
+
+// Whether the picked integer cores are x86 vector ones (then the float passes around them use AVX2 too).
+bool x86_vector_cores() { return picked_isa() == Isa::avx2 || picked_isa() == Isa::vnni; }
+
+#ifdef ET_X86
+// The same two passes in AVX2 intrinsics. The auto-vectorized loops above stay in 16-byte vectors and
+// clamp through integer casts: 1.3 ns a value (1024 x 1536 rows: 1.9 ms of a 9 ms single-thread GEMM); these
+// take 0.4 ns. Division, round-to-nearest-even and the clamp are the same IEEE operations, so the bytes
+// are identical (test_every_int8_isa_gives_the_same_outputs compares them with the scalar cores').
+__attribute__((target("avx2"))) bool row_range_avx2(const float* x, int64_t k, float* mn_out, float* mx_out) {
+  __m256 mn = _mm256_setzero_ps(), mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    mn = _mm256_min_ps(mn, v);
+    mx = _mm256_max_ps(mx, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), big, _CMP_NLE_UQ));  // inf or NaN
+  }
+  alignas(32) float lo[8], hi[8];
+  _mm256_store_ps(lo, mn);
+  _mm256_store_ps(hi, mx);
+  float fmn = 0.f, fmx = 0.f;
+  for (int j = 0; j < 8; ++j) fmn = std::min(fmn, lo[j]), fmx = std::max(fmx, hi[j]);
+  bool ok = _mm256_movemask_ps(bad) == 0;
+  for (; i < k; ++i) {
+    fmn = std::min(fmn, x[i]);
+    fmx = std::max(fmx, x[i]);
+    ok &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
+  }
+  *mn_out = fmn;
+  *mx_out = fmx;
+  return ok;
+}
+
+__attribute__((target("avx2"))) inline __m256i quantize8_avx2(const float* p, __m256 s, __m256 z) {
+  const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(kActLevels), _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(v, z))));
+}
+
+__attribute__((target("avx2"))) void quantize_row_avx2(const float* x, int64_t k, float s, float z, uint8_t* out) {
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    const __m256i ab = _mm256_packs_epi32(quantize8_avx2(x + i, vs, vz), quantize8_avx2(x + i + 8, vs, vz));
+    const __m256i cd = _mm256_packs_epi32(quantize8_avx2(x + i + 16, vs, vz), quantize8_avx2(x + i + 24, vs, vz));
+    // the packs work per 128-bit lane: put the 8 groups of 4 bytes back in order
+    const __m256i r = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r);
+  }
+  quantize_row(x + i, k - i, s, z, out + i);
+}
+#endif
+
 RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
   const int64_t ld = (k + 3) / 4 * 4;
   RowQuant q{at::empty({m, ld}, at::kByte), ld, std::vector<float>(m), std::vector<int32_t>(m), std::vector<uint8_t>(m)};
   uint8_t* xb = q.xu.data_ptr<uint8_t>();
+  RangeFn range = row_range;
+  QuantizeFn quantize = quantize_row;
+#ifdef ET_X86
+  if (x86_vector_cores()) range = row_range_avx2, quantize = quantize_row_avx2;
+#endif
   at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = x + r * k;
       float mn, mx;
-      q.bad[r] = !row_range(xr, k, &mn, &mx);
+      q.bad[r] = !range(xr, k, &mn, &mx);
       if (q.bad[r]) mn = mx = 0.f;
       float s = (mx - mn) / kActLevels;
       if (!(s > 0.f)) s = 1.f;
@@ -65,7 +138,7 @@ RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
       q.sx[r] = s;
       q.zp[r] = static_cast<int32_t>(z);
       uint8_t* out = xb + r * ld;
-      if (!q.bad[r]) quantize_row(xr, k, s, z, out);
+      if (!q.bad[r]) quantize(xr, k, s, z, out);
       std::fill(out + (q.bad[r] ? 0 : k), out + ld, 0);
     }
   });
@@ -83,18 +156,28 @@ ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float 
   for (int64_t c = 0; c < cols; ++c)
     y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * (sw ? sw[c] : 1.f) + (b ? b[c] : 0.f);
 }
+#ifdef ET_X86
+// A panel's epilogue (rows x 16 columns, acc[r * 16 + c]) in AVX2: the same separately rounded operations as
+// epilogue_run (no FMA in this target; the pragma keeps it so), so the bits match, in one call a panel
+// instead of one a row. A missing scale multiplies by 1 (skipped: exact), a missing bias adds +0 as there.
+__attribute__((target("avx2"))) void epilogue_panel_avx2(const int32_t* acc, int rows, const int32_t* zp,
+                                                         const float* sx, const int32_t* wsum, const float* sw,
+                                                         const float* b, float* y, int64_t ldy) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + h * 8));
+    const __m256 s = sw ? _mm256_loadu_ps(sw + h * 8) : _mm256_set1_ps(1.f);
+    const __m256 bb = b ? _mm256_loadu_ps(b + h * 8) : _mm256_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * 16 + h * 8));
+      const __m256i d = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_set1_epi32(zp[r]), ws));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sx[r]));
+      if (sw) v = _mm256_mul_ps(v, s);
+      _mm256_storeu_ps(y + r * ldy + h * 8, _mm256_add_ps(v, bb));
+    }
+  }
+}
+#endif
 #pragma GCC pop_options
-
-// The integer cores for this CPU, chosen once per process (int8_panels.h: its fastest ISA, or the one
-// EDGE_TUNE_INT8_ISA names).
-Isa picked_isa() {
-  static const Isa isa = best_isa();
-  return isa;
-}
-const Int8Kernels& picked() {
-  static const Int8Kernels k = int8_kernels(picked_isa());
-  return k;
-}
 
 std::string int8_isa() { return isa_name(picked_isa()); }
 
@@ -110,6 +193,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
   const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
   const uint8_t* xu = q.row(0);
   const Int8Kernels& kern = picked();
+  [[maybe_unused]] const bool avx2 = x86_vector_cores();
   const int64_t bcols = block_cols(k4);
   const int64_t blocks = (n + bcols - 1) / bcols;
   at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
@@ -127,13 +211,17 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
           kern.panel[rows](xu + r0 * k4, k4, pw.data() + t * 16 * 4, k4, bcols, acc);
           const int64_t cols = std::min<int64_t>(16, n - c0 - t * 16);
           const int64_t cc = c0 + t * 16;
-          for (int r = 0; r < rows; ++r) {
-            const int64_t row = r0 + r;
-            float* yr = yp + row * n + cc;
-            epilogue_run(acc + r * 16, cols, q.zp[row], q.sx[row], colsum + cc, colscale ? colscale + cc : nullptr,
-                         bias ? bias + cc : nullptr, yr);
-            if (q.bad[row]) std::fill(yr, yr + cols, std::numeric_limits<float>::quiet_NaN());
-          }
+          const float* sw = colscale ? colscale + cc : nullptr;
+          const float* b = bias ? bias + cc : nullptr;
+#ifdef ET_X86
+          if (avx2 && cols == 16)
+            epilogue_panel_avx2(acc, rows, &q.zp[r0], &q.sx[r0], colsum + cc, sw, b, yp + r0 * n + cc, n);
+          else
+#endif
+            for (int r = 0; r < rows; ++r)
+              epilogue_run(acc + r * 16, cols, q.zp[r0 + r], q.sx[r0 + r], colsum + cc, sw, b, yp + (r0 + r) * n + cc);
+          for (int r = 0; r < rows; ++r)
+            if (q.bad[r0 + r]) std::fill(yp + (r0 + r) * n + cc, yp + (r0 + r) * n + cc + cols, std::numeric_limits<float>::quiet_NaN());
         }
       }
     }

@@ -37,31 +37,35 @@ struct RowQuant {
   const uint8_t* row(int64_t r) const { return xu.data_ptr<uint8_t>() + r * ld; }
 };
 
+// The rows quantized are x * cm (cm: a per-column multiplier, or none): the input gradient folds the weight
+// scale in here instead of writing grad * scale out first. The product is the same fp32 multiply as torch's.
+
 // The row's range, which always holds 0 (so 0 is exact), and whether every value is finite: one pass.
-ET_CLONES bool row_range(const float* x, int64_t k, float* mn_out, float* mx_out) {
+ET_CLONES bool row_range(const float* x, const float* cm, int64_t k, float* mn_out, float* mx_out) {
   float mn = 0.f, mx = 0.f;
   int bad = 0;
 #pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
   for (int64_t i = 0; i < k; ++i) {
-    mn = std::min(mn, x[i]);
-    mx = std::max(mx, x[i]);
-    bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+    const float v = cm ? x[i] * cm[i] : x[i];
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+    bad |= !(std::fabs(v) <= std::numeric_limits<float>::max());
   }
   *mn_out = mn;
   *mx_out = mx;
   return !bad;
 }
 
-ET_CLONES void quantize_row(const float* x, int64_t k, float s, float z, uint8_t* out) {
+ET_CLONES void quantize_row(const float* x, const float* cm, int64_t k, float s, float z, uint8_t* out) {
 #pragma omp simd
   for (int64_t i = 0; i < k; ++i) {
-    const float v = std::nearbyint(x[i] / s) + z;
+    const float v = std::nearbyint((cm ? x[i] * cm[i] : x[i]) / s) + z;
     out[i] = static_cast<uint8_t>(std::min(kActLevels, std::max(0.f, v)));
   }
 }
 
-using RangeFn = bool (*)(const float*, int64_t, float*, float*);
-using QuantizeFn = void (*)(const float*, int64_t, float, float, uint8_t*);
+using RangeFn = bool (*)(const float*, const float*, int64_t, float*, float*);
+using QuantizeFn = void (*)(const float*, const float*, int64_t, float, float, uint8_t*);
 
 // Whether the picked integer cores are x86 vector ones (then the float passes around them use AVX2 too).
 bool x86_vector_cores() { return picked_isa() == Isa::avx2 || picked_isa() == Isa::vnni; }
@@ -69,15 +73,21 @@ bool x86_vector_cores() { return picked_isa() == Isa::avx2 || picked_isa() == Is
 #ifdef ET_X86
 // The same two passes in AVX2 intrinsics. The auto-vectorized loops above stay in 16-byte vectors and
 // clamp through integer casts: 1.3 ns a value (1024 x 1536 rows: 1.9 ms of a 9 ms single-thread GEMM); these
-// take 0.4 ns. Division, round-to-nearest-even and the clamp are the same IEEE operations, so the bytes
-// are identical (test_every_int8_isa_gives_the_same_outputs compares them with the scalar cores').
-__attribute__((target("avx2"))) bool row_range_avx2(const float* x, int64_t k, float* mn_out, float* mx_out) {
+// take 0.4 ns. Multiply, division, round-to-nearest-even and the clamp are the same IEEE operations, so the
+// bytes are identical (test_every_int8_isa_gives_the_same_outputs compares them with the scalar cores').
+__attribute__((target("avx2"))) inline __m256 load8(const float* x, const float* cm, int64_t i) {
+  const __m256 v = _mm256_loadu_ps(x + i);
+  return cm ? _mm256_mul_ps(v, _mm256_loadu_ps(cm + i)) : v;
+}
+
+__attribute__((target("avx2"))) bool row_range_avx2(const float* x, const float* cm, int64_t k, float* mn_out,
+                                                    float* mx_out) {
   __m256 mn = _mm256_setzero_ps(), mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 v = load8(x, cm, i);
     mn = _mm256_min_ps(mn, v);
     mx = _mm256_max_ps(mx, v);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), big, _CMP_NLE_UQ));  // inf or NaN
@@ -85,39 +95,36 @@ __attribute__((target("avx2"))) bool row_range_avx2(const float* x, int64_t k, f
   alignas(32) float lo[8], hi[8];
   _mm256_store_ps(lo, mn);
   _mm256_store_ps(hi, mx);
-  float fmn = 0.f, fmx = 0.f;
-  for (int j = 0; j < 8; ++j) fmn = std::min(fmn, lo[j]), fmx = std::max(fmx, hi[j]);
-  bool ok = _mm256_movemask_ps(bad) == 0;
-  for (; i < k; ++i) {
-    fmn = std::min(fmn, x[i]);
-    fmx = std::max(fmx, x[i]);
-    ok &= std::fabs(x[i]) <= std::numeric_limits<float>::max();
-  }
-  *mn_out = fmn;
-  *mx_out = fmx;
+  float tmn, tmx;
+  const bool ok = _mm256_movemask_ps(bad) == 0 && row_range(x + i, cm ? cm + i : nullptr, k - i, &tmn, &tmx);
+  for (int j = 0; j < 8; ++j) tmn = std::min(tmn, lo[j]), tmx = std::max(tmx, hi[j]);
+  *mn_out = tmn;
+  *mx_out = tmx;
   return ok;
 }
 
-__attribute__((target("avx2"))) inline __m256i quantize8_avx2(const float* p, __m256 s, __m256 z) {
-  const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+__attribute__((target("avx2"))) inline __m256i quantize8_avx2(const float* x, const float* cm, int64_t i, __m256 s,
+                                                              __m256 z) {
+  const __m256 v = _mm256_round_ps(_mm256_div_ps(load8(x, cm, i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_set1_ps(kActLevels), _mm256_max_ps(_mm256_setzero_ps(), _mm256_add_ps(v, z))));
 }
 
-__attribute__((target("avx2"))) void quantize_row_avx2(const float* x, int64_t k, float s, float z, uint8_t* out) {
+__attribute__((target("avx2"))) void quantize_row_avx2(const float* x, const float* cm, int64_t k, float s, float z,
+                                                       uint8_t* out) {
   const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
-    const __m256i ab = _mm256_packs_epi32(quantize8_avx2(x + i, vs, vz), quantize8_avx2(x + i + 8, vs, vz));
-    const __m256i cd = _mm256_packs_epi32(quantize8_avx2(x + i + 16, vs, vz), quantize8_avx2(x + i + 24, vs, vz));
+    const __m256i ab = _mm256_packs_epi32(quantize8_avx2(x, cm, i, vs, vz), quantize8_avx2(x, cm, i + 8, vs, vz));
+    const __m256i cd = _mm256_packs_epi32(quantize8_avx2(x, cm, i + 16, vs, vz), quantize8_avx2(x, cm, i + 24, vs, vz));
     // the packs work per 128-bit lane: put the 8 groups of 4 bytes back in order
     const __m256i r = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), r);
   }
-  quantize_row(x + i, k - i, s, z, out + i);
+  quantize_row(x + i, cm ? cm + i : nullptr, k - i, s, z, out + i);
 }
 #endif
 
-RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
+RowQuant quantize_rows(const float* x, int64_t m, int64_t k, const float* cm = nullptr) {
   const int64_t ld = (k + 3) / 4 * 4;
   RowQuant q{at::empty({m, ld}, at::kByte), ld, std::vector<float>(m), std::vector<int32_t>(m), std::vector<uint8_t>(m)};
   uint8_t* xb = q.xu.data_ptr<uint8_t>();
@@ -130,7 +137,7 @@ RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = x + r * k;
       float mn, mx;
-      q.bad[r] = !range(xr, k, &mn, &mx);
+      q.bad[r] = !range(xr, cm, k, &mn, &mx);
       if (q.bad[r]) mn = mx = 0.f;
       float s = (mx - mn) / kActLevels;
       if (!(s > 0.f)) s = 1.f;
@@ -138,7 +145,7 @@ RowQuant quantize_rows(const float* x, int64_t m, int64_t k) {
       q.sx[r] = s;
       q.zp[r] = static_cast<int32_t>(z);
       uint8_t* out = xb + r * ld;
-      if (!q.bad[r]) quantize(xr, k, s, z, out);
+      if (!q.bad[r]) quantize(xr, cm, k, s, z, out);
       std::fill(out + (q.bad[r] ? 0 : k), out + ld, 0);
     }
   });
@@ -274,11 +281,12 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
 
 
 // Input gradient on the int8 path: grad_x = grad_out @ (scale * W). The per-output-channel scale lies along
-// this product's reduction, so it is folded into grad_out first; then grad_out is quantized per row like x.
+// this product's reduction, so it multiplies grad_out's columns as its rows are quantized (like x's).
 at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::Tensor& w_q, const at::Tensor& scale) {
   const int64_t n = w_q.size(0), k = w_q.size(1);
   check_x(grad_out, n, "int8_linear_dynamic_grad_input");
-  auto g2 = grad_out.reshape({-1, n}).mul(scale).contiguous();
+  auto g2 = grad_out.reshape({-1, n}).contiguous();
+  auto sc = scale.contiguous();
   const int64_t m = g2.size(0);
   auto gx = at::empty({m, k}, g2.options());
   auto sizes = grad_out.sizes().vec();
@@ -286,7 +294,7 @@ at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::
   if (m == 0 || k == 0) return gx.view(sizes);
   auto wq = w_q.contiguous();
   const int8_t* w = wq.data_ptr<int8_t>();
-  RowQuant q = quantize_rows(g2.data_ptr<float>(), m, n);
+  RowQuant q = quantize_rows(g2.data_ptr<float>(), m, n, sc.data_ptr<float>());
   std::vector<int32_t> colsum(k, 0);
   at::parallel_for(0, k, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t o = 0; o < n; ++o)

@@ -58,7 +58,31 @@ inline void pack_block_t(const int8_t* w, int64_t red, int64_t ld, int64_t c0, i
                          int8_t* out) {
   std::fill(out, out + k4 * bcols, 0);
   const int64_t cols = std::min(bcols, ld - c0);
-  for (int64_t i = 0; i < red; ++i) {
+  int64_t i = 0;
+#ifdef ET_INT8_X86
+  // 4 rows x 16 columns at a time, interleaved by SSE2 unpacks (x86-64's baseline) into 16 groups of 4 bytes:
+  // the byte-by-byte scatter below took ~1 ns a weight byte, a third of the input gradient's extra time.
+  for (; i + 4 <= red; i += 4) {
+    int8_t* o = out + (i / 4) * bcols * 4;
+    for (int64_t c = 0; c + 16 <= cols; c += 16) {
+      const int8_t* wr = w + i * ld + c0 + c;
+      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr));
+      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + ld));
+      const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 2 * ld));
+      const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 3 * ld));
+      const __m128i lo01 = _mm_unpacklo_epi8(r0, r1), hi01 = _mm_unpackhi_epi8(r0, r1);
+      const __m128i lo23 = _mm_unpacklo_epi8(r2, r3), hi23 = _mm_unpackhi_epi8(r2, r3);
+      __m128i* d = reinterpret_cast<__m128i*>(o + c * 4);
+      _mm_storeu_si128(d, _mm_unpacklo_epi16(lo01, lo23));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(lo01, lo23));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(hi01, hi23));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(hi01, hi23));
+    }
+    for (int64_t r = i; r < i + 4; ++r)
+      for (int64_t c = cols / 16 * 16; c < cols; ++c) o[c * 4 + (r % 4)] = w[r * ld + c0 + c];
+  }
+#endif
+  for (; i < red; ++i) {
     const int8_t* wr = w + i * ld + c0;
     int8_t* o = out + (i / 4) * bcols * 4 + (i % 4);
     for (int64_t c = 0; c < cols; ++c) o[c * 4] = wr[c];

@@ -220,13 +220,17 @@ def _linear_backward(grad_input_op):
 
 # The dynamic int8 ops treat the activation rounding as identity in backward (straight-through), and compute
 # the input gradient either in fp32 through the dequantized weight ("fp32") or with the gradient quantized
-# per row like the activations ("int8"). EDGE_TUNE_DYNAMIC_GRAD picks; README "Ops" gives the trade-off.
-DYNAMIC_GRAD = os.environ.get("EDGE_TUNE_DYNAMIC_GRAD", "fp32")
+# per row like the activations ("int8"). EDGE_TUNE_DYNAMIC_GRAD picks; "auto" (the default) is int8 where
+# the C++ kernels run and fp32 on the references (whose int8 product runs in fp64). README "Ops" gives the
+# trade-off.
+DYNAMIC_GRAD = os.environ.get("EDGE_TUNE_DYNAMIC_GRAD", "auto")
 
 
 def dynamic_grad_input(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     """The input gradient of int8_linear_dynamic / lora_linear's base, as DYNAMIC_GRAD says."""
-    if DYNAMIC_GRAD == "int8":
+    from .kernels import load_kernels
+
+    if DYNAMIC_GRAD == "int8" or (DYNAMIC_GRAD == "auto" and load_kernels()):
         return int8_linear_dynamic_grad_input(grad_out, w_q, scale)
     return int8_linear_grad_input(grad_out, w_q, scale)
 

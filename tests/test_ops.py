@@ -91,7 +91,9 @@ def test_dynamic_int8_marks_rows_with_non_finite_inputs():
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (2, 7, 64), (0, 64)])
-def test_lora_linear_grads_match_plain_autograd(shape):
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_lora_linear_grads_match_plain_autograd(shape, mode, monkeypatch):
+    monkeypatch.setattr(ops, "DYNAMIC_GRAD", mode)
     x, w_q, scale, b = _linear_inputs("int8", m=1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3), requires_grad=True)
     A = torch.randn(4, 64, requires_grad=True)
@@ -108,7 +110,11 @@ def test_lora_linear_grads_match_plain_autograd(shape):
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, b, A, B), gy)
-    want = torch.autograd.grad(y2, leaves, gy)
+    want = list(torch.autograd.grad(y2, leaves, gy))
+    if mode == "int8":  # the base's part of grad_x through the quantized gradient, the LoRA part as above
+        g2 = gy.reshape(-1, 48)
+        base = ops.int8_linear_dynamic_grad_input_ref(g2, w_q, scale) + 1.5 * (g2 @ B.detach()) @ A.detach()
+        want[0] = base.reshape(x.shape)
     for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
 
@@ -117,6 +123,7 @@ def test_dynamic_int8_backward_modes(monkeypatch):
     """fp32 mode: grad_x = grad @ dequant(W); int8 mode: the quantized-gradient op (its reference)."""
     x, w_q, scale, b = _linear_inputs("int8", m=6)
     gy = torch.randn(6, 48)
+    assert ops.DYNAMIC_GRAD == "auto"  # int8 where the kernels run, fp32 on the references
     for mode, want in (
         ("fp32", gy @ quant.dequantize_int8(w_q, scale)),
         ("int8", ops.int8_linear_dynamic_grad_input_ref(gy, w_q, scale)),

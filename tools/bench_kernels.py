@@ -9,8 +9,10 @@ Per linear shape (K -> N in {384 -> 1536, 1536 -> 384}) and rows M (1024 = batch
   ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`):
               int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear,
               and the two input-gradient ops of the int8 base (grad_x fp32 via the dequantized weight, int8)
-plus the whole model (int8 base) per backend, each in a fresh process: LoRA r8 training step (batch 16 x
-64 tokens) and batch-1 inference latency, with the kernels on and forced off (EDGE_TUNE_KERNELS=0).
+plus the whole model, each in a fresh process: LoRA r8 training step (batch 16 x 64 tokens, the same
+sentences) and batch-1 inference latency, on the int8 base with the kernels on and forced off
+(EDGE_TUNE_KERNELS=0), and through Hugging Face transformers + PEFT on the fp32 model (issue #8's anchor:
+our step at most 0.5x, batch-1 at most 0.4x of PEFT's, measured in the same run).
 
     python tools/bench_kernels.py [--repeats 50] [--out out/bench_kernels]
 """
@@ -115,23 +117,57 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
     }
 
 
+def model_inputs(tokenizer) -> tuple[tuple, tuple]:
+    """One dev sentence (batch 1, its real length) and 16 training rows of 64 tokens, as (ids, mask) pairs."""
+    from edge_tune.data import collate, encode, read_tsv
+
+    ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
+    one = collate([encode(tokenizer, ds.texts[:1], 64)[0]])
+    texts = [" ".join(ds.texts[i : i + 4]) for i in range(0, 64, 4)]  # 16 sentences of >= 64 tokens
+    return one, collate(list(encode(tokenizer, texts, 64)))
+
+
+def peft_model_worker(repeats: int) -> dict:
+    """The same step and batch-1 call through transformers + PEFT LoRA r8 (q, v) on the fp32 model."""
+    import torch
+    from hf_peft import build
+
+    from edge_tune.base import default_model_dir, load_tokenizer
+
+    (ids1, mask1), (ids, mask) = model_inputs(load_tokenizer(default_model_dir()))
+    model = build(argparse.Namespace(variant="", method="lora", model_dir=str(default_model_dir())))
+    model.eval()
+    with torch.inference_mode():
+        latency = median_us(lambda: model(input_ids=ids1, attention_mask=mask1), repeats) / 1e3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    y = torch.zeros(16, dtype=torch.long)
+    model.train()
+
+    def step():
+        model(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return {
+        "batch1_ms": latency,
+        "step_ms": median_us(step, max(5, repeats // 5)) / 1e3,
+        "tokens": ids.numel(),
+    }
+
+
 def model_worker(repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
     from edge_tune.base import load_base
-    from edge_tune.data import collate, encode, read_tsv
     from edge_tune.methods import MethodSpec, apply_method
     from edge_tune.optim import AdamW
 
     base = load_base(precision="int8")
-    ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
     model = base.model
-    one = collate([encode(base.tokenizer, ds.texts[:1], 64)[0]])
+    one, (ids, mask) = model_inputs(base.tokenizer)
     with torch.inference_mode():
         latency = median_us(lambda: model(*one), repeats) / 1e3
-    texts = [" ".join(ds.texts[i : i + 4]) for i in range(0, 64, 4)]  # 16 sentences of >= 64 tokens
-    ids, mask = collate(list(encode(base.tokenizer, texts, 64)))
     params = apply_method(model, MethodSpec("lora", rank=8, alpha=16.0, targets=("q", "v")))
     opt = AdamW(params.values(), lr=1e-3)
     y = torch.zeros(16, dtype=torch.long)
@@ -153,13 +189,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per cell (median reported)")
     ap.add_argument("--out", default="out/bench_kernels")
-    ap.add_argument("--model-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model-worker", choices=["edge", "peft"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     if a.model_worker:
-        print(json.dumps(model_worker(a.repeats)))
+        print(json.dumps((model_worker if a.model_worker == "edge" else peft_model_worker)(a.repeats)))
         return 0
     rows = op_table(a.repeats)
     names = [k for k in rows[0] if k not in ("shape", "m")]
@@ -177,18 +213,25 @@ def main() -> int:
             print(f"  {tag}: dynamic / fp32 {dyn / r['fp32']:.2f}x (<= 1.0), int8 weight-only / fp32 "
                   f"{r['int8 ours'] / r['fp32']:.2f}x")  # fmt: skip
     model = {}
-    for label, env in (("kernels on", "1"), ("kernels off (references)", "0")):
-        p = subprocess.run([sys.executable, __file__, "--model-worker", "--repeats", str(a.repeats)],
-                           capture_output=True, text=True, env={**os.environ, "EDGE_TUNE_KERNELS": env})  # fmt: skip
+    workers = (("edge_tune, kernels on", "edge", "1"), ("edge_tune, kernels off (references)", "edge", "0"),
+               ("PEFT LoRA, fp32 model", "peft", "1"))  # fmt: skip
+    for label, worker, env in workers:
+        p = subprocess.run([sys.executable, __file__, "--model-worker", worker, "--repeats", str(a.repeats)],
+                           capture_output=True, text=True, env={**os.environ, "EDGE_TUNE_KERNELS": env,
+                                                                "PYTHONWARNINGS": "ignore"})  # fmt: skip
         model[label] = (
             json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-300:]}
         )
-    print(f"\n{'whole model, int8 base':28} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}")
+    print(f"\n{'whole model':36} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}")
     for label, m in model.items():
         if "error" in m:
-            print(f"{label:28} failed: {m['error']}")
+            print(f"{label:36} failed: {m['error']}")
         else:
-            print(f"{label:28} {m['step_ms']:24.1f} {m['batch1_ms']:20.2f}")
+            print(f"{label:36} {m['step_ms']:24.1f} {m['batch1_ms']:20.2f}")
+    ours, peft = model["edge_tune, kernels on"], model["PEFT LoRA, fp32 model"]
+    if "error" not in ours and "error" not in peft:
+        print(f"  int8 base with kernels / PEFT: step {ours['step_ms'] / peft['step_ms']:.2f}x (<= 0.5), "
+              f"batch-1 {ours['batch1_ms'] / peft['batch1_ms']:.2f}x (<= 0.4)")  # fmt: skip
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kernels.json").write_text(json.dumps({"ops": rows, "model": model}, indent=1))

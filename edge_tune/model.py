@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from . import ops
 
-# How the int8 base treats activations: "dynamic" quantizes them per token to 7 bits and multiplies in
-# integers (ops.int8_linear_dynamic / lora_linear, the fast path); "fp32" keeps them in fp32 against the
-# dequantized weight (ops.int8_linear). EDGE_TUNE_INT8_ACTIVATIONS picks; README "Ops" gives the trade-off.
+# How the int8 and int4 bases treat activations: "dynamic" quantizes them per token to 7 bits and
+# multiplies in integers (ops.int8_linear_dynamic / lora_linear / int4_linear_dynamic, the fast path); "fp32"
+# keeps them in fp32 against the dequantized weight (ops.int8_linear / int4_linear).
+# EDGE_TUNE_INT8_ACTIVATIONS picks; README "Ops" gives the trade-off.
 INT8_ACTIVATIONS = os.environ.get("EDGE_TUNE_INT8_ACTIVATIONS", "dynamic")
 
 
@@ -62,6 +63,8 @@ class QuantLinear(nn.Module):
                 y = ops.int8_linear_dynamic(x, self.w_q, self.scale, self.bias)
         elif self.precision == "int8":
             y = ops.int8_linear(x, self.w_q, self.scale, self.bias)
+        elif self.precision == "int4" and INT8_ACTIVATIONS == "dynamic":
+            y = ops.int4_linear_dynamic(x, self.w_q, self.scale, self.bias)
         elif self.precision == "int4":
             y = ops.int4_linear(x, self.w_q, self.scale, self.bias)
         else:

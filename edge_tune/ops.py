@@ -84,6 +84,31 @@ def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | N
     return torch.nn.functional.linear(x, quant.dequantize_int4(w_packed, scale), bias)
 
 
+def int4_linear_dynamic_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x: (..., in) fp32, quantized per token like int8_linear_dynamic; w_packed / scale: int4 in groups
+    (quant.py). Per group, in order: the exact integer product of the 7-bit activations and the int4 values,
+    less the zero point times the group's weight sum, times the group's scale, summed in fp32; then times
+    the row scale, plus bias -> (..., out) fp32. The C++ kernel computes the same operations in the same
+    order, so the two agree bit for bit."""
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    groups = scale.shape[1]
+    size = k // groups if groups else 0
+    x2 = x.reshape(-1, k)
+    xu, sx, zp = quantize_rows_ref(x2.nan_to_num(0.0, 0.0, 0.0))
+    q = quant.unpack_int4(w_packed).double()
+    acc = x2.new_zeros(x2.shape[0], n)
+    for g in range(groups):
+        part = slice(g * size, (g + 1) * size)
+        d = xu[:, part].double() @ q[:, part].t() - zp[:, None].double() * q[:, part].sum(1)[None, :]
+        acc = acc + d.float() * scale[:, g].float()[None, :]
+    y = acc * sx[:, None]
+    if bias is not None:
+        y = y + bias
+    bad = ~torch.isfinite(x2).all(1) if k else torch.zeros(x2.shape[0], dtype=torch.bool)
+    y = y.masked_fill(bad[:, None], float("nan"))
+    return y.reshape(*x.shape[:-1], n)
+
+
 def int8_embedding_ref(ids: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     """ids: (...) int64; w_q: (vocab, dim) int8; scale: (vocab,) fp32 -> (..., dim) fp32."""
     return w_q[ids].float() * scale[ids][..., None]
@@ -127,6 +152,10 @@ SCHEMAS = {
         lora_linear_ref,
     ),
     "int4_linear": ("(Tensor x, Tensor w_packed, Tensor scale, Tensor? bias) -> Tensor", int4_linear_ref),
+    "int4_linear_dynamic": (
+        "(Tensor x, Tensor w_packed, Tensor scale, Tensor? bias) -> Tensor",
+        int4_linear_dynamic_ref,
+    ),
     "int8_linear_grad_input": (
         "(Tensor grad_out, Tensor w_q, Tensor scale) -> Tensor",
         _int8_linear_grad_input_ref,
@@ -144,6 +173,7 @@ for _name, (_schema, _ref) in SCHEMAS.items():
 
 int8_linear = torch.ops.edge_tune.int8_linear.default
 int4_linear = torch.ops.edge_tune.int4_linear.default
+int4_linear_dynamic = torch.ops.edge_tune.int4_linear_dynamic.default
 int8_linear_dynamic = torch.ops.edge_tune.int8_linear_dynamic.default
 lora_linear = torch.ops.edge_tune.lora_linear.default
 int8_linear_dynamic_grad_input = torch.ops.edge_tune.int8_linear_dynamic_grad_input.default
@@ -175,6 +205,11 @@ def _(x, w_q, scale, bias, A, B, lora_scale):
 
 
 @torch.library.register_fake("edge_tune::int4_linear", lib=_lib)
+def _(x, w_packed, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+@torch.library.register_fake("edge_tune::int4_linear_dynamic", lib=_lib)
 def _(x, w_packed, scale, bias):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
@@ -239,6 +274,8 @@ for _op, _grad in (
     (int8_linear, int8_linear_grad_input),
     (int8_linear_dynamic, dynamic_grad_input),
     (int4_linear, int4_linear_grad_input),
+    # straight-through like the int8 dynamic op; the gradient in fp32 through the dequantized int4 weight
+    (int4_linear_dynamic, int4_linear_grad_input),
 ):
     torch.library.register_autograd(_op, _linear_backward(_grad), setup_context=_setup_linear, lib=_lib)
 
@@ -275,6 +312,7 @@ ALL_OPS = {
     "lora_linear": lora_linear,
     "int8_linear_dynamic_grad_input": int8_linear_dynamic_grad_input,
     "int4_linear": int4_linear,
+    "int4_linear_dynamic": int4_linear_dynamic,
     "int8_linear_grad_input": int8_linear_grad_input,
     "int4_linear_grad_input": int4_linear_grad_input,
     "int8_embedding": int8_embedding,

@@ -118,6 +118,7 @@ def test_cuda_opcheck():
         "int8_linear_dynamic": (x, q8, s8, bias),
         "lora_linear": (x, q8, s8, bias, A, B, 2.0),
         "int4_linear": (x, q4, s4, bias),
+        "int4_linear_dynamic": (x, q4, s4, bias),  # no CUDA kernel: the reference runs on CUDA tensors
         "int8_linear_grad_input": (gy, q8, s8),
         "int8_linear_dynamic_grad_input": (gy, q8, s8),
         "int4_linear_grad_input": (gy, q4, s4),

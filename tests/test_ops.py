@@ -29,6 +29,7 @@ def _op_samples():
         "int8_linear_dynamic": [(x8, w8, s8, b8), (x8.detach()[:0], w8, s8, None)],
         "lora_linear": [(x8, w8, s8, b8, A, B, 2.0), (x8.detach()[:1], w8, s8, None, A, B, 0.5)],
         "int4_linear": [(x4, w4, s4, b4), (x4.detach()[:0], w4, s4, None)],
+        "int4_linear_dynamic": [(x4, w4, s4, b4), (x4.detach()[:0], w4, s4, None)],
         "int8_linear_grad_input": [(g, w8, s8)],
         "int8_linear_dynamic_grad_input": [(g, w8, s8), (g[:0], w8, s8)],
         "int4_linear_grad_input": [(g, w4, s4)],

@@ -105,3 +105,32 @@ def test_protocol_schedule_and_arrays(tmp_path):
     assert np.all(a["train_mask"].sum(1) >= 3)  # [CLS] word [SEP] at least
     ids, mask = protocol.one_sentence(a)
     assert ids.shape == mask.shape and mask.all() and not math.isnan(float(ids.sum()))
+
+
+def _imports_edge_tune(fn_node) -> bool:
+    import ast
+
+    for node in ast.walk(fn_node):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edge_tune"):
+            return True
+        if isinstance(node, ast.Import) and any(a.name.startswith("edge_tune") for a in node.names):
+            return True
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("model_inputs", "texts_for_mixed"):
+            return True  # helpers that import it
+    return False
+
+
+def test_peer_workers_never_import_edge_tune():
+    """Importing edge_tune sets glibc's mmap threshold (rss.limit_heap_growth), which slowed PEFT's step from
+    ~600 to ~900 ms and changes its peak RSS: a peer measured in such a process is not the peer. Every
+    PEFT worker function of the benchmarks, and the peers' worker scripts, must stay clear of it."""
+    import ast
+
+    workers = {"bench_kernels.py": "peft_model_worker", "swap_bench.py": "peft_worker",
+               "memory_vs_peft.py": "peft_worker"}  # fmt: skip
+    for script, name in workers.items():
+        tree = ast.parse((ROOT / "tools" / script).read_text())
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+        assert not _imports_edge_tune(fn), f"{script}:{name} imports edge_tune"
+    for script in ("hf_peft.py", "ort_train.py", "et_train.py", "protocol.py"):
+        assert not _imports_edge_tune(ast.parse((ROOT / "tools" / "peers" / script).read_text())), script

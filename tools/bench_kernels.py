@@ -7,14 +7,15 @@ Per linear shape (K -> N in {384 -> 1536, 1536 -> 384}) and rows M (1024 = batch
   unfused     quantize x per token, torch._int_mm (int8 x int8 -> int32), dequantize, add bias
   fbgemm      torch.ao dynamic quantized linear (activation quantization and dequantize included)
   ours        the edge_tune:: op as dispatched now (the C++ kernel when built, see `edge-tune doctor`):
-              int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear,
+              int8_linear (weight-only), int8_linear_dynamic, lora_linear (dynamic base + r8), int4_linear
+              (fp32 activations), int4_linear_dynamic (7-bit activations, the int4 base's path),
               and the two input-gradient ops of the int8 base (grad_x fp32 via the dequantized weight, int8)
 plus the whole model, each in a fresh process: LoRA r8 training step (batch 16 x 64 tokens, the same
 sentences) and batch-1 inference latency, on the int8 base with the kernels on and forced off
 (EDGE_TUNE_KERNELS=0), and through Hugging Face transformers + PEFT on the fp32 model (issue #8's anchor:
 our step at most 0.5x, batch-1 at most 0.4x of PEFT's, measured in the same run).
 
-    python tools/bench_kernels.py [--repeats 50] [--out out/bench_kernels]
+    python tools/bench_kernels.py [--repeats 50] [--model-rounds 3] [--out out/bench_kernels]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,28 +116,45 @@ def _cells(x, w, b, q8, s8, q4, s4, dyn) -> dict:
         "grad_x int8 ours": lambda: ops.int8_linear_dynamic_grad_input(grad, q8, s8),
         "int4 reference": lambda: ops.int4_linear_ref(x, q4, s4, b),
         "int4 ours": lambda: ops.int4_linear(x, q4, s4, b),
+        "int4 dynamic ours": lambda: ops.int4_linear_dynamic(x, q4, s4, b),
     }
 
 
-def model_inputs(tokenizer) -> tuple[tuple, tuple]:
-    """One dev sentence (batch 1, its real length) and 16 training rows of 64 tokens, as (ids, mask) pairs."""
+def write_model_inputs(path: Path) -> None:
+    """One dev sentence (batch 1, its real length) and 16 training rows of 64 tokens, ids and masks, into an
+    .npz that every whole-model worker reads: the same inputs for each, and no edge_tune import in PEFT's."""
+    import numpy as np
+
+    from edge_tune.base import default_model_dir, load_tokenizer
     from edge_tune.data import collate, encode, read_tsv
 
+    tok = load_tokenizer(default_model_dir())
     ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
-    one = collate([encode(tokenizer, ds.texts[:1], 64)[0]])
+    one = collate([encode(tok, ds.texts[:1], 64)[0]])
     texts = [" ".join(ds.texts[i : i + 4]) for i in range(0, 64, 4)]  # 16 sentences of >= 64 tokens
-    return one, collate(list(encode(tokenizer, texts, 64)))
+    ids, mask = collate(list(encode(tok, texts, 64)))
+    np.savez(path, ids1=one[0].numpy(), mask1=one[1].numpy(), ids=ids.numpy(), mask=mask.numpy(),
+             model_dir=str(default_model_dir()))  # fmt: skip
 
 
-def peft_model_worker(repeats: int) -> dict:
-    """The same step and batch-1 call through transformers + PEFT LoRA r8 (q, v) on the fp32 model."""
+def read_model_inputs(path: str) -> tuple[tuple, tuple, str]:
+    import numpy as np
+    import torch
+
+    with np.load(path) as z:
+        t = {k: torch.from_numpy(z[k]) for k in ("ids1", "mask1", "ids", "mask")}
+        return (t["ids1"], t["mask1"]), (t["ids"], t["mask"]), str(z["model_dir"])
+
+
+def peft_model_worker(inputs: str, repeats: int) -> dict:
+    """The same step and batch-1 call through transformers + PEFT LoRA r8 (q, v) on the fp32 model. This
+    process must not import edge_tune: the package sets glibc's mmap threshold on import (rss.py), which
+    slowed PEFT's step here from ~600 to ~900 ms."""
     import torch
     from hf_peft import build
 
-    from edge_tune.base import default_model_dir, load_tokenizer
-
-    (ids1, mask1), (ids, mask) = model_inputs(load_tokenizer(default_model_dir()))
-    model = build(argparse.Namespace(variant="", method="lora", model_dir=str(default_model_dir())))
+    (ids1, mask1), (ids, mask), model_dir = read_model_inputs(inputs)
+    model = build(argparse.Namespace(variant="", method="lora", model_dir=model_dir))
     model.eval()
     with torch.inference_mode():
         latency = median_us(lambda: model(input_ids=ids1, attention_mask=mask1), repeats) / 1e3
@@ -155,7 +174,7 @@ def peft_model_worker(repeats: int) -> dict:
     }
 
 
-def model_worker(repeats: int) -> dict:
+def model_worker(inputs: str, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -165,7 +184,7 @@ def model_worker(repeats: int) -> dict:
 
     base = load_base(precision="int8")
     model = base.model
-    one, (ids, mask) = model_inputs(base.tokenizer)
+    one, (ids, mask), _ = read_model_inputs(inputs)
     with torch.inference_mode():
         latency = median_us(lambda: model(*one), repeats) / 1e3
     params = apply_method(model, MethodSpec("lora", rank=8, alpha=16.0, targets=("q", "v")))
@@ -185,17 +204,57 @@ def model_worker(repeats: int) -> dict:
     }
 
 
+WHOLE_MODEL = (("edge_tune, kernels on", "edge", "1"), ("edge_tune, kernels off (references)", "edge", "0"),
+               ("PEFT LoRA, fp32 model", "peft", "1"))  # fmt: skip
+
+
+def whole_model_rows(repeats: int, rounds: int) -> dict[str, dict]:
+    """Each whole-model worker in a fresh process, the workers taking turns for `rounds` rounds; per row
+    the median over rounds of its step and batch-1 medians (this VM's speed drifts by 1.5x over minutes:
+    one process per row, run once, measured the drift as much as the runtimes)."""
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in WHOLE_MODEL}
+    errors: dict[str, str] = {}
+    inputs = Path(tempfile.mkdtemp(prefix="bench_kernels_")) / "inputs.npz"
+    write_model_inputs(inputs)
+    for _ in range(rounds):
+        for label, worker, kernels in WHOLE_MODEL:
+            if label in errors:
+                continue
+            p = subprocess.run([sys.executable, __file__, "--model-worker", worker, "--inputs", str(inputs),
+                                "--repeats", str(repeats)],
+                               capture_output=True, text=True, env={**os.environ, "EDGE_TUNE_KERNELS": kernels,
+                                                                    "PYTHONWARNINGS": "ignore"})  # fmt: skip
+            if p.returncode:
+                errors[label] = p.stderr.strip()[-300:]
+            else:
+                runs[label].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    out = {}
+    for label, rs in runs.items():
+        if label in errors:
+            out[label] = {"error": errors[label]}
+            continue
+        steps, b1s = [r["step_ms"] for r in rs], [r["batch1_ms"] for r in rs]
+        out[label] = {"step_ms": statistics.median(steps), "batch1_ms": statistics.median(b1s),
+                      "step_runs": steps, "batch1_runs": b1s, "tokens": rs[0]["tokens"]}  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per cell (median reported)")
     ap.add_argument("--out", default="out/bench_kernels")
+    ap.add_argument("--model-rounds", type=int, default=3,
+                    help="rounds of the whole-model workers, taking turns (default 3; median reported)")  # fmt: skip
     ap.add_argument("--model-worker", choices=["edge", "peft"], help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", help=argparse.SUPPRESS)
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     if a.model_worker:
-        print(json.dumps((model_worker if a.model_worker == "edge" else peft_model_worker)(a.repeats)))
+        print(
+            json.dumps((model_worker if a.model_worker == "edge" else peft_model_worker)(a.inputs, a.repeats))
+        )
         return 0
     rows = op_table(a.repeats)
     names = [k for k in rows[0] if k not in ("shape", "m")]
@@ -208,26 +267,22 @@ def main() -> int:
         if r["m"] == 1024:
             print(f"  {tag}: dynamic / fbgemm {dyn / r['int8 fbgemm dynamic']:.2f}x (<= 1.0), "
                   f"lora / dynamic {r['lora r8 ours'] / dyn:.2f}x (<= 1.3), "
-                  f"int4 / fp32 {r['int4 ours'] / r['fp32']:.2f}x (<= 0.8)")  # fmt: skip
+                  f"int4 / fp32 {r['int4 ours'] / r['fp32']:.2f}x, int4 dynamic / fp32 "
+                  f"{r['int4 dynamic ours'] / r['fp32']:.2f}x (<= 0.8)")  # fmt: skip
         else:
             print(f"  {tag}: dynamic / fp32 {dyn / r['fp32']:.2f}x (<= 1.0), int8 weight-only / fp32 "
-                  f"{r['int8 ours'] / r['fp32']:.2f}x")  # fmt: skip
-    model = {}
-    workers = (("edge_tune, kernels on", "edge", "1"), ("edge_tune, kernels off (references)", "edge", "0"),
-               ("PEFT LoRA, fp32 model", "peft", "1"))  # fmt: skip
-    for label, worker, env in workers:
-        p = subprocess.run([sys.executable, __file__, "--model-worker", worker, "--repeats", str(a.repeats)],
-                           capture_output=True, text=True, env={**os.environ, "EDGE_TUNE_KERNELS": env,
-                                                                "PYTHONWARNINGS": "ignore"})  # fmt: skip
-        model[label] = (
-            json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-300:]}
-        )
-    print(f"\n{'whole model':36} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}")
+                  f"{r['int8 ours'] / r['fp32']:.2f}x, int4 dynamic / fp32 {r['int4 dynamic ours'] / r['fp32']:.2f}x")  # fmt: skip
+    model = whole_model_rows(a.repeats, a.model_rounds)
+    print(
+        f"\n{'whole model (median of rounds)':36} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}"
+    )
     for label, m in model.items():
         if "error" in m:
             print(f"{label:36} failed: {m['error']}")
         else:
-            print(f"{label:36} {m['step_ms']:24.1f} {m['batch1_ms']:20.2f}")
+            step, b1 = m["step_ms"], m["batch1_ms"]
+            print(f"{label:36} {step:13.1f} ({min(m['step_runs']):4.0f}-{max(m['step_runs']):4.0f}) "
+                  f"{b1:10.2f} ({min(m['batch1_runs']):5.2f}-{max(m['batch1_runs']):5.2f})")  # fmt: skip
     ours, peft = model["edge_tune, kernels on"], model["PEFT LoRA, fp32 model"]
     if "error" not in ours and "error" not in peft:
         print(f"  int8 base with kernels / PEFT: step {ours['step_ms'] / peft['step_ms']:.2f}x (<= 0.5), "

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # protocol: the peers' RSS rule
 
 ROWS = [  # (runtime, method, precision, checkpointing)
     ("peft", "bitfit", "fp32", False),
@@ -36,12 +37,12 @@ ROWS = [  # (runtime, method, precision, checkpointing)
 def peft_worker(a, texts, labels) -> float:
     import torch
     from peft import LoraConfig, get_peft_model
+    from protocol import peak_rss_mb
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from edge_tune.base import default_model_dir
-    from edge_tune.rss import peak_rss_mb
-
-    mdir = str(default_model_dir())
+    # No edge_tune import in this process: the package sets glibc's mmap threshold on import (rss.py),
+    # which changes PEFT's peak; the parent hands over the model folder.
+    mdir = a.model_dir
     tok = AutoTokenizer.from_pretrained(mdir)
     model = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=2)
     if a.method == "lora":
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         import torch
@@ -111,6 +113,7 @@ def main() -> int:
     data.write_text(json.dumps({"texts": texts, "labels": labels}))
     results = {}
     # full_length_texts imported torch here: drop its code pages, which a worker cannot trim while shared
+    from edge_tune.base import default_model_dir
     from edge_tune.rss import trim_resident_memory
 
     trim_resident_memory()
@@ -118,7 +121,7 @@ def main() -> int:
         res = work / "r.json"
         cmd = [sys.executable, __file__, "--worker", runtime, "--method", method, "--precision", precision,
                "--data", str(data), "--result", str(res), "--steps", str(a.steps), "--batch", str(a.batch),
-               "--seq-len", str(a.seq_len)] + (["--checkpointing"] if ck else [])  # fmt: skip
+               "--seq-len", str(a.seq_len), "--model-dir", str(default_model_dir())] + (["--checkpointing"] if ck else [])  # fmt: skip
         print(f"running {runtime} {method} {precision}{' checkpointing' if ck else ''} ...", flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True)
         ok = p.returncode == 0

@@ -124,7 +124,7 @@ def edge_worker(args, out: dict) -> None:
         timed_us(lambda p=p: bank.load(p, name="cold"), args.loads, samples)
         out[f"edge_tune {method} cold load (ms)"] = [s / 1e3 for s in samples]
     # mixed batch: four LoRA task patches, 8 sentences each
-    rows = texts_for_mixed()
+    rows = [tuple(r) for r in json.loads(Path(args.inputs).read_text())["mixed"]]
     texts, tasks = [s for _, s in rows], [names[(t, "lora")] for t, _ in rows]
     bank.predict(texts, patches=tasks)
     mixed, separate = [], []
@@ -146,10 +146,10 @@ def peft_worker(args, out: dict) -> None:
     from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from edge_tune.base import default_model_dir
-
+    # No edge_tune import in this process: the package sets glibc's mmap threshold on import (rss.py),
+    # which would slow PEFT's allocations; the parent hands over the model folder and the sentences.
     torch.set_num_threads(2)
-    mdir = str(default_model_dir())
+    mdir = json.loads(Path(args.inputs).read_text())["model_dir"]
     tok = AutoTokenizer.from_pretrained(mdir)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
     work = Path(tempfile.mkdtemp(prefix="swap_bench_peft_"))
@@ -178,7 +178,7 @@ def peft_worker(args, out: dict) -> None:
     samples = []
     timed_us(lambda: hotswap_adapter(pm, str(folder[TASKS[1]]), adapter_name=TASKS[0]), args.loads, samples)
     out["PEFT lora hotswap_adapter cold load (ms)"] = [s / 1e3 for s in samples]
-    rows = texts_for_mixed()
+    rows = [tuple(r) for r in json.loads(Path(args.inputs).read_text())["mixed"]]
     texts, names = [s for _, s in rows], [t for t, _ in rows]
     enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     mixed, separate = [], []
@@ -201,7 +201,7 @@ def peft_worker(args, out: dict) -> None:
 def run_worker(kind: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", kind, "--json", f.name, "--swaps", str(args.swaps),
-               "--loads", str(args.loads), "--repeats", str(args.repeats)]  # fmt: skip
+               "--loads", str(args.loads), "--repeats", str(args.repeats), "--inputs", args.inputs]  # fmt: skip
         if args.patches:
             cmd += ["--patches", args.patches]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -271,12 +271,19 @@ def main() -> int:
     ap.add_argument("--out", default="out/swap_bench", help="folder for the JSON and PNG")
     ap.add_argument("--worker", choices=["edge", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         out: dict = {}
         (edge_worker if args.worker == "edge" else peft_worker)(args, out)
         Path(args.json).write_text(json.dumps(out))
         return 0
+    from edge_tune.base import default_model_dir
+
+    args.inputs = str(Path(tempfile.mkdtemp(prefix="swap_bench_")) / "inputs.json")
+    Path(args.inputs).write_text(
+        json.dumps({"mixed": texts_for_mixed(), "model_dir": str(default_model_dir())})
+    )
     results = {}
     for kind, key in (("edge", "edge_tune"), ("peft", "peft")):
         print(f"running {key} in its own process ...", flush=True)

@@ -21,7 +21,9 @@ log = logging.getLogger("edge_tune")
 
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
 CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
-CPU_SOURCES = [CPP_DIR / "cpu_kernels.cpp", CPP_DIR / "cpu_dynamic.cpp", CPP_DIR / "cpu_allocator.cpp"]
+CPU_SOURCES = [
+    CPP_DIR / f for f in ("cpu_kernels.cpp", "cpu_dynamic.cpp", "cpu_int4_dynamic.cpp", "cpu_allocator.cpp")
+]
 CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
 _state: dict = {"loaded": None, "reason": ""}
@@ -95,14 +97,23 @@ def kernel_paths() -> dict[str, str]:
     loaded = load_kernels()
     if not loaded:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
-    dynamic = ("int8_linear_dynamic", "int8_linear_dynamic_grad_input", "lora_linear")
+    dynamic = {"int8_linear_dynamic": "cpu_dynamic.cpp", "int8_linear_dynamic_grad_input": "cpu_dynamic.cpp",
+               "lora_linear": "cpu_dynamic.cpp", "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
     # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
     isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
-    cuda = "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)" if torch.cuda.is_available() else ""
+    no_cuda_kernel = {"int4_linear_dynamic"}  # on CUDA tensors its reference (torch ops) runs
+
+    def cuda(name: str) -> str:
+        if not torch.cuda.is_available():
+            return ""
+        return (
+            "; CUDA tensors: PyTorch reference"
+            if name in no_cuda_kernel
+            else "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)"
+        )
+
     return {
-        name: f"C++ (cpp_ext/cpu_dynamic.cpp{isa}){cuda}"
-        if name in dynamic
-        else f"C++ (cpp_ext/cpu_kernels.cpp){cuda}"
+        name: f"C++ (cpp_ext/{dynamic.get(name, 'cpu_kernels.cpp')}{isa if name in dynamic else ''}){cuda(name)}"
         for name in ALL_OPS
     }
 

@@ -85,7 +85,8 @@ __attribute__((target("avx2"))) void panel_groups_avx2(const uint8_t* x, int64_t
     __m256i acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     const int64_t kb0 = g * kGroup / 4;
-#pragma GCC unroll 8
+    // Not unrolled: unrolled, GCC reassociates the 8 quads' sums into a tree and spills the products.
+#pragma GCC unroll 1
     for (int j = 0; j < kGroup / 4; ++j) {
       const int64_t kb = kb0 + j;
       const int8_t* p = pw + kb * bcols * 4;
@@ -161,10 +162,8 @@ at::Tensor int4_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, 
         for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
 #ifdef ET_X86
           if (avx2)
-            for (int h = 0; h < rows; h += 2)  // two rows a call: their sums and the group's fit in 16 registers
-              kPanelGroupsAvx2[std::min(2, rows - h)](q.row(r0 + h), q.ld, pw.data() + t * 16 * 4, k, bcols,
-                                                      &q.zp[r0 + h], gsum.data() + t * 16, gscale.data() + t * 16,
-                                                      facc + h * 16);
+            kPanelGroupsAvx2[rows](q.row(r0), q.ld, pw.data() + t * 16 * 4, k, bcols, &q.zp[r0], gsum.data() + t * 16,
+                                   gscale.data() + t * 16, facc);
           else
 #endif
           {

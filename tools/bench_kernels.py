@@ -146,6 +146,11 @@ def read_model_inputs(path: str) -> tuple[tuple, tuple, str]:
         return (t["ids1"], t["mask1"]), (t["ids"], t["mask"]), str(z["model_dir"])
 
 
+def timed_row(batch1_ms: float, step, repeats: int, tokens: int) -> dict:
+    """A whole-model worker's result: its batch-1 latency and the median of `step` (ms)."""
+    return {"batch1_ms": batch1_ms, "step_ms": median_us(step, max(5, repeats // 5)) / 1e3, "tokens": tokens}
+
+
 def peft_model_worker(inputs: str, repeats: int) -> dict:
     """The same step and batch-1 call through transformers + PEFT LoRA r8 (q, v) on the fp32 model. This
     process must not import edge_tune: the package sets glibc's mmap threshold on import (rss.py), which
@@ -167,11 +172,7 @@ def peft_model_worker(inputs: str, repeats: int) -> dict:
         opt.step()
         opt.zero_grad()
 
-    return {
-        "batch1_ms": latency,
-        "step_ms": median_us(step, max(5, repeats // 5)) / 1e3,
-        "tokens": ids.numel(),
-    }
+    return timed_row(latency, step, repeats, ids.numel())
 
 
 def model_worker(inputs: str, repeats: int) -> dict:
@@ -197,11 +198,7 @@ def model_worker(inputs: str, repeats: int) -> dict:
         opt.step()
         opt.zero_grad()
 
-    return {
-        "batch1_ms": latency,
-        "step_ms": median_us(step, max(5, repeats // 5)) / 1e3,
-        "tokens": ids.numel(),
-    }
+    return timed_row(latency, step, repeats, ids.numel())
 
 
 WHOLE_MODEL = (("edge_tune, kernels on", "edge", "1"), ("edge_tune, kernels off (references)", "edge", "0"),

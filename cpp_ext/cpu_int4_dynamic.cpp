@@ -87,19 +87,7 @@ __attribute__((target("avx2"))) void panel_groups_avx2(const uint8_t* x, int64_t
     const int64_t kb0 = g * kGroup / 4;
     // Not unrolled: unrolled, GCC reassociates the 8 quads' sums into a tree and spills the products.
 #pragma GCC unroll 1
-    for (int j = 0; j < kGroup / 4; ++j) {
-      const int64_t kb = kb0 + j;
-      const int8_t* p = pw + kb * bcols * 4;
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-      for (int r = 0; r < R; ++r) {
-        int32_t four;
-        std::memcpy(&four, x + r * ldx + kb * 4, 4);
-        const __m256i xb = _mm256_set1_epi32(four);
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
-      }
-    }
+    for (int j = 0; j < kGroup / 4; ++j) quad_avx2<R>(x, ldx, pw, kb0 + j, bcols, ones, acc);
     for (int h = 0; h < 2; ++h) {
       const __m256i gs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gsum + g * bcols + h * 8));
       const __m256 sc = _mm256_loadu_ps(gscale + g * bcols + h * 8);

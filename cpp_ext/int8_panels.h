@@ -165,25 +165,32 @@ __attribute__((target("avx2"))) void tile_avx2(const uint8_t* x, int64_t ldx, co
   tile_tail<R>(x, ldx, w, ldw, i, k, out);
 }
 
-// vpmaddubsw + vpmaddwd leave 8 columns' partial sums in one register: no horizontal sums.
+// One k-quad kb of R rows against 16 packed columns (a block `bcols` wide): vpmaddubsw + vpmaddwd leave 8
+// columns' partial sums in one register, so no horizontal sums. Shared by panel_avx2 and the int4 group
+// panel (cpu_int4_dynamic.cpp), which run their own loops over kb.
+template <int R>
+__attribute__((target("avx2"), always_inline)) inline void quad_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw,
+                                                                    int64_t kb, int64_t bcols, __m256i ones,
+                                                                    __m256i (&acc)[R][2]) {
+  const int8_t* p = pw + kb * bcols * 4;
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  for (int r = 0; r < R; ++r) {
+    int32_t four;
+    std::memcpy(&four, x + r * ldx + kb * 4, 4);
+    const __m256i xb = _mm256_set1_epi32(four);
+    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
+    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
+  }
+}
+
 template <int R>
 __attribute__((target("avx2"))) void panel_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4,
                                                 int64_t bcols, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t kb = 0; kb < k4 / 4; ++kb) {
-    const int8_t* p = pw + kb * bcols * 4;
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, x + r * ldx + kb * 4, 4);
-      const __m256i xb = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
-    }
-  }
+  for (int64_t kb = 0; kb < k4 / 4; ++kb) quad_avx2<R>(x, ldx, pw, kb, bcols, ones, acc);
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16), acc[r][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 16 + 8), acc[r][1]);

@@ -2,6 +2,7 @@
 live + cached memory never exceeds the high-water mark plus the configured slack."""
 
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -62,6 +63,38 @@ def test_freed_blocks_are_reused_and_small_ones_are_not_cached(cache):
     small = torch.ones(100)  # under 64 KB: the replaced allocator's, never cached
     del small
     assert tensor_cache_stats()["cached_mb"] == 0.0
+
+
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@needs_kernels
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="blocks are resized with Linux's mremap")
+def test_a_miss_that_must_give_memory_back_recycles_resident_pages(cache):
+    """At slack 0 a request of a size not cached reuses a cached block's pages instead of faulting in new
+    ones: the head of a larger block serves it and the tail stays cached; a smaller block grows in place."""
+    cache("0")
+    x = torch.ones(1024, 1024)  # 4 MB, faulted in
+    ptr = x.data_ptr()
+    del x
+    before = _page_faults()
+    y = torch.empty(512, 1024).fill_(1.0)  # 2 MB: no block of that size is cached
+    assert y.data_ptr() == ptr and _page_faults() - before < 64  # a fresh 2 MB mapping: 512 faults
+    assert tensor_cache_stats()["cached_mb"] == pytest.approx(2.0)
+    z = torch.empty(512, 1024)  # the tail, an exact fit
+    assert z.data_ptr() == ptr + 2 * MB
+    del y, z
+    cache("0")
+    x = torch.ones(512, 1024)  # 2 MB, faulted in; the high-water mark is 2 MB + this file's small tensors
+    peak = tensor_cache_stats()["peak_live_mb"]
+    del x
+    before = _page_faults()
+    w = torch.full((768, 1024), 2.0)  # 3 MB: the 2 MB block grows, only its new 1 MB faults in
+    assert _page_faults() - before < 256 + 64  # a fresh 3 MB mapping: 768 faults
+    s = tensor_cache_stats()
+    assert s["cached_mb"] == 0 and s["live_mb"] + s["cached_mb"] <= max(peak, s["live_mb"]) + 1e-9
+    assert bool((w == 2.0).all())
 
 
 @needs_kernels

@@ -22,7 +22,14 @@ log = logging.getLogger("edge_tune")
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
 CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
 CPU_SOURCES = [
-    CPP_DIR / f for f in ("cpu_kernels.cpp", "cpu_dynamic.cpp", "cpu_int4_dynamic.cpp", "cpu_allocator.cpp")
+    CPP_DIR / f
+    for f in (
+        "cpu_kernels.cpp",
+        "cpu_dynamic.cpp",
+        "cpu_int4_dynamic.cpp",
+        "cpu_gelu.cpp",
+        "cpu_allocator.cpp",
+    )
 ]
 CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
@@ -99,9 +106,11 @@ def kernel_paths() -> dict[str, str]:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
     dynamic = {"int8_linear_dynamic": "cpu_dynamic.cpp", "int8_linear_dynamic_grad_input": "cpu_dynamic.cpp",
                "lora_linear": "cpu_dynamic.cpp", "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
+    other = {"gelu_save_half": "cpu_gelu.cpp", "gelu_backward_half": "cpu_gelu.cpp"}
     # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
     isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
-    no_cuda_kernel = {"int4_linear_dynamic"}  # on CUDA tensors its reference (torch ops) runs
+    # on CUDA tensors their references (torch ops) run
+    no_cuda_kernel = {"int4_linear_dynamic", "gelu_save_half", "gelu_backward_half"}
 
     def cuda(name: str) -> str:
         if not torch.cuda.is_available():
@@ -113,7 +122,8 @@ def kernel_paths() -> dict[str, str]:
         )
 
     return {
-        name: f"C++ (cpp_ext/{dynamic.get(name, 'cpu_kernels.cpp')}{isa if name in dynamic else ''}){cuda(name)}"
+        name: f"C++ (cpp_ext/{dynamic.get(name) or other.get(name, 'cpu_kernels.cpp')}"
+        f"{isa if name in dynamic else ''}){cuda(name)}"
         for name in ALL_OPS
     }
 

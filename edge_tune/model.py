@@ -125,12 +125,6 @@ class EncoderLayer(nn.Module):
         return layer_norm(self.ln2, x + self.ff2(h))
 
 
-def _half(t: Tensor) -> Tensor:
-    """fp16 copy of an activation kept for backward; clamped, so a huge value saturates instead of
-    becoming inf."""
-    return t.clamp(-65504.0, 65504.0).to(torch.float16)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
     """Scaled dot-product attention; while training on CPU, through _AttentionHalfSaved (it reruns torch's
     CPU flash kernels)."""
@@ -150,7 +144,7 @@ class _AttentionHalfSaved(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
-        ctx.save_for_backward(_half(q), _half(k), _half(v), attn_mask)
+        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), attn_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
     @staticmethod
@@ -183,7 +177,7 @@ class _LayerNormHalfSaved(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         out, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-        ctx.save_for_backward(_half(x), mean, rstd, weight, bias)
+        ctx.save_for_backward(ops.half_saturated(x), mean, rstd, weight, bias)
         return out
 
     @staticmethod
@@ -204,13 +198,14 @@ class _GeluHalfSaved(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
-        ctx.save_for_backward(_half(h))
-        return F.gelu(h)
+        y, h16 = ops.gelu_save_half(h)  # one pass with the kernels (cpp_ext/cpu_gelu.cpp)
+        ctx.save_for_backward(h16)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (h16,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(grad, h16.float())
+        return ops.gelu_backward_half(grad, h16)
 
 
 class _Recompute(torch.autograd.Function):

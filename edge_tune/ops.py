@@ -121,6 +121,22 @@ def int4_embedding_ref(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
     return rows.reshape(*ids.shape, rows.shape[-1])
 
 
+def half_saturated(t: Tensor) -> Tensor:
+    """fp16 copy of an activation kept for backward; clamped, so a huge value saturates instead of
+    becoming inf (NaN stays NaN)."""
+    return t.clamp(-65504.0, 65504.0).to(torch.float16)
+
+
+def gelu_save_half_ref(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact (erf) GELU of h, and h's saturated fp16 copy for the backward: (gelu(h), fp16 h)."""
+    return torch.nn.functional.gelu(h), half_saturated(h)
+
+
+def gelu_backward_half_ref(grad: Tensor, h16: Tensor) -> Tensor:
+    """The input gradient of exact GELU, taken at the fp16 copy of its input."""
+    return torch.ops.aten.gelu_backward(grad, h16.float())
+
+
 # ---- the ops ----
 # Registered with the low-level torch.library.Library API on purpose: `torch.library.custom_op` wraps every
 # kernel in torch._disable_dynamo, which imports torch._dynamo (and sympy, ~800 modules, ~57 MB RSS,
@@ -166,6 +182,9 @@ SCHEMAS = {
     ),
     "int8_embedding": ("(Tensor ids, Tensor w_q, Tensor scale) -> Tensor", int8_embedding_ref),
     "int4_embedding": ("(Tensor ids, Tensor w_packed, Tensor scale) -> Tensor", int4_embedding_ref),
+    # the FFN activation's training path (model._GeluHalfSaved); autograd is that Function's
+    "gelu_save_half": ("(Tensor h) -> (Tensor, Tensor)", gelu_save_half_ref),
+    "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
 }
 for _name, (_schema, _ref) in SCHEMAS.items():
     _lib.define(_name + _schema)
@@ -181,6 +200,8 @@ int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
+gelu_save_half = torch.ops.edge_tune.gelu_save_half.default
+gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
 
 
 # ---- fake kernels (shapes only; used by torch.compile / export and opcheck) ----
@@ -232,6 +253,16 @@ def _(ids, w_q, scale):
 @torch.library.register_fake("edge_tune::int4_embedding", lib=_lib)
 def _(ids, w_packed, scale):
     return torch.empty((*ids.shape, w_packed.shape[1] * 2), dtype=torch.float32, device=ids.device)
+
+
+@torch.library.register_fake("edge_tune::gelu_save_half", lib=_lib)
+def _(h):
+    return torch.empty_like(h), torch.empty_like(h, dtype=torch.float16)
+
+
+@torch.library.register_fake("edge_tune::gelu_backward_half", lib=_lib)
+def _(grad, h16):
+    return torch.empty_like(grad)
 
 
 # ---- autograd: input and bias gradients only; the input x is not saved ----
@@ -317,4 +348,6 @@ ALL_OPS = {
     "int4_linear_grad_input": int4_linear_grad_input,
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
+    "gelu_save_half": gelu_save_half,
+    "gelu_backward_half": gelu_backward_half,
 }

@@ -158,7 +158,7 @@ at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::
 }
 
 
-// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (one addmm) ----
+// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (cpu_lora.cpp) ----
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B, double lora_scale) {
   const int64_t k = w_q.size(1);
@@ -167,7 +167,7 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   auto y = int8_linear_dynamic(x, w_q, scale, bias);
   auto x2 = x.reshape({-1, k});
   auto y2 = y.view({-1, w_q.size(0)});
-  if (x2.size(0) > 0) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
+  if (x2.size(0) > 0 && !lora_term_add(x2, A, B, lora_scale, y2)) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
   return y;
 }
 

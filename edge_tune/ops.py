@@ -121,6 +121,18 @@ def int4_embedding_ref(ids: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
     return rows.reshape(*ids.shape, rows.shape[-1])
 
 
+def lora_linear_backward_ref(
+    grad: Tensor, x: Tensor, A: Tensor, B: Tensor, lora_scale: float, grad_x: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The LoRA term's gradients: returns (grad_A, grad_B) and adds the term's input gradient,
+    s * (grad B) A, into `grad_x` (the base's input gradient, (..., in), contiguous) where given."""
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    gb = g2 @ B  # (M, r)
+    if grad_x is not None:
+        grad_x.view(-1, x2.shape[1]).add_(gb @ A, alpha=lora_scale)
+    return lora_scale * (gb.t() @ x2), lora_scale * (g2.t() @ (x2 @ A.t()))
+
+
 def half_saturated(t: Tensor) -> Tensor:
     """fp16 copy of an activation kept for backward; clamped, so a huge value saturates instead of
     becoming inf (NaN stays NaN)."""
@@ -182,6 +194,11 @@ SCHEMAS = {
     ),
     "int8_embedding": ("(Tensor ids, Tensor w_q, Tensor scale) -> Tensor", int8_embedding_ref),
     "int4_embedding": ("(Tensor ids, Tensor w_packed, Tensor scale) -> Tensor", int4_embedding_ref),
+    # lora_linear's backward (below) runs this for the rank-r term
+    "lora_linear_backward": (
+        "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
+        lora_linear_backward_ref,
+    ),
     # the FFN activation's training path (model._GeluHalfSaved); autograd is that Function's
     "gelu_save_half": ("(Tensor h) -> (Tensor, Tensor)", gelu_save_half_ref),
     "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
@@ -200,6 +217,7 @@ int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
+lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
 gelu_save_half = torch.ops.edge_tune.gelu_save_half.default
 gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
 
@@ -253,6 +271,11 @@ def _(ids, w_q, scale):
 @torch.library.register_fake("edge_tune::int4_embedding", lib=_lib)
 def _(ids, w_packed, scale):
     return torch.empty((*ids.shape, w_packed.shape[1] * 2), dtype=torch.float32, device=ids.device)
+
+
+@torch.library.register_fake("edge_tune::lora_linear_backward", lib=_lib)
+def _(grad, x, A, B, lora_scale, grad_x):
+    return torch.empty_like(A), torch.empty_like(B)
 
 
 @torch.library.register_fake("edge_tune::gelu_save_half", lib=_lib)
@@ -321,18 +344,14 @@ def _setup_lora(ctx, inputs, output):
 def _lora_backward(ctx, grad):
     x, w_q, scale, A, B = ctx.saved_tensors
     s, need = ctx.lora_scale, ctx.needs_input_grad
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    gb = g2 @ B  # (M, r)
-    grad_x = grad_A = grad_B = grad_bias = None
+    grad_x = grad_bias = None
     if need[0]:
-        grad_x = dynamic_grad_input(grad, w_q, scale) + s * (gb @ A).reshape(x.shape)
-    if need[4]:
-        grad_A = s * (gb.t() @ x2)
-    if need[5]:
-        grad_B = s * (g2.t() @ (x2 @ A.t()))
+        grad_x = dynamic_grad_input(grad, w_q, scale).contiguous()
+    # dA and dB, and the term's share of grad_x added into it in place: one op (one pass on CPU)
+    grad_A, grad_B = lora_linear_backward(grad, x, A, B, s, grad_x)
     if ctx.has_bias and need[3]:
-        grad_bias = g2.sum(0)
-    return grad_x, None, None, grad_bias, grad_A, grad_B, None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, grad_bias, grad_A if need[4] else None, grad_B if need[5] else None, None
 
 
 torch.library.register_autograd(lora_linear, _lora_backward, setup_context=_setup_lora, lib=_lib)
@@ -348,6 +367,7 @@ ALL_OPS = {
     "int4_linear_grad_input": int4_linear_grad_input,
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
+    "lora_linear_backward": lora_linear_backward,
     "gelu_save_half": gelu_save_half,
     "gelu_backward_half": gelu_backward_half,
 }

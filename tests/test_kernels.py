@@ -143,6 +143,48 @@ def test_embedding_kernels_match_references(shape):
     assert torch.equal(ops.int4_embedding(ids, q4, s4), ops.int4_embedding_ref(ids, q4, s4))
 
 
+@needs_kernels
+@pytest.mark.parametrize(("k", "n"), [(384, 384), (1536, 384), (33, 17)])
+@pytest.mark.parametrize("m", [0, 1, 63, 64, 65, 300])
+@pytest.mark.parametrize("r", [1, 8, 16, 80])  # 80: above the one-pass kernel's rank limit (GEMMs)
+def test_lora_kernels_match_references(k, n, m, r):
+    """The rank-r term in one pass over the rows (cpp_ext/cpu_lora.cpp): forward (inside lora_linear) and
+    backward against the GEMM compositions, only the float summation order differing."""
+    g = torch.Generator().manual_seed(m + r)
+    q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
+    x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    A, B = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
+    torch.testing.assert_close(ops.lora_linear(x, q8, s8, None, A, B, 2.0),
+                               ops.lora_linear_ref(x, q8, s8, None, A, B, 2.0), rtol=1e-5, atol=1e-4)  # fmt: skip
+    base = torch.randn(m, k, generator=g)
+    gx, gx_ref = base.clone(), base.clone()
+    got = ops.lora_linear_backward(gy, x, A, B, 1.5, gx)
+    want = ops.lora_linear_backward_ref(gy, x, A, B, 1.5, gx_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(got, ops.lora_linear_backward(gy, x, A, B, 1.5, None), strict=True)
+    )
+
+
+@needs_kernels
+def test_lora_backward_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(300, 384, generator=g), torch.randn(300, 384, generator=g)
+    A, B = torch.randn(8, 384, generator=g), torch.randn(384, 8, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            runs.append(ops.lora_linear_backward(gy, x, A, B, 2.0, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+
+
 def _gelu_check(h: torch.Tensor, g: torch.Tensor) -> None:
     """The fused GELU ops against their references: the fp16 copy bit-exact, GELU and its gradient within
     2e-6 (A&S erf and a Cephes exp against torch's own; measured <= 1.5e-6 over N(0, 3^2))."""

@@ -35,6 +35,10 @@ def _op_samples():
         "int4_linear_grad_input": [(g, w4, s4)],
         "int8_embedding": [(ids, e8["w_q"], e8["scale"])],
         "int4_embedding": [(ids, e4["w_q"], e4["scale"])],
+        "lora_linear_backward": [
+            (g, x8.detach(), A.detach(), B.detach(), 2.0, torch.randn(5, 64)),
+            (g[:0], x8.detach()[:0], A.detach(), B.detach(), 0.5, None),
+        ],  # fmt: skip
         "gelu_save_half": [(torch.randn(5, 48),), (torch.randn(0, 7),)],
         "gelu_backward_half": [(g, ops.half_saturated(torch.randn(5, 48)))],
     }

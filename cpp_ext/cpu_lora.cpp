@@ -127,11 +127,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad, 
     }
   });
   // block partials summed in order, then scaled
-  for (int64_t b = 1; b < blocks; ++b) {
-    part_a[0].add_(part_a[b]);
-    part_b[0].add_(part_b[b]);
+  at::Tensor grad_A = at::empty({r, k}, x2.options()), grad_Bt = at::empty({r, n}, x2.options());
+  for (auto [part, out, len] : {std::make_tuple(pa, grad_A.data_ptr<float>(), r * k),
+                                std::make_tuple(pb, grad_Bt.data_ptr<float>(), r * n)}) {
+    for (int64_t i = 0; i < len; ++i) {
+      float acc = part[i];
+      for (int64_t b = 1; b < blocks; ++b) acc += part[b * len + i];
+      out[i] = acc * s;
+    }
   }
-  return {part_a[0].mul(s), part_b[0].t().mul(s).contiguous()};
+  return {grad_A, grad_Bt.t().contiguous()};
 }
 
 }  // namespace

@@ -135,29 +135,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
 
 
 class _AttentionHalfSaved(torch.autograd.Function):
-    """Scaled dot-product attention that keeps only q, k and v for backward, in fp16, and reruns the
-    forward there. torch's SDPA keeps q, k, v, the output and the log-sum-exp in fp32 (4 x 384 floats a
-    token and layer); this keeps 1.5 x 384, ~24 MB less at batch 16 x 64 tokens. Backward reruns torch's
-    CPU flash-attention forward for the output and log-sum-exp its backward needs: measured +2.5 ms a
-    layer at batch 16 x 64; with _LayerNormHalfSaved, a LoRA step took 3-6% longer (noisy A/B). The gradients are those at the fp16-rounded q, k, v
-    (relative error ~4e-4 against SDPA's), which moves them far less than the int8 weights already do."""
+    """Scaled dot-product attention through torch's CPU flash-attention kernels, keeping for backward q, k,
+    v and the output in fp16 and the log-sum-exp (one float a head and token) in fp32. torch's SDPA keeps
+    all of those in fp32 (4 x 384 floats a token and layer); this keeps 2 x 384, ~18 MB less at batch
+    16 x 64 tokens. (It kept only q, k, v and reran the forward in backward: 6 MB less, but +1.4 ms a layer,
+    measured.) The gradients are those at the fp16-rounded tensors (relative error ~4e-4 against SDPA's),
+    which moves them far less than the int8 weights already do."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
-        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), attn_mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        q16, k16, v16, attn_mask = ctx.saved_tensors
-        q, k, v = q16.float(), k16.float(), v16.float()
         # the flash kernels take an additive float mask, not SDPA's boolean one
         bias = torch.zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias
         )
+        half = ops.half_saturated
+        ctx.save_for_backward(half(q), half(k), half(v), half(out), lse, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q16, k16, v16, out16, lse, bias = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias
+            grad, q16.float(), k16.float(), v16.float(), out16.float(), lse, 0.0, False, attn_mask=bias
         )
         return dq, dk, dv, None
 
@@ -198,9 +198,8 @@ class _GeluHalfSaved(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
-        y, h16 = ops.gelu_save_half(h)  # one pass with the kernels (cpp_ext/cpu_gelu.cpp)
-        ctx.save_for_backward(h16)
-        return y
+        ctx.save_for_backward(ops.half_saturated(h))
+        return F.gelu(h)  # torch's, as inference and checkpointing's no-grad pass: the same bits
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -133,15 +133,10 @@ def lora_linear_backward_ref(
     return lora_scale * (gb.t() @ x2), lora_scale * (g2.t() @ (x2 @ A.t()))
 
 
-def half_saturated(t: Tensor) -> Tensor:
+def half_saturated_ref(t: Tensor) -> Tensor:
     """fp16 copy of an activation kept for backward; clamped, so a huge value saturates instead of
     becoming inf (NaN stays NaN)."""
     return t.clamp(-65504.0, 65504.0).to(torch.float16)
-
-
-def gelu_save_half_ref(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact (erf) GELU of h, and h's saturated fp16 copy for the backward: (gelu(h), fp16 h)."""
-    return torch.nn.functional.gelu(h), half_saturated(h)
 
 
 def gelu_backward_half_ref(grad: Tensor, h16: Tensor) -> Tensor:
@@ -199,8 +194,8 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
         lora_linear_backward_ref,
     ),
-    # the FFN activation's training path (model._GeluHalfSaved); autograd is that Function's
-    "gelu_save_half": ("(Tensor h) -> (Tensor, Tensor)", gelu_save_half_ref),
+    # the activations training keeps in fp16 (model.py's *HalfSaved functions, which own the autograd)
+    "half_saturated": ("(Tensor x) -> Tensor", half_saturated_ref),
     "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
 }
 for _name, (_schema, _ref) in SCHEMAS.items():
@@ -218,7 +213,7 @@ int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
 lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
-gelu_save_half = torch.ops.edge_tune.gelu_save_half.default
+half_saturated = torch.ops.edge_tune.half_saturated.default
 gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
 
 
@@ -278,9 +273,9 @@ def _(grad, x, A, B, lora_scale, grad_x):
     return torch.empty_like(A), torch.empty_like(B)
 
 
-@torch.library.register_fake("edge_tune::gelu_save_half", lib=_lib)
-def _(h):
-    return torch.empty_like(h), torch.empty_like(h, dtype=torch.float16)
+@torch.library.register_fake("edge_tune::half_saturated", lib=_lib)
+def _(x):
+    return torch.empty_like(x, dtype=torch.float16)
 
 
 @torch.library.register_fake("edge_tune::gelu_backward_half", lib=_lib)
@@ -368,6 +363,6 @@ ALL_OPS = {
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
     "lora_linear_backward": lora_linear_backward,
-    "gelu_save_half": gelu_save_half,
+    "half_saturated": half_saturated,
     "gelu_backward_half": gelu_backward_half,
 }

@@ -124,7 +124,7 @@ def test_cuda_opcheck():
         "int4_linear_grad_input": (gy, q4, s4),
         "int8_embedding": (ids, *e8),
         "int4_embedding": (ids, *e4),
-        "gelu_save_half": (gy,),  # no CUDA kernels: the references run on CUDA tensors
+        "half_saturated": (gy,),  # no CUDA kernels: the references run on CUDA tensors
         "gelu_backward_half": (gy, ops.half_saturated(gy * 3)),
     }
     assert set(samples) == set(ops.ALL_OPS)

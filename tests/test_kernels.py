@@ -185,56 +185,54 @@ def test_lora_backward_does_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
 
 
-def _gelu_check(h: torch.Tensor, g: torch.Tensor) -> None:
-    """The fused GELU ops against their references: the fp16 copy bit-exact, GELU and its gradient within
-    2e-6 (A&S erf and a Cephes exp against torch's own; measured <= 1.5e-6 over N(0, 3^2))."""
-    y, h16 = ops.gelu_save_half(h)
-    y_ref, h16_ref = ops.gelu_save_half_ref(h)
-    assert torch.equal(h16, h16_ref) and y.shape == h.shape and h16.dtype == torch.float16
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=2e-6)
+def _half_saved_check(h: torch.Tensor, g: torch.Tensor) -> None:
+    """The fp16-saved activation ops against their references: the saturating conversion bit-exact, GELU's
+    gradient within 2e-6 (A&S erf and a Cephes exp against torch's own; measured <= 1e-6 over N(0, 3^2))."""
+    h16 = ops.half_saturated(h)
+    torch.testing.assert_close(h16, ops.half_saturated_ref(h), rtol=0, atol=0, equal_nan=True)
+    assert h16.dtype == torch.float16 and h16.shape == h.shape
     d = ops.gelu_backward_half(g, h16)
-    torch.testing.assert_close(d, ops.gelu_backward_half_ref(g, h16), rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(d, ops.gelu_backward_half_ref(g, h16), rtol=1e-6, atol=2e-6, equal_nan=True)
 
 
 @needs_kernels
 @pytest.mark.parametrize("shape", [(16, 64, 1536), (1, 1536), (3, 7), (13,), (0, 1536), (2, 0)])
-def test_gelu_kernels_match_references(shape):
+def test_half_saved_kernels_match_references(shape):
     gen = torch.Generator().manual_seed(len(shape))
     h = torch.randn(shape, generator=gen) * 3
-    _gelu_check(h, torch.randn(shape, generator=gen))
-    _gelu_check(
-        h.transpose(0, -1) if h.dim() > 1 else h, torch.randn(h.shape[::-1], generator=gen)
-    )  # strided
+    _half_saved_check(h, torch.randn(shape, generator=gen))
+    strided = h.transpose(0, -1) if h.dim() > 1 else h
+    _half_saved_check(strided, torch.randn(strided.shape, generator=gen))
 
 
 @needs_kernels
-def test_gelu_kernels_on_extreme_inputs_and_their_rows_independent_of_the_batch():
-    h = torch.tensor(
-        [float("nan"), 1e6, -1e6, 7e4, -7e4, 65519.0, 65520.0, 0.0, -0.0, 1e-30, -10.0, 10.0, 5.5]
-    )
-    y, h16 = ops.gelu_save_half(h)
-    torch.testing.assert_close(h16, ops.half_saturated(h), rtol=0, atol=0, equal_nan=True)
-    assert h16.isfinite().sum() == len(h) - 1  # saturates
-    finite = h.isfinite()
-    torch.testing.assert_close(y[finite], ops.gelu_save_half_ref(h)[0][finite], rtol=1e-6, atol=2e-6)
-    g = torch.ones_like(h)
-    d, d_ref = ops.gelu_backward_half(g, h16), ops.gelu_backward_half_ref(g, h16)
-    assert y[0].isnan() and d[0].isnan()
-    torch.testing.assert_close(d[1:], d_ref[1:], rtol=1e-6, atol=2e-6)
-    # the same values give the same bits wherever they sit (whole vectors or the padded tail)
-    x = torch.randn(37, 19)
-    for rows in (1, 5, 36):
-        assert torch.equal(ops.gelu_save_half(x[:rows])[0], ops.gelu_save_half(x)[0][:rows])
+def test_half_saved_kernels_on_extreme_inputs_and_rows_independent_of_the_batch():
+    # beyond fp16's range, its rounding edge (65519 rounds down, 65520 up), NaN, signed zero, subnormals
+    h = torch.tensor([float("nan"), 1e6, -1e6, 7e4, -7e4, 65519.0, 65520.0, 0.0, -0.0, 1e-30, 3e-6, -10.0,
+                      10.0, 5.5, float("inf"), -float("inf"), 2.0, 1.0])  # fmt: skip
+    for n in (len(h), 8, 7):  # whole vectors and tails
+        _half_saved_check(h[:n], torch.ones(n))
+    h16 = ops.half_saturated(h)
+    assert h16.isfinite().sum() == len(h) - 1 and h16[0].isnan()  # saturates; NaN stays NaN
+    assert ops.gelu_backward_half(torch.ones(1), h16[:1]).isnan().all()
+    x = torch.randn(37, 19) * 3
+    g = torch.randn(37, 19)
+    h16 = ops.half_saturated(x)
+    for rows in (1, 5, 36):  # the same values give the same bits wherever they sit
+        assert torch.equal(
+            ops.gelu_backward_half(g[:rows], h16[:rows]), ops.gelu_backward_half(g, h16)[:rows]
+        )
 
 
 @needs_kernels
-def test_gelu_scalar_path_matches_references():
-    """The path for CPUs without AVX2 + F16C (and for ARM), forced on x86 with EDGE_TUNE_GELU_SCALAR."""
+def test_half_saved_scalar_path_matches_references():
+    """The path for CPUs without AVX2 + F16C (and for ARM), forced on x86 with EDGE_TUNE_HALF_SAVED_SCALAR."""
     code = (
         "import torch, tests.test_kernels as t; torch.manual_seed(0); h = torch.randn(5, 1531) * 3;"
-        "t._gelu_check(h, torch.randn(5, 1531)); print('ok')"
+        "h[0, :4] = torch.tensor([float('nan'), 1e6, -7e4, 65520.0]); t._half_saved_check(h, torch.randn(5, 1531));"
+        "print('ok')"
     )
-    env = {**os.environ, "EDGE_TUNE_GELU_SCALAR": "1"}
+    env = {**os.environ, "EDGE_TUNE_HALF_SAVED_SCALAR": "1"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert p.stdout.strip() == "ok", p.stderr[-500:]

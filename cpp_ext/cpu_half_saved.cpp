@@ -1,12 +1,13 @@
-// GELU for training with its input kept in fp16 (model._GeluHalfSaved): the forward writes gelu(h) and the
-// saturated fp16 copy of h in one pass over h, and the backward reads that copy and the output gradient in
-// one pass. Unfused, the same work was five passes over the FFN hidden (clamp, convert, gelu; convert back,
-// gelu_backward), each a fresh 1024 x 1536 tensor at batch 16 x 64.
+// The activations training keeps for backward in fp16 (model.py's *HalfSaved functions): the saturating
+// fp32 -> fp16 conversion in one pass (unfused: a clamped fp32 copy, then the conversion), and GELU's
+// input gradient read straight from the fp16 copy (unfused: an fp32 copy of it, then gelu_backward; three
+// passes over the 1024 x 1536 FFN hidden at batch 16 x 64, one here).
 //
-// Exact (erf) GELU with the erf ATen's own vectorized GELU uses (Abramowitz & Stegun 7.1.26, |error| <=
-// 1.5e-7) and a Cephes-style exp: within ~1e-6 of torch's F.gelu and gelu_backward, not bit-identical (the
-// tests bound it). Every element goes through the same code whatever its position (tails are padded to a
-// full vector), so a row's results never depend on the batch around it.
+// GELU's derivative uses the erf ATen's own vectorized GELU uses (Abramowitz & Stegun 7.1.26, |error| <=
+// 1.5e-7) and a Cephes-style exp: within ~1e-6 of torch's gelu_backward, not bit-identical (the tests bound
+// it). The forward GELU stays torch's: training's forward must give the bits inference and activation
+// checkpointing's no-grad pass give. Every element goes through the same code whatever its position (tails
+// are padded to a full vector), so a row's results never depend on the batch around it.
 
 #include "cpu_common.h"
 
@@ -21,11 +22,10 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
 constexpr int64_t kGrain = 1 << 14;        // elements a thread takes at least
 
 // The scalar path: for CPUs without AVX2+F16C and for other architectures (there the compiler vectorizes).
-inline void gelu_save_scalar(const float* h, float* y, c10::Half* h16, int64_t n) {
+inline void half_scalar(const float* x, c10::Half* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float x = h[i];
-    y[i] = x * 0.5f * (1.f + std::erf(x * kSqrtHalf));
-    h16[i] = c10::Half(std::isnan(x) ? x : std::min(kHalfMax, std::max(-kHalfMax, x)));
+    const float v = x[i];
+    out[i] = c10::Half(std::isnan(v) ? v : std::min(kHalfMax, std::max(-kHalfMax, v)));
   }
 }
 
@@ -76,14 +76,12 @@ ET_GELU_TARGET inline __m256 normal_cdf(__m256 x, __m256* e_out) {
   return _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(one, _mm256_xor_ps(zs, erf_abs)));
 }
 
-ET_GELU_TARGET inline void gelu_save8(const float* h, float* y, c10::Half* h16) {
-  const __m256 x = _mm256_loadu_ps(h);
-  __m256 e;
-  _mm256_storeu_ps(y, _mm256_mul_ps(x, normal_cdf(x, &e)));
-  const __m256 c = _mm256_min_ps(_mm256_set1_ps(kHalfMax), _mm256_max_ps(_mm256_set1_ps(-kHalfMax), x));
-  // max/min return their second operand for NaN: order them so that a NaN stays NaN
-  const __m256 keep_nan = _mm256_blendv_ps(c, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(h16), _mm256_cvtps_ph(keep_nan, _MM_FROUND_TO_NEAREST_INT));
+ET_GELU_TARGET inline void half8(const float* x, c10::Half* out) {
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256 c = _mm256_min_ps(_mm256_set1_ps(kHalfMax), _mm256_max_ps(_mm256_set1_ps(-kHalfMax), v));
+  // max/min return their second operand for NaN: put a NaN back, as torch's clamp keeps it
+  const __m256 keep_nan = _mm256_blendv_ps(c, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(keep_nan, _MM_FROUND_TO_NEAREST_INT));
 }
 
 ET_GELU_TARGET inline void gelu_grad8(const float* g, const c10::Half* h16, float* out) {
@@ -94,16 +92,12 @@ ET_GELU_TARGET inline void gelu_grad8(const float* g, const c10::Half* h16, floa
   _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(g), d));
 }
 
-ET_GELU_TARGET void gelu_save_avx2(const float* h, float* y, c10::Half* h16, int64_t n) {
+ET_GELU_TARGET void half_avx2(const float* x, c10::Half* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) gelu_save8(h + i, y + i, h16 + i);
-  if (i < n) {  // the tail through the same vector code, so no element's result depends on where it sits
-    float hb[8] = {0}, yb[8];
-    c10::Half hb16[8];
-    std::memcpy(hb, h + i, (n - i) * sizeof(float));
-    gelu_save8(hb, yb, hb16);
-    std::memcpy(y + i, yb, (n - i) * sizeof(float));
-    std::memcpy(h16 + i, hb16, (n - i) * sizeof(c10::Half));
+  for (; i + 8 <= n; i += 8) half8(x + i, out + i);
+  for (; i < n; ++i) {  // round-to-nearest-even like the vector conversion: the same bits
+    const float v = x[i];
+    out[i] = c10::Half(std::isnan(v) ? v : std::min(kHalfMax, std::max(-kHalfMax, v)));
   }
 }
 
@@ -122,7 +116,7 @@ ET_GELU_TARGET void gelu_grad_avx2(const float* g, const c10::Half* h16, float* 
 
 bool use_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c") && !std::getenv("EDGE_TUNE_GELU_SCALAR");
+                          __builtin_cpu_supports("f16c") && !std::getenv("EDGE_TUNE_HALF_SAVED_SCALAR");
   return yes;
 }
 #endif
@@ -135,21 +129,19 @@ void for_chunks(int64_t n, F f) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> gelu_save_half(const at::Tensor& h_in) {
-  TORCH_CHECK(h_in.scalar_type() == at::kFloat, "gelu_save_half: h must be float32");
-  const at::Tensor h = h_in.contiguous();
-  at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
-  at::Tensor h16 = at::empty(h.sizes(), h.options().dtype(at::kHalf));
-  const float* hp = h.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  c10::Half* sp = h16.data_ptr<c10::Half>();
-  for_chunks(h.numel(), [&](int64_t i, int64_t len) {
+at::Tensor half_saturated(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "half_saturated: x must be float32");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kHalf));
+  const float* xp = x.data_ptr<float>();
+  c10::Half* op = out.data_ptr<c10::Half>();
+  for_chunks(x.numel(), [&](int64_t i, int64_t len) {
 #ifdef ET_X86
-    if (use_avx2()) return gelu_save_avx2(hp + i, yp + i, sp + i, len);
+    if (use_avx2()) return half_avx2(xp + i, op + i, len);
 #endif
-    gelu_save_scalar(hp + i, yp + i, sp + i, len);
+    half_scalar(xp + i, op + i, len);
   });
-  return {y, h16};
+  return out;
 }
 
 at::Tensor gelu_backward_half(const at::Tensor& grad_in, const at::Tensor& h16_in) {
@@ -173,6 +165,6 @@ at::Tensor gelu_backward_half(const at::Tensor& grad_in, const at::Tensor& h16_i
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
-  m.impl("gelu_save_half", &gelu_save_half);
+  m.impl("half_saturated", &half_saturated);
   m.impl("gelu_backward_half", &gelu_backward_half);
 }

@@ -45,9 +45,4 @@ inline at::Tensor finish(const at::Tensor& y2, const at::Tensor& x) {
   return y2.view(sizes);
 }
 
-// y2 (M, out) += lora_scale * (x2 A^T) B^T, one pass over the rows (cpu_lora.cpp); false, with y2 untouched,
-// where it does not apply (rank above its limit, non-contiguous or non-float32 tensors).
-bool lora_term_add(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B, double lora_scale,
-                   at::Tensor& y2);
-
 }  // namespace edge_tune_cpu

@@ -158,7 +158,7 @@ at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::
 }
 
 
-// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (cpu_lora.cpp) ----
+// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (one addmm) ----
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B, double lora_scale) {
   const int64_t k = w_q.size(1);
@@ -167,7 +167,10 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   auto y = int8_linear_dynamic(x, w_q, scale, bias);
   auto x2 = x.reshape({-1, k});
   auto y2 = y.view({-1, w_q.size(0)});
-  if (x2.size(0) > 0 && !lora_term_add(x2, A, B, lora_scale, y2)) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
+  // BLAS, not cpu_lora.cpp's row pass: the bank's mixed-patch batches add the same term with per-row bmm, and
+  // must give the same bits as a one-patch pass (the int8 activations turn a last-bit difference into a
+  // flipped rounding downstream); the forward term is ~2 ms of a LoRA step either way.
+  if (x2.size(0) > 0) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
   return y;
 }
 

@@ -1,10 +1,9 @@
-// LoRA's rank-r term, s * (x A^T) B^T, forward and backward, in one pass over the activation rows.
+// The backward of LoRA's rank-r term, s * (x A^T) B^T, in one pass over the activation and gradient rows.
 //
-// As GEMMs the term is skinny products (M x 384 by 384 x 8, and so on: one in forward, five in backward),
-// each reading a whole activation or gradient for r columns of work; BLAS ran them at ~20 GMAC/s here
-// (~160 us each at M = 1024, ~12 ms of a LoRA step). Row by row, a row of x and of the gradient stay in L1
-// while every product that needs them runs, and A, B and the per-block partial gradients (r x 384 floats
-// each) stay in L1/L2.
+// As GEMMs it is five skinny products (M x 384 by 384 x 8, and so on), each reading a whole activation or
+// gradient for r columns of work; BLAS ran them at ~20 GMAC/s here (~160 us each at M = 1024, ~10 ms of a
+// LoRA step). Row by row, a row of x and of the gradient stay in L1 while every product that needs them
+// runs, and A, B and the per-block partial gradients (r x 384 floats each) stay in L1/L2.
 //
 // dA and dB are sums over rows: each block of kRowBlock rows writes its own partial, and the partials are
 // added in block order, so the result does not depend on the thread count.
@@ -140,29 +139,6 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad, 
 }
 
 }  // namespace
-
-namespace edge_tune_cpu {
-
-bool lora_term_add(const at::Tensor& x2, const at::Tensor& A_in, const at::Tensor& B_in, double lora_scale,
-                   at::Tensor& y2) {
-  if (!fits(x2, A_in, B_in) || !x2.is_contiguous() || !y2.is_contiguous()) return false;
-  const int64_t r = A_in.size(0), k = A_in.size(1), n = B_in.size(0), m = x2.size(0);
-  const at::Tensor A = A_in.contiguous(), Bt = B_in.t().contiguous();
-  const float s = static_cast<float>(lora_scale);
-  const float *xp = x2.data_ptr<float>(), *ap = A.data_ptr<float>(), *bp = Bt.data_ptr<float>();
-  float* yp = y2.data_ptr<float>();
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    float xa[kMaxRank];
-    for (int64_t row = r0; row < r1; ++row) {
-      dots(ap, xp + row * k, r, k, xa);
-      for (int64_t j = 0; j < r; ++j) xa[j] *= s;
-      combine(bp, xa, r, n, yp + row * n);  // y_m += s (x_m A^T) B^T
-    }
-  });
-  return true;
-}
-
-}  // namespace edge_tune_cpu
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("lora_linear_backward", &lora_linear_backward);

@@ -103,14 +103,13 @@ def base_weight_bytes(cfg, precision: str) -> int:
 def saved_floats_per_token(cfg, spec) -> int:
     """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
-    attention's q, k, v and output (fp16: half a float each) and log-sum-exp (a float a head,
-    model._AttentionHalfSaved), both LayerNorms' inputs
+    attention's q, k and v (fp16: half a float each, model._AttentionHalfSaved), both LayerNorms' inputs
     (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and, for
     LoRA, each adapted linear's input and its rank-r projection."""
     if spec.name == "head":
         return 0  # the encoder runs without autograd
-    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    n = 4 * D // 2 + H + (D // 2 + 2) + F // 2 + (D // 2 + 2)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    n = 3 * D // 2 + (D // 2 + 2) + F // 2 + (D // 2 + 2)
     if spec.name == "lora":
         t = set(spec.targets)
         n += spec.rank * len(t)

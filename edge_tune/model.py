@@ -135,29 +135,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
 
 
 class _AttentionHalfSaved(torch.autograd.Function):
-    """Scaled dot-product attention through torch's CPU flash-attention kernels, keeping for backward q, k,
-    v and the output in fp16 and the log-sum-exp (one float a head and token) in fp32. torch's SDPA keeps
-    all of those in fp32 (4 x 384 floats a token and layer); this keeps 2 x 384, ~18 MB less at batch
-    16 x 64 tokens. (It kept only q, k, v and reran the forward in backward: 6 MB less, but +1.4 ms a layer,
-    measured.) The gradients are those at the fp16-rounded tensors (relative error ~4e-4 against SDPA's),
-    which moves them far less than the int8 weights already do."""
+    """Scaled dot-product attention that keeps only q, k and v for backward, in fp16, and reruns the
+    forward there. torch's SDPA keeps q, k, v, the output and the log-sum-exp in fp32 (4 x 384 floats a
+    token and layer); this keeps 1.5 x 384, ~24 MB less at batch 16 x 64 tokens. Backward reruns torch's
+    CPU flash-attention forward for the output and log-sum-exp its backward needs: measured +2.5 ms a
+    layer at batch 16 x 64; with _LayerNormHalfSaved, a LoRA step took 3-6% longer (noisy A/B). The
+    gradients are those at the fp16-rounded q, k, v (relative error ~4e-4 against SDPA's), which moves them
+    far less than the int8 weights already do. Saving the forward's output and log-sum-exp instead of
+    rerunning it (tried: ~8 ms a LoRA step less, +5 MB at 16 x 64) made the gradients 2-5x more sensitive
+    to last-bit input changes (a flipped fp16 rounding of q or k no longer matches the saved log-sum-exp):
+    gradient accumulation then missed test_gradient_accumulation_matches_big_batch's bound even with fp32
+    activations."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q16, k16, v16, attn_mask = ctx.saved_tensors
+        q, k, v = q16.float(), k16.float(), v16.float()
         # the flash kernels take an additive float mask, not SDPA's boolean one
         bias = torch.zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias
         )
-        half = ops.half_saturated
-        ctx.save_for_backward(half(q), half(k), half(v), half(out), lse, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        q16, k16, v16, out16, lse, bias = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q16.float(), k16.float(), v16.float(), out16.float(), lse, 0.0, False, attn_mask=bias
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias
         )
         return dq, dk, dv, None
 

@@ -148,8 +148,8 @@ def test_embedding_kernels_match_references(shape):
 @pytest.mark.parametrize("m", [0, 1, 63, 64, 65, 300])
 @pytest.mark.parametrize("r", [1, 8, 16, 80])  # 80: above the one-pass kernel's rank limit (GEMMs)
 def test_lora_kernels_match_references(k, n, m, r):
-    """The rank-r term in one pass over the rows (cpp_ext/cpu_lora.cpp): forward (inside lora_linear) and
-    backward against the GEMM compositions, only the float summation order differing."""
+    """lora_linear, and the backward of its rank-r term in one pass over the rows (cpp_ext/cpu_lora.cpp)
+    against the GEMM composition, only the float summation order differing."""
     g = torch.Generator().manual_seed(m + r)
     q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
     x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)

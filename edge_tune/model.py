@@ -126,44 +126,36 @@ class EncoderLayer(nn.Module):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
-    """Scaled dot-product attention; while training on CPU, through _AttentionHalfSaved (it reruns torch's
-    CPU flash kernels)."""
-    trains = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if trains and q.device.type == "cpu":
-        return _AttentionHalfSaved.apply(q, k, v, attn_mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    """Scaled dot-product attention. On CPU through ops.attention (cpp_ext/cpu_attention.cpp with the
+    kernels), with autograd or without alike, so that training, inference and checkpointing's no-grad pass
+    give the same bits; while training, through _AttentionHalfSaved."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    key_mask = attn_mask[:, 0, 0, :]  # (B, T)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionHalfSaved.apply(q, k, v, key_mask)
+    return ops.attention(q, k, v, key_mask)
 
 
 class _AttentionHalfSaved(torch.autograd.Function):
-    """Scaled dot-product attention that keeps only q, k and v for backward, in fp16, and reruns the
-    forward there. torch's SDPA keeps q, k, v, the output and the log-sum-exp in fp32 (4 x 384 floats a
-    token and layer); this keeps 1.5 x 384, ~24 MB less at batch 16 x 64 tokens. Backward reruns torch's
-    CPU flash-attention forward for the output and log-sum-exp its backward needs: measured +2.5 ms a
-    layer at batch 16 x 64; with _LayerNormHalfSaved, a LoRA step took 3-6% longer (noisy A/B). The
-    gradients are those at the fp16-rounded q, k, v (relative error ~4e-4 against SDPA's), which moves them
-    far less than the int8 weights already do. Saving the forward's output and log-sum-exp instead of
-    rerunning it (tried: ~8 ms a LoRA step less, +5 MB at 16 x 64) made the gradients 2-5x more sensitive
-    to last-bit input changes (a flipped fp16 rounding of q or k no longer matches the saved log-sum-exp):
-    gradient accumulation then missed test_gradient_accumulation_matches_big_batch's bound even with fp32
-    activations."""
+    """Self-attention that keeps only q, k and v for backward, in fp16. torch's SDPA keeps q, k, v, the output
+    and the log-sum-exp in fp32 (4 x 384 floats a token and layer); this keeps 1.5 x 384, ~24 MB less at
+    batch 16 x 64 tokens. ops.attention_backward recomputes the probabilities from q and k, and needs
+    neither the output nor the log-sum-exp (with the kernels off, its reference reruns SDPA). The gradients
+    are those at the fp16-rounded q, k, v (relative error ~4e-4 against SDPA's), which moves them far less
+    than the int8 weights already do. (Saving the output and log-sum-exp of torch's flash kernels instead of
+    rerunning them, tried: the gradients came out 2-5x more sensitive to last-bit input changes, as a
+    flipped fp16 rounding of q or k no longer matched the saved log-sum-exp.)"""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
-        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), attn_mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), key_mask)
+        return ops.attention(q, k, v, key_mask)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q16, k16, v16, attn_mask = ctx.saved_tensors
-        q, k, v = q16.float(), k16.float(), v16.float()
-        # the flash kernels take an additive float mask, not SDPA's boolean one
-        bias = torch.zeros(attn_mask.shape).masked_fill_(~attn_mask, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias
-        )
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias
-        )
+        q16, k16, v16, key_mask = ctx.saved_tensors
+        dq, dk, dv = ops.attention_backward(grad, q16, k16, v16, key_mask)
         return dq, dk, dv, None
 
 

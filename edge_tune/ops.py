@@ -133,6 +133,32 @@ def lora_linear_backward_ref(
     return lora_scale * (gb.t() @ x2), lora_scale * (g2.t() @ (x2 @ A.t()))
 
 
+def _heads_last(t: Tensor) -> Tensor:
+    """t (B, H, T, Dh) as a tensor laid out (B, T, H, Dh), the layout the model's heads come from and go
+    back to: every attention op returns that layout (the fake kernels say so too)."""
+    B, H, T, Dh = t.shape
+    return t.new_empty((B, T, H, Dh)).transpose(1, 2).copy_(t)
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """q, k, v: (B, H, T, Dh) fp32; key_mask: (B, T) bool, True for a real token -> (B, H, T, Dh):
+    softmax(q k^T / sqrt(Dh), keys masked) v, torch's SDPA."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    return _heads_last(out)
+
+
+def attention_backward_ref(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> tuple:
+    """(dq, dk, dv) of attention_ref at q, k, v (fp32 or fp16, taken in fp32) for the output gradient grad,
+    the probabilities recomputed: dS = P (dP - rowsum(P dP)) / sqrt(Dh)."""
+    q, k, v = q.float(), k.float(), v.float()
+    scale = q.shape[-1] ** -0.5
+    s = (q @ k.transpose(-1, -2)).mul_(scale).masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    p = s.softmax(-1).nan_to_num_(0.0)  # a row with no real key: zeros, as SDPA gives
+    dp = grad @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+    return _heads_last(ds @ k), _heads_last(ds.transpose(-1, -2) @ q), _heads_last(p.transpose(-1, -2) @ grad)
+
+
 def half_saturated_ref(t: Tensor) -> Tensor:
     """fp16 copy of an activation kept for backward; clamped, so a huge value saturates instead of
     becoming inf (NaN stays NaN)."""
@@ -194,6 +220,12 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
         lora_linear_backward_ref,
     ),
+    # self-attention (model.attention; model._AttentionHalfSaved owns the autograd and runs the backward)
+    "attention": ("(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor", attention_ref),
+    "attention_backward": (
+        "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor key_mask) -> (Tensor, Tensor, Tensor)",
+        attention_backward_ref,
+    ),
     # the activations training keeps in fp16 (model.py's *HalfSaved functions, which own the autograd)
     "half_saturated": ("(Tensor x) -> Tensor", half_saturated_ref),
     "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
@@ -213,6 +245,8 @@ int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
 lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
+attention = torch.ops.edge_tune.attention.default
+attention_backward = torch.ops.edge_tune.attention_backward.default
 half_saturated = torch.ops.edge_tune.half_saturated.default
 gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
 
@@ -271,6 +305,21 @@ def _(ids, w_packed, scale):
 @torch.library.register_fake("edge_tune::lora_linear_backward", lib=_lib)
 def _(grad, x, A, B, lora_scale, grad_x):
     return torch.empty_like(A), torch.empty_like(B)
+
+
+def _empty_heads_last(t: Tensor) -> Tensor:
+    B, H, T, Dh = t.shape
+    return torch.empty((B, T, H, Dh), dtype=torch.float32, device=t.device).transpose(1, 2)
+
+
+@torch.library.register_fake("edge_tune::attention", lib=_lib)
+def _(q, k, v, key_mask):
+    return _empty_heads_last(q)
+
+
+@torch.library.register_fake("edge_tune::attention_backward", lib=_lib)
+def _(grad, q, k, v, key_mask):
+    return _empty_heads_last(grad), _empty_heads_last(grad), _empty_heads_last(grad)
 
 
 @torch.library.register_fake("edge_tune::half_saturated", lib=_lib)
@@ -363,6 +412,8 @@ ALL_OPS = {
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
     "lora_linear_backward": lora_linear_backward,
+    "attention": attention,
+    "attention_backward": attention_backward,
     "half_saturated": half_saturated,
     "gelu_backward_half": gelu_backward_half,
 }

@@ -113,6 +113,8 @@ def test_cuda_opcheck():
     q4, s4 = quant.quantize_int4(w)
     ids = torch.tensor([[0, 3, 5], [47, 1, 0]])
     e8, e4 = quant.quantize_int8(w), quant.quantize_int4(w)
+    qkv = [torch.randn(2, 3, 5, 8) for _ in range(3)]
+    keys = torch.tensor([[True] * 5, [True, True, True, False, False]])
     samples = {
         "int8_linear": (x, q8, s8, bias),
         "int8_linear_dynamic": (x, q8, s8, bias),
@@ -124,14 +126,17 @@ def test_cuda_opcheck():
         "int4_linear_grad_input": (gy, q4, s4),
         "int8_embedding": (ids, *e8),
         "int4_embedding": (ids, *e4),
-        "half_saturated": (gy,),  # no CUDA kernels: the references run on CUDA tensors
+        "attention": (*qkv, keys),  # no CUDA kernels for these: the references run on CUDA tensors
+        "attention_backward": (torch.randn(2, 3, 5, 8), *qkv, keys),
+        "half_saturated": (gy,),
         "gelu_backward_half": (gy, ops.half_saturated(gy * 3)),
     }
     assert set(samples) == set(ops.ALL_OPS)
     for name, args in samples.items():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
-                and "grad_input" not in name and "embedding" not in name and "gelu" not in name else a for i, a in enumerate(args)]  # fmt: skip
+                and "grad_input" not in name and "embedding" not in name and "gelu" not in name
+                and "attention" not in name else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
 
 

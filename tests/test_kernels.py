@@ -185,6 +185,56 @@ def test_lora_backward_does_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
 
 
+def _attention_inputs(B, T, H, Dh, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        q, k, v = (torch.randn(B, H, T, Dh, generator=g) * 2 for _ in range(3))
+    else:  # as the encoder splits heads: (B, T, H * Dh) viewed and transposed
+        q, k, v = (torch.randn(B, T, H, Dh, generator=g).mul(2).transpose(1, 2) for _ in range(3))
+    keys = torch.ones(B, T, dtype=torch.bool)
+    keys[B // 2 : B // 2 + 1, (T + 1) // 2 :] = False  # a padded sequence (none when B = 0)
+    return q, k, v, keys, torch.randn(B, H, T, Dh, generator=g)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "heads-transposed"])
+@pytest.mark.parametrize(("B", "T", "H", "Dh"), [(16, 64, 12, 32), (2, 9, 12, 32), (3, 13, 2, 20), (1, 1, 1, 8),
+                                                 (2, 130, 3, 64), (0, 5, 2, 8)])  # fmt: skip
+def test_attention_kernels_match_references(B, T, H, Dh, layout):
+    """cpp_ext/cpu_attention.cpp against SDPA: output and gradients within float rounding (its own exp,
+    ~1 ulp; summation orders), for fp32 and fp16 saved inputs, odd sizes padded inside."""
+    q, k, v, keys, g = _attention_inputs(B, T, H, Dh, layout)
+    out = ops.attention(q, k, v, keys)
+    torch.testing.assert_close(out, ops.attention_ref(q, k, v, keys), rtol=1e-5, atol=1e-5)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()  # (B, T, H, Dh) memory: free reshape
+    for saved in (q, q.half()):
+        qs, ks, vs = (t.to(saved.dtype) for t in (q, k, v))
+        got, want = (
+            ops.attention_backward(g, qs, ks, vs, keys),
+            ops.attention_backward_ref(g, qs, ks, vs, keys),
+        )
+        for a, b in zip(got, want, strict=True):
+            top = b.abs().amax().item() if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, top))
+
+
+@needs_kernels
+def test_attention_rows_do_not_depend_on_the_batch_and_fully_masked_sequences_give_zeros():
+    q, k, v, keys, g = _attention_inputs(6, 24, 4, 32, "heads-transposed")
+    out, grads = ops.attention(q, k, v, keys), ops.attention_backward(g, q, k, v, keys)
+    for i in (0, 3, 5):  # each sequence alone: the same bits
+        one = slice(i, i + 1)
+        assert torch.equal(ops.attention(q[one], k[one], v[one], keys[one]), out[one])
+        alone = ops.attention_backward(g[one], q[one], k[one], v[one], keys[one])
+        assert all(torch.equal(a, b[one]) for a, b in zip(alone, grads, strict=True))
+    keys[2] = False  # no real key at all: zeros, as SDPA gives
+    torch.testing.assert_close(
+        ops.attention(q, k, v, keys), ops.attention_ref(q, k, v, keys), rtol=1e-5, atol=1e-5
+    )
+    assert (ops.attention(q, k, v, keys)[2] == 0).all()
+    assert all((t[2] == 0).all() for t in ops.attention_backward(g, q, k, v, keys))
+
+
 def _half_saved_check(h: torch.Tensor, g: torch.Tensor) -> None:
     """The fp16-saved activation ops against their references: the saturating conversion bit-exact, GELU's
     gradient within 2e-6 (A&S erf and a Cephes exp against torch's own; measured <= 1e-6 over N(0, 3^2))."""

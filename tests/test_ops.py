@@ -22,6 +22,8 @@ def _op_samples():
     e8 = quant.quantize(torch.randn(48, 64), "int8")
     e4 = quant.quantize(torch.randn(48, 64), "int4")
     g = torch.randn(5, 48)
+    qkv = [torch.randn(2, 5, 3, 8).transpose(1, 2) for _ in range(3)]  # (B, H, T, Dh), heads-transposed
+    keys = torch.tensor([[True] * 5, [True, True, True, False, False]])
     A = torch.randn(4, 64, requires_grad=True)
     B = torch.randn(48, 4, requires_grad=True)
     return {
@@ -38,6 +40,11 @@ def _op_samples():
         "lora_linear_backward": [
             (g, x8.detach(), A.detach(), B.detach(), 2.0, torch.randn(5, 64)),
             (g[:0], x8.detach()[:0], A.detach(), B.detach(), 0.5, None),
+        ],  # fmt: skip
+        "attention": [(qkv[0], qkv[1], qkv[2], keys), (qkv[0][:0], qkv[1][:0], qkv[2][:0], keys[:0])],
+        "attention_backward": [
+            (torch.randn(2, 3, 5, 8), *qkv, keys),
+            (torch.randn(2, 3, 5, 8), *(t.half() for t in qkv), keys),
         ],  # fmt: skip
         "half_saturated": [(torch.randn(5, 48) * 1e5,), (torch.randn(0, 7),)],
         "gelu_backward_half": [(g, ops.half_saturated(torch.randn(5, 48)))],

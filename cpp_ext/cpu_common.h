@@ -45,8 +45,4 @@ inline at::Tensor finish(const at::Tensor& y2, const at::Tensor& x) {
   return y2.view(sizes);
 }
 
-// int8_linear_dynamic's CPU kernel (cpu_dynamic.cpp), for lora_linear's (cpu_lora.cpp)
-at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                                   const c10::optional<at::Tensor>& bias);
-
 }  // namespace edge_tune_cpu

@@ -1,5 +1,4 @@
-// CPU kernels of the dynamic int8 ops (int8_linear_dynamic and its input gradient; lora_linear adds its term
-// in cpu_lora.cpp): activations
+// CPU kernels of the dynamic int8 ops (int8_linear_dynamic, its input gradient, lora_linear): activations
 // quantized per token, int8 x int8 -> int32 products, one fused epilogue. Schemas and references: ops.py.
 
 #include "row_quant.h"
@@ -159,19 +158,29 @@ at::Tensor int8_linear_dynamic_grad_input(const at::Tensor& grad_out, const at::
 }
 
 
+// ---- LoRA on the dynamic int8 base: the rank-r term goes into the output in place (one addmm) ----
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B, double lora_scale) {
+  const int64_t k = w_q.size(1);
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == k && B.size(0) == w_q.size(0) && B.size(1) == A.size(0),
+              "lora_linear: A must be (r, in) and B (out, r)");
+  auto y = int8_linear_dynamic(x, w_q, scale, bias);
+  auto x2 = x.reshape({-1, k});
+  auto y2 = y.view({-1, w_q.size(0)});
+  // BLAS, not cpu_lora.cpp's row pass: the bank's mixed-patch batches add the same term with per-row bmm, and
+  // must give the same bits as a one-patch pass (the int8 activations turn a last-bit difference into a
+  // flipped rounding downstream); the forward term is ~2 ms of a LoRA step either way.
+  if (x2.size(0) > 0) y2.addmm_(at::mm(x2, A.t()), B.t(), 1.0, lora_scale);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("int8_linear_dynamic", &int8_linear_dynamic);
+  m.impl("lora_linear", &lora_linear);
   m.impl("int8_linear_dynamic_grad_input", &int8_linear_dynamic_grad_input);
 }
-
-namespace edge_tune_cpu {
-at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                                   const c10::optional<at::Tensor>& bias) {
-  return int8_linear_dynamic(x, w_q, scale, bias);
-}
-}  // namespace edge_tune_cpu
 
 // Which integer cores run here (for `edge-tune doctor`).
 TORCH_LIBRARY_FRAGMENT(edge_tune, m) { m.def("int8_isa() -> str", &int8_isa); }

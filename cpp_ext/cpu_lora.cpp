@@ -1,9 +1,6 @@
-// LoRA's rank-r term, s * (x A^T) B^T, row by row: added into the base's output (lora_linear, and
-// lora_linear_rows, the bank's batches that mix patches, one patch a sentence: the same routine, so a
-// sentence gets the same bits in a mixed batch as in a one-patch pass), and its backward in one pass over
-// the activation and gradient rows.
+// The backward of LoRA's rank-r term, s * (x A^T) B^T, in one pass over the activation and gradient rows.
 //
-// In backward, as GEMMs it is five skinny products (M x 384 by 384 x 8, and so on), each reading a whole activation or
+// As GEMMs it is five skinny products (M x 384 by 384 x 8, and so on), each reading a whole activation or
 // gradient for r columns of work; BLAS ran them at ~20 GMAC/s here (~160 us each at M = 1024, ~10 ms of a
 // LoRA step). Row by row, a row of x and of the gradient stay in L1 while every product that needs them
 // runs, and A, B and the per-block partial gradients (r x 384 floats each) stay in L1/L2.
@@ -24,7 +21,7 @@ typedef float v8f __attribute__((vector_size(32)));  // AVX2 register, 2 SSE / N
 // out[t] = sum_i a[t * k + i] * v[i] for t < JN: JN independent accumulators, so the FMAs do not wait on
 // each other (one accumulator per dot ran at a quarter of the FMA rate, bound by its latency).
 template <int JN>
-inline __attribute__((always_inline)) void dots_block(const float* a, const float* v, int64_t k, float* out) {
+ET_CLONES void dots_block(const float* a, const float* v, int64_t k, float* out) {
   v8f acc[JN] = {};
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
@@ -45,7 +42,7 @@ inline __attribute__((always_inline)) void dots_block(const float* a, const floa
 }
 
 // acc[j] = sum_i a[j * k + i] * v[i] for j < r, eight rows of a at a time
-ET_CLONES void dots(const float* a, const float* v, int64_t r, int64_t k, float* acc) {
+void dots(const float* a, const float* v, int64_t r, int64_t k, float* acc) {
   int64_t j = 0;
   for (; j + 8 <= r; j += 8) dots_block<8>(a + j * k, v, k, acc + j);
   switch (r - j) {
@@ -60,33 +57,13 @@ ET_CLONES void dots(const float* a, const float* v, int64_t r, int64_t k, float*
   }
 }
 
-// out[i] += sum_j c[j] * a[j * k + i], added in j order; 32 outputs at a time stay in registers across j
-// (one load and store of out, not one per j)
-template <int NV>
-inline __attribute__((always_inline)) void combine_block(const float* a, const float* c, int64_t r, int64_t k,
-                                                         float* out) {
-  v8f o[NV];
-  for (int v = 0; v < NV; ++v) std::memcpy(&o[v], out + 8 * v, sizeof(v8f));
-  for (int64_t j = 0; j < r; ++j) {
-    const float cj = c[j];
-    const v8f cv = {cj, cj, cj, cj, cj, cj, cj, cj};
-    for (int v = 0; v < NV; ++v) {
-      v8f av;
-      std::memcpy(&av, a + j * k + 8 * v, sizeof(av));
-      o[v] += cv * av;
-    }
-  }
-  for (int v = 0; v < NV; ++v) std::memcpy(out + 8 * v, &o[v], sizeof(v8f));
-}
-
+// out[i] += sum_j c[j] * a[j * k + i]
 ET_CLONES void combine(const float* a, const float* c, int64_t r, int64_t k, float* out) {
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) combine_block<4>(a + i, c, r, k, out + i);
-  for (; i + 8 <= k; i += 8) combine_block<1>(a + i, c, r, k, out + i);
-  for (; i < k; ++i) {
-    float o = out[i];
-    for (int64_t j = 0; j < r; ++j) o += c[j] * a[j * k + i];
-    out[i] = o;
+  for (int64_t j = 0; j < r; ++j) {
+    const float* aj = a + j * k;
+    const float cj = c[j];
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) out[i] += cj * aj[i];
   }
 }
 
@@ -103,62 +80,6 @@ ET_CLONES void outer_add(const float* c, const float* v, int64_t r, int64_t k, f
 bool fits(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B) {
   return A.size(0) <= kMaxRank && x2.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat &&
          B.scalar_type() == at::kFloat;
-}
-
-// y2 (M, n) += s_u (x2_m A_u^T) B_u^T for each row m whose patch u = patch_of(m) is >= 0; A (U, r, k),
-// Bt (U, r, n) (B_u transposed), s (U,). Each row alone, in a fixed order of operations.
-template <typename PatchOf>
-void add_lora_rows(const float* x2, int64_t m, int64_t k, const float* A, const float* Bt, const float* s,
-                   int64_t r, int64_t n, float* y2, PatchOf patch_of) {
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> xa(r);
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t u = patch_of(row);
-      if (u < 0) continue;
-      dots(A + u * r * k, x2 + row * k, r, k, xa.data());
-      for (int64_t j = 0; j < r; ++j) xa[j] *= s[u];
-      combine(Bt + u * r * n, xa.data(), r, n, y2 + row * n);
-    }
-  });
-}
-
-at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias, const at::Tensor& A_in, const at::Tensor& B_in,
-                       double lora_scale) {
-  const int64_t k = w_q.size(1), n = w_q.size(0), r = A_in.size(0);
-  TORCH_CHECK(A_in.dim() == 2 && B_in.dim() == 2 && A_in.size(1) == k && B_in.size(0) == n && B_in.size(1) == r,
-              "lora_linear: A must be (r, in) and B (out, r)");
-  TORCH_CHECK(A_in.scalar_type() == at::kFloat && B_in.scalar_type() == at::kFloat, "lora_linear: A and B must be float32");
-  at::Tensor y = int8_linear_dynamic_cpu(x, w_q, scale, bias);
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous(), A = A_in.contiguous(), Bt = B_in.t().contiguous();
-  const float s = static_cast<float>(lora_scale);
-  add_lora_rows(x2.data_ptr<float>(), x2.size(0), k, A.data_ptr<float>(), Bt.data_ptr<float>(), &s, r, n,
-                y.data_ptr<float>(), [](int64_t) { return int64_t{0}; });
-  return y;
-}
-
-// The bank's mixed batches: x (batch, T, in), each sentence b with its own patch rows[b] (-1: none here).
-at::Tensor lora_linear_rows(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& A_in, const at::Tensor& B_in,
-                            const at::Tensor& s_in, const at::Tensor& rows_in) {
-  const int64_t k = w_q.size(1), n = w_q.size(0);
-  TORCH_CHECK(x.dim() == 3 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == k && B_in.size(1) == n &&
-                  B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0) && s_in.numel() == A_in.size(0) &&
-                  rows_in.dim() == 1 && rows_in.size(0) == x.size(0),
-              "lora_linear_rows: x must be (batch, T, in), A (U, r, in), B (U, out, r), lora_scale (U,), rows (batch,)");
-  TORCH_CHECK(A_in.scalar_type() == at::kFloat && B_in.scalar_type() == at::kFloat && s_in.scalar_type() == at::kFloat &&
-                  rows_in.scalar_type() == at::kLong,
-              "lora_linear_rows: A, B, lora_scale must be float32 and rows int64");
-  const int64_t U = A_in.size(0), r = A_in.size(1), T = x.size(1);
-  at::Tensor y = int8_linear_dynamic_cpu(x, w_q, scale, bias);
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous(), A = A_in.contiguous(),
-                   Bt = B_in.transpose(1, 2).contiguous(), s = s_in.contiguous(), rows = rows_in.contiguous();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t b = 0; b < rows.size(0); ++b)
-    TORCH_CHECK(rp[b] >= -1 && rp[b] < U, "lora_linear_rows: rows must hold patch indices in [-1, U)");
-  add_lora_rows(x2.data_ptr<float>(), x2.size(0), k, A.data_ptr<float>(), Bt.data_ptr<float>(), s.data_ptr<float>(),
-                r, n, y.data_ptr<float>(), [&](int64_t row) { return rp[row / T]; });
-  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -220,7 +141,5 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
-  m.impl("lora_linear", &lora_linear);
-  m.impl("lora_linear_rows", &lora_linear_rows);
   m.impl("lora_linear_backward", &lora_linear_backward);
 }

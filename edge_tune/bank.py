@@ -196,8 +196,8 @@ class PatchBank:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
             for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
                 idx = torch.tensor(order[s:e])
-                for lin, (a, b, scale, has) in stacks.items():
-                    lin.lora_rows = (a, b, scale, torch.where(has[pid[idx]], pid[idx], -1))
+                for lin, (a, b) in stacks.items():
+                    lin.lora_rows = (a[pid[idx]], b[pid[idx]])
                 feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
@@ -213,29 +213,26 @@ class PatchBank:
                 self.activate(was_active)
         return out
 
-    def _lora_stacks(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """For every linear any of `names` adapts: A (U, r_max, in) and B (U, out, r_max), zero where a patch
-        has a smaller rank, each patch's scale alpha / r (U,), and whether it adapts that linear (U,) bool."""
+    def _lora_stacks(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor]]:
+        """For every linear any of `names` adapts: A (U, r_max, in) and scaled B (U, out, r_max), zero
+        where a patch does not adapt that linear or has a smaller rank."""
         found: dict[QuantLinear, dict[int, tuple[Tensor, Tensor]]] = {}
-        scale = torch.zeros(len(names))
         for u, n in enumerate(names):
             spec, t = self.patches[n].manifest.spec(), self.patches[n].tensors
             if spec.name != "lora":
                 continue
-            scale[u] = spec.alpha / spec.rank
             for key in t:
                 if key.endswith(".lora_A"):
                     mod = key.removesuffix(".lora_A")
-                    found.setdefault(self._modules[mod], {})[u] = (t[key], t[f"{mod}.lora_B"])
+                    lin = self._modules[mod]
+                    found.setdefault(lin, {})[u] = (t[key], t[f"{mod}.lora_B"] * (spec.alpha / spec.rank))
         r_max = max((a.shape[0] for per in found.values() for a, _ in per.values()), default=0)
         stacks = {}
         for lin, per in found.items():
             a = torch.zeros(len(names), r_max, lin.in_features)
             b = torch.zeros(len(names), lin.out_features, r_max)
-            has = torch.zeros(len(names), dtype=torch.bool)
             for u, (au, bu) in per.items():
                 a[u, : au.shape[0]] = au
                 b[u, :, : bu.shape[1]] = bu
-                has[u] = True
-            stacks[lin] = (a, b, scale, has)
+            stacks[lin] = (a, b)
         return stacks

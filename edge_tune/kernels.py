@@ -107,15 +107,14 @@ def kernel_paths() -> dict[str, str]:
     if not loaded:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
     dynamic = {"int8_linear_dynamic": "cpu_dynamic.cpp", "int8_linear_dynamic_grad_input": "cpu_dynamic.cpp",
-               "lora_linear": "cpu_lora.cpp", "lora_linear_rows": "cpu_lora.cpp",
-               "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
+               "lora_linear": "cpu_dynamic.cpp", "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
     other = {"half_saturated": "cpu_half_saved.cpp", "gelu_backward_half": "cpu_half_saved.cpp",
              "lora_linear_backward": "cpu_lora.cpp", "attention": "cpu_attention.cpp",
              "attention_backward": "cpu_attention.cpp"}  # fmt: skip
     # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
     isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
     # on CUDA tensors their references (torch ops) run
-    no_cuda_kernel = {"int4_linear_dynamic", "half_saturated", "gelu_backward_half", "lora_linear_backward", "lora_linear_rows",
+    no_cuda_kernel = {"int4_linear_dynamic", "half_saturated", "gelu_backward_half", "lora_linear_backward",
                       "attention", "attention_backward"}  # fmt: skip
 
     def cuda(name: str) -> str:

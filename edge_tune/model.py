@@ -50,16 +50,13 @@ class QuantLinear(nn.Module):
         self.register_parameter("lora_A", None)  # (r, in)
         self.register_parameter("lora_B", None)  # (out, r)
         self.lora_scale = 0.0
-        # LoRA for a batch that mixes patches, one a sentence: A (U, r, in), B (U, out, r), scale (U,) of the
-        # batch's patches, and rows (batch,): the patch of each sentence (-1: none adapts this linear).
-        self.lora_rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        # Per-row LoRA for a batch that mixes patches: A (B, r, in) and B (B, out, r), scale folded in.
+        self.lora_rows: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         lora_done = False
         if self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
-            if self.lora_rows is not None:  # the same term lora_linear adds, per sentence
-                y, lora_done = ops.lora_linear_rows(x, self.w_q, self.scale, self.bias, *self.lora_rows), True
-            elif self.lora_A is not None:
+            if self.lora_A is not None:
                 y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
                                                float(self.lora_scale)), True  # fmt: skip
             else:
@@ -74,10 +71,8 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and not lora_done:
             y = y + (x @ self.lora_A.t()) @ (self.lora_B.t() * self.lora_scale)
-        if self.lora_rows is not None and not lora_done:
-            A, B, s, rows = self.lora_rows
-            on = rows >= 0
-            a, b = A[rows.clamp(min=0)], B[rows.clamp(min=0)] * (s[rows.clamp(min=0)] * on)[:, None, None]
+        if self.lora_rows is not None:
+            a, b = self.lora_rows
             y = y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         return y
 

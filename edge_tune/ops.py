@@ -79,19 +79,6 @@ def lora_linear_ref(
     return base + lora_scale * ((x @ A.t()) @ B.t())
 
 
-def lora_linear_rows_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                         lora_scale: Tensor, rows: Tensor) -> Tensor:  # fmt: skip
-    """lora_linear with a patch per sentence (the bank's mixed batches): x (batch, T, in); A (U, r, in),
-    B (U, out, r), lora_scale (U,); sentence b takes patch rows[b] (-1: the base alone). Each sentence's
-    rows get what lora_linear gives them."""
-    y = int8_linear_dynamic_ref(x, w_q, scale, bias)
-    for u in range(A.shape[0]):
-        sel = (rows == u).nonzero().flatten()
-        if len(sel):
-            y[sel] = lora_linear_ref(x[sel], w_q, scale, bias, A[u], B[u], float(lora_scale[u]))
-    return y
-
-
 def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x: (..., in) fp32; w_packed: (out, in/2) uint8; scale: (out, in/group) fp16 -> (..., out) fp32."""
     return torch.nn.functional.linear(x, quant.dequantize_int4(w_packed, scale), bias)
@@ -228,11 +215,6 @@ SCHEMAS = {
     ),
     "int8_embedding": ("(Tensor ids, Tensor w_q, Tensor scale) -> Tensor", int8_embedding_ref),
     "int4_embedding": ("(Tensor ids, Tensor w_packed, Tensor scale) -> Tensor", int4_embedding_ref),
-    "lora_linear_rows": (
-        "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias, Tensor A, Tensor B, Tensor lora_scale, Tensor rows)"
-        " -> Tensor",
-        lora_linear_rows_ref,
-    ),
     # lora_linear's backward (below) runs this for the rank-r term
     "lora_linear_backward": (
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
@@ -262,7 +244,6 @@ int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
-lora_linear_rows = torch.ops.edge_tune.lora_linear_rows.default
 lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
 attention = torch.ops.edge_tune.attention.default
 attention_backward = torch.ops.edge_tune.attention_backward.default
@@ -319,11 +300,6 @@ def _(ids, w_q, scale):
 @torch.library.register_fake("edge_tune::int4_embedding", lib=_lib)
 def _(ids, w_packed, scale):
     return torch.empty((*ids.shape, w_packed.shape[1] * 2), dtype=torch.float32, device=ids.device)
-
-
-@torch.library.register_fake("edge_tune::lora_linear_rows", lib=_lib)
-def _(x, w_q, scale, bias, A, B, lora_scale, rows):
-    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
 @torch.library.register_fake("edge_tune::lora_linear_backward", lib=_lib)
@@ -435,7 +411,6 @@ ALL_OPS = {
     "int4_linear_grad_input": int4_linear_grad_input,
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
-    "lora_linear_rows": lora_linear_rows,
     "lora_linear_backward": lora_linear_backward,
     "attention": attention,
     "attention_backward": attention_backward,

@@ -119,16 +119,6 @@ def test_cuda_opcheck():
         "int8_linear": (x, q8, s8, bias),
         "int8_linear_dynamic": (x, q8, s8, bias),
         "lora_linear": (x, q8, s8, bias, A, B, 2.0),
-        "lora_linear_rows": (
-            x[:, None],
-            q8,
-            s8,
-            bias,
-            A[None],
-            B[None],
-            torch.ones(1),
-            torch.zeros(len(x), dtype=torch.long),
-        ),
         "int4_linear": (x, q4, s4, bias),
         "int4_linear_dynamic": (x, q4, s4, bias),  # no CUDA kernel: the reference runs on CUDA tensors
         "int8_linear_grad_input": (gy, q8, s8),
@@ -146,7 +136,7 @@ def test_cuda_opcheck():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
                 and "grad_input" not in name and "embedding" not in name and "gelu" not in name
-                and "attention" not in name and name != "lora_linear_rows" else a for i, a in enumerate(args)]  # fmt: skip
+                and "attention" not in name else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
 
 

@@ -170,32 +170,6 @@ def test_lora_kernels_match_references(k, n, m, r):
 
 
 @needs_kernels
-def test_lora_rows_give_each_sentence_its_one_patch_bits():
-    """lora_linear_rows (the bank's mixed batches) adds, per sentence, exactly the term lora_linear adds
-    (one routine, cpp_ext/cpu_lora.cpp): the same bits as a one-patch call, ranks padded with zeros; a
-    sentence with no patch here (-1) gets the base's bits; within rounding of the reference."""
-    g = torch.Generator().manual_seed(3)
-    k, n, T = 96, 40, 7
-    q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
-    bias = torch.randn(n, generator=g)
-    x = torch.randn(5, T, k, generator=g)
-    ranks, scales = (4, 8, 2), torch.tensor([2.0, 0.75, 3.0])
-    A, B = torch.zeros(3, 8, k), torch.zeros(3, n, 8)
-    for u, r in enumerate(ranks):
-        A[u, :r], B[u, :, :r] = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
-    rows = torch.tensor([2, 0, -1, 1, 0])
-    y = ops.lora_linear_rows(x, q8, s8, bias, A, B, scales, rows)
-    for b, u in enumerate(rows.tolist()):
-        one = x[b : b + 1]
-        want = (ops.int8_linear_dynamic(one, q8, s8, bias) if u < 0 else
-                ops.lora_linear(one, q8, s8, bias, A[u, : ranks[u]], B[u, :, : ranks[u]], float(scales[u])))  # fmt: skip
-        assert torch.equal(y[b : b + 1], want), b
-    torch.testing.assert_close(
-        y, ops.lora_linear_rows_ref(x, q8, s8, bias, A, B, scales, rows), rtol=1e-5, atol=1e-4
-    )
-
-
-@needs_kernels
 def test_lora_backward_does_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(0)
     x, gy = torch.randn(300, 384, generator=g), torch.randn(300, 384, generator=g)

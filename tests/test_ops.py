@@ -37,18 +37,6 @@ def _op_samples():
         "int4_linear_grad_input": [(g, w4, s4)],
         "int8_embedding": [(ids, e8["w_q"], e8["scale"])],
         "int4_embedding": [(ids, e4["w_q"], e4["scale"])],
-        "lora_linear_rows": [
-            (
-                x8.detach().reshape(5, 1, 64),
-                w8,
-                s8,
-                b8.detach(),
-                A.detach()[None].repeat(2, 1, 1),
-                B.detach()[None].repeat(2, 1, 1),
-                torch.tensor([1.0, 0.5]),
-                torch.tensor([0, 1, -1, 1, 0]),
-            )
-        ],  # fmt: skip
         "lora_linear_backward": [
             (g, x8.detach(), A.detach(), B.detach(), 2.0, torch.randn(5, 64)),
             (g[:0], x8.detach()[:0], A.detach(), B.detach(), 0.5, None),

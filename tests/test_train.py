@@ -33,21 +33,21 @@ def test_training_learns_the_tiny_set(fresh_base, tiny_ds):
 
 def test_gradient_accumulation_matches_big_batch(base_int8, tiny_ds):
     """Batch 8 in one pass vs 4 micro-batches of 2 (padded alike): same trained deltas up to float rounding
-    with fp32 activations. Adam divides by sqrt(v), which magnifies the rounding of near-zero gradients, so
-    the tolerance is 2e-3 absolute: 10% of the 2 x lr (1e-2) that two steps can move a value. With dynamic
-    int8 activations the second forward requantizes, where a last-bit difference from step 1 can flip a
-    rounding, and Adam turns each flipped sign of a near-zero gradient into a 2 x lr difference: chaotic,
-    so those cases are smoke tests. Measured, worst tensor's relative L2 over seeds 0-7: fp32 gradients
-    0.00002-0.051 (<= 6e-4 with lora_linear's term through BLAS: the same arithmetic, other roundings),
-    bound 10%; int8 gradients 0.00005-0.167 (0.044-0.147 before GELU's backward kernel), bound 25%. Dropout
-    is off so both runs draw the same randomness."""
+    with fp32 activations, and to 5% relative L2 with dynamic int8 activations (measured <= 6e-4 over seeds
+    0-7). Adam divides by sqrt(v), which magnifies the rounding of near-zero gradients, so the tolerance is
+    2e-3 absolute: 10% of the 2 x lr (1e-2) that two steps can move a value. Where the input gradient is
+    quantized too, a last-bit difference can move a row's gradient scale and flip roundings across the row,
+    and Adam turns each flipped sign of a near-zero gradient into a 2 x lr difference: chaotic, measured
+    0.00005-0.167 over seeds 0-7 (0.044-0.147 before GELU's backward kernel: the same spread), so that case
+    is a smoke test at 25%; the two above are the precise ones. Dropout is off so both runs draw the same
+    randomness."""
     import copy
 
     from edge_tune import model, ops
 
     for activations, grads, bound in (
         ("fp32", "fp32", 0),
-        ("dynamic", "fp32", 0.10),
+        ("dynamic", "fp32", 0.05),
         ("dynamic", "int8", 0.25),
     ):
         model.INT8_ACTIVATIONS, ops.DYNAMIC_GRAD = activations, grads

@@ -4,7 +4,7 @@
 // passes over the 1024 x 1536 FFN hidden at batch 16 x 64, one here).
 //
 // GELU's derivative uses the erf ATen's own vectorized GELU uses (Abramowitz & Stegun 7.1.26, |error| <=
-// 1.5e-7) and a Cephes-style exp: within ~1e-6 of torch's gelu_backward, not bit-identical (the tests bound
+// 1.5e-7) and vec8.h's Cephes-style exp: within ~1e-6 of torch's gelu_backward, not bit-identical (the tests bound
 // it). The forward GELU stays torch's: training's forward must give the bits inference and activation
 // checkpointing's no-grad pass give. Every element goes through the same code whatever its position (tails
 // are padded to a full vector), so a row's results never depend on the batch around it.
@@ -12,6 +12,8 @@
 #include "cpu_common.h"
 
 #include <c10/util/Half.h>
+
+#include "vec8.h"
 
 namespace {
 using namespace edge_tune_cpu;
@@ -40,23 +42,8 @@ inline void gelu_grad_scalar(const float* g, const c10::Half* h16, float* out, i
 #ifdef ET_X86
 #define ET_GELU_TARGET __attribute__((target("avx2,fma,f16c")))
 
-// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp).
-ET_GELU_TARGET inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));  // below: the result would be denormal; erf no longer sees it
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+// exp(x) for x <= 0: vec8.h's (GCC vectors and __m256 are the same 32 bytes)
+ET_GELU_TARGET inline __m256 exp_nonpositive(__m256 x) { return (__m256)edge_tune_vec::exp_nonpositive((edge_tune_vec::v8f)x); }
 
 // Phi(x) = 0.5 (1 + erf(x / sqrt 2)), and exp(-x^2 / 2) (the backward's density needs it too).
 ET_GELU_TARGET inline __m256 normal_cdf(__m256 x, __m256* e_out) {

@@ -9,14 +9,15 @@
 // added in block order, so the result does not depend on the thread count.
 
 #include "cpu_common.h"
+#include "vec8.h"
 
 namespace {
 using namespace edge_tune_cpu;
+using namespace edge_tune_vec;
 
 constexpr int64_t kMaxRank = 64;    // above it the GEMM composition runs (ranks here are 4-16)
 constexpr int64_t kRowBlock = 64;   // rows per partial of dA and dB
 
-typedef float v8f __attribute__((vector_size(32)));  // AVX2 register, 2 SSE / NEON registers elsewhere
 
 // out[t] = sum_i a[t * k + i] * v[i] for t < JN: JN independent accumulators, so the FMAs do not wait on
 // each other (one accumulator per dot ran at a quarter of the FMA rate, bound by its latency).

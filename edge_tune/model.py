@@ -141,7 +141,7 @@ class _AttentionHalfSaved(torch.autograd.Function):
     """Self-attention that keeps only q, k and v for backward, in fp16. torch's SDPA keeps q, k, v, the output
     and the log-sum-exp in fp32 (4 x 384 floats a token and layer); this keeps 1.5 x 384, ~24 MB less at
     batch 16 x 64 tokens. ops.attention_backward recomputes the probabilities from q and k, and needs
-    neither the output nor the log-sum-exp (with the kernels off, its reference reruns SDPA). The gradients
+    neither the output nor the log-sum-exp (so does its reference, with the kernels off). The gradients
     are those at the fp16-rounded q, k, v (relative error ~4e-4 against SDPA's), which moves them far less
     than the int8 weights already do. (Saving the output and log-sum-exp of torch's flash kernels instead of
     rerunning them, tried: the gradients came out 2-5x more sensitive to last-bit input changes, as a

@@ -133,11 +133,15 @@ def lora_linear_backward_ref(
     return lora_scale * (gb.t() @ x2), lora_scale * (g2.t() @ (x2 @ A.t()))
 
 
-def _heads_last(t: Tensor) -> Tensor:
-    """t (B, H, T, Dh) as a tensor laid out (B, T, H, Dh), the layout the model's heads come from and go
-    back to: every attention op returns that layout (the fake kernels say so too)."""
+def _empty_heads_last(t: Tensor) -> Tensor:
+    """An empty fp32 (B, H, T, Dh) tensor like t, laid out (B, T, H, Dh): the layout the model's heads come
+    from and go back to, which every attention op returns (kernels, references and fakes alike)."""
     B, H, T, Dh = t.shape
-    return t.new_empty((B, T, H, Dh)).transpose(1, 2).copy_(t)
+    return torch.empty((B, T, H, Dh), dtype=torch.float32, device=t.device).transpose(1, 2)
+
+
+def _heads_last(t: Tensor) -> Tensor:
+    return _empty_heads_last(t).copy_(t)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
@@ -305,11 +309,6 @@ def _(ids, w_packed, scale):
 @torch.library.register_fake("edge_tune::lora_linear_backward", lib=_lib)
 def _(grad, x, A, B, lora_scale, grad_x):
     return torch.empty_like(A), torch.empty_like(B)
-
-
-def _empty_heads_last(t: Tensor) -> Tensor:
-    B, H, T, Dh = t.shape
-    return torch.empty((B, T, H, Dh), dtype=torch.float32, device=t.device).transpose(1, 2)
 
 
 @torch.library.register_fake("edge_tune::attention", lib=_lib)

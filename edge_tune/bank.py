@@ -10,9 +10,10 @@ wholly under one patch and names it; a swap waits for the forward in flight (mil
 other way round. Forwards do not run side by side, but each already uses all the profile's threads.
 
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
-pass: every targeted linear gathers its per-row A/B from a stack of the patches in the request and adds
-`bmm(bmm(x, A^T), B^T)`, as multi-adapter servers do. BitFit patches change every bias and LayerNorm, so
-a mix with BitFit runs one pass per patch instead (same results, more passes)."""
+pass: every targeted linear adds each patch's rank-r term over the whole batch and keeps it on that
+patch's rows (ops.add_lora_term, the formula a one-patch pass uses, so each row gets that pass's bits; the
+frozen base, the expensive part, runs once). BitFit patches change every bias and LayerNorm, so a mix with
+BitFit runs one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ class PatchBank:
             enc = encode(self.base.tokenizer, [texts[i] for i in rows], self.patches[n].manifest.seq_len)
             for j, i in enumerate(rows):
                 tokens[i] = enc[j]
-        stacks = self._lora_stacks(names)
+        terms = self._lora_terms(names)
         out: list[Prediction | None] = [None] * len(texts)
         self.deactivate()
         model.eval()
@@ -196,27 +197,30 @@ class PatchBank:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
             for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
                 idx = torch.tensor(order[s:e])
-                for lin, (a, b) in stacks.items():
-                    lin.lora_rows = (a[pid[idx]], b[pid[idx]])
+                for lin, per_patch in terms.items():
+                    lin.lora_rows = [
+                        (pid[idx] == u, a, b, sc) for u, a, b, sc in per_patch if (pid[idx] == u).any()
+                    ]
                 feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
                     t = self.patches[names[u]].tensors
-                    probs = F.linear(feats[sel], t["head.weight"], t["head.bias"]).softmax(-1)
+                    # the head over the whole batch, like the one-patch pass (a subset may round differently)
+                    probs = F.linear(feats, t["head.weight"], t["head.bias"])[sel].softmax(-1)
                     for i, pred in zip(idx[sel].tolist(), self._to_predictions(probs, self.patches[names[u]].manifest.label_names, names[u]), strict=True):  # fmt: skip
                         out[i] = pred
         finally:
-            for lin in stacks:
+            for lin in terms:
                 lin.lora_rows = None
             model.train(was_training)
             if was_active is not None:
                 self.activate(was_active)
         return out
 
-    def _lora_stacks(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor]]:
-        """For every linear any of `names` adapts: A (U, r_max, in) and scaled B (U, out, r_max), zero
-        where a patch does not adapt that linear or has a smaller rank."""
-        found: dict[QuantLinear, dict[int, tuple[Tensor, Tensor]]] = {}
+    def _lora_terms(self, names: list[str]) -> dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]]:
+        """For every linear any of `names` adapts: (index in `names`, A, B, alpha / r) of each patch that
+        adapts it."""
+        found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
             spec, t = self.patches[n].manifest.spec(), self.patches[n].tensors
             if spec.name != "lora":
@@ -225,14 +229,5 @@ class PatchBank:
                 if key.endswith(".lora_A"):
                     mod = key.removesuffix(".lora_A")
                     lin = self._modules[mod]
-                    found.setdefault(lin, {})[u] = (t[key], t[f"{mod}.lora_B"] * (spec.alpha / spec.rank))
-        r_max = max((a.shape[0] for per in found.values() for a, _ in per.values()), default=0)
-        stacks = {}
-        for lin, per in found.items():
-            a = torch.zeros(len(names), r_max, lin.in_features)
-            b = torch.zeros(len(names), lin.out_features, r_max)
-            for u, (au, bu) in per.items():
-                a[u, : au.shape[0]] = au
-                b[u, :, : bu.shape[1]] = bu
-            stacks[lin] = (a, b)
-        return stacks
+                    found.setdefault(lin, []).append((u, t[key], t[f"{mod}.lora_B"], spec.alpha / spec.rank))
+        return found

@@ -50,8 +50,8 @@ class QuantLinear(nn.Module):
         self.register_parameter("lora_A", None)  # (r, in)
         self.register_parameter("lora_B", None)  # (out, r)
         self.lora_scale = 0.0
-        # Per-row LoRA for a batch that mixes patches: A (B, r, in) and B (B, out, r), scale folded in.
-        self.lora_rows: tuple[Tensor, Tensor] | None = None
+        # LoRA for a batch that mixes patches: per patch, (its rows of the batch (B,) bool, A, B, scale).
+        self.lora_rows: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         lora_done = False
@@ -70,10 +70,14 @@ class QuantLinear(nn.Module):
         else:
             y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and not lora_done:
-            y = y + (x @ self.lora_A.t()) @ (self.lora_B.t() * self.lora_scale)
+            y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
         if self.lora_rows is not None:
-            a, b = self.lora_rows
-            y = y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            # Each patch's term over the whole batch, kept on its own rows: the rows a one-patch pass over
+            # this batch computes, bit for bit (a term over a subset of rows may round differently).
+            mixed = y.clone()
+            for rows, a, b, s in self.lora_rows:
+                mixed[rows] = ops.add_lora_term(y, x, a, b, s)[rows]
+            y = mixed
         return y
 
     def extra_repr(self) -> str:

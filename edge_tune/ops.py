@@ -75,8 +75,16 @@ def lora_linear_ref(
     x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, lora_scale: float
 ) -> Tensor:
     """int8_linear_dynamic(x, w_q, scale, bias) + lora_scale * (x @ A.T) @ B.T; A: (r, in), B: (out, r)."""
-    base = int8_linear_dynamic_ref(x, w_q, scale, bias)
-    return base + lora_scale * ((x @ A.t()) @ B.t())
+    return add_lora_term(int8_linear_dynamic_ref(x, w_q, scale, bias), x, A, B, lora_scale)
+
+
+def add_lora_term(y: Tensor, x: Tensor, A: Tensor, B: Tensor, lora_scale: float) -> Tensor:
+    """y + lora_scale * (x @ A.T) @ B.T as one addmm over the flattened rows. The one formula of the rank-r
+    term: lora_linear's kernel (cpp_ext/cpu_dynamic.cpp, the same addmm in place), its reference, the fp32 and
+    int4 bases and the bank's mixed-patch batches all use it, so a row gets the same bits from each, given the
+    same rows (BLAS's rounding may depend on the row count, so the bank runs it over the whole batch)."""
+    k, n = x.shape[-1], y.shape[-1]
+    return torch.addmm(y.reshape(-1, n), x.reshape(-1, k) @ A.t(), B.t(), alpha=lora_scale).view(y.shape)
 
 
 def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -131,7 +131,7 @@ def test_mixed_batch_equals_per_patch_passes(bank):
             want = ref if grouped else [ref[i] for i in idx]
             for i, w in zip(idx, want, strict=True):
                 assert mixed[i].patch == n and mixed[i].label == w.label
-                assert mixed[i].probability == pytest.approx(w.probability, abs=1e-5)
+                assert mixed[i].probability == w.probability  # the one-patch pass's bits
 
 
 def test_mixed_batch_restores_the_active_patch(bank):

@@ -133,7 +133,22 @@ def kernel_paths() -> dict[str, str]:
     }
 
 
+def _put_ninja_on_path() -> None:
+    """torch's extension build runs `ninja` from PATH; the `ninja` package (a dependency) installs it beside
+    the venv's python, which is not on PATH when the venv is not activated (`.venv/bin/python -m ...`)."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI package: a ninja binary in ninja.BIN_DIR
+    except ImportError:
+        raise RuntimeError("ninja not found: `pip install ninja` (the kernel build needs it)") from None
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> None:
+    _put_ninja_on_path()
     from torch.utils.cpp_extension import load
 
     from . import ops  # noqa: F401  (the op schemas must exist before kernels register)

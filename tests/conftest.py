@@ -1,4 +1,7 @@
 import copy
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,16 @@ SENTENCES = [
     ("1", "one of the best films of the year ."),
     ("0", "a waste of a talented cast ."),
 ]
+
+
+def pytest_configure(config):
+    """The suite measures its own runtime floor (memory.runtime_floor_mb) into a cache of its own: a test run
+    must neither read a floor measured under other settings nor leave one behind for real runs."""
+    os.environ["EDGE_TUNE_CACHE"] = config._edge_tune_cache = tempfile.mkdtemp(prefix="edge_tune_cache_")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_edge_tune_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,26 @@ import pytest
 import torch
 
 from edge_tune import ops, quant
-from edge_tune.kernels import fallback_reason, load_kernels
+from edge_tune.kernels import KERNELS_ENV, fallback_reason, load_kernels
 
 LOADED = load_kernels()
 needs_kernels = pytest.mark.skipif(not LOADED, reason=f"C++ kernels off: {fallback_reason()}")
+
+
+def test_every_op_runs_its_kernel_unless_the_run_asked_for_references():
+    """The kernel tests skip when the kernels are off, so a failed build (no ninja, no compiler) or a lost
+    registration would otherwise leave a green suite that tested nothing compiled: this one fails instead.
+    `EDGE_TUNE_KERNELS=0` is the one way to run the suite on the references alone."""
+    if os.environ.get(KERNELS_ENV, "1") == "0":
+        pytest.skip(f"{KERNELS_ENV}=0: this run tests the references alone")
+    assert LOADED, f"the C++ kernels did not load: {fallback_reason()}"
+    # an op whose kernel did not register would silently run its reference (CompositeExplicitAutograd)
+    missing = [
+        n for n in ops.ALL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"edge_tune::{n}", "CPU")
+    ]
+    assert not missing, f"no CPU kernel registered for {missing}"
+
+
 SHAPES = [(384, 1536), (1536, 384), (64, 96), (32, 33)]  # (in K, out N): MiniLM's, small, odd N
 ROWS = [0, 1, 3, 8, 17, 300]  # direct kernels (<= 16 rows; dynamic int8: <= 4) and GEMM paths, an empty batch
 

@@ -56,20 +56,67 @@ def test_resume_with_other_settings_is_refused(base_int8, tiny_ds, tmp_path):
         train(copy.deepcopy(base_int8), tiny_ds, tiny_ds, _cfg(steps=12, lr=5e-3), False, ckpt, resume=True)
 
 
-def test_nonfinite_steps_are_skipped_then_stop(base_int8, tiny_ds, monkeypatch):
-    b = copy.deepcopy(base_int8)
-    calls = {"n": 0}
-    real = torch.nn.functional.cross_entropy
+class _InfGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradients are not finite."""
 
-    def poisoned(logits, target, **kw):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def _watch_steps(monkeypatch, poisoned_steps, poison):
+    """Record the live deltas at the start of every step (before its forward), and poison the given steps
+    (1-based): "nan" gives a NaN loss, "inf" a finite loss with infinite gradients."""
+    live, snapshots, calls = {}, [], {"n": 0}
+    real_apply, real_ce = train_mod.apply_method, torch.nn.functional.cross_entropy
+
+    def apply_and_keep(*a, **k):
+        live.update(real_apply(*a, **k))
+        return live
+
+    def watched(logits, target, **kw):
         calls["n"] += 1
-        loss = real(logits, target, **kw)
-        return loss * float("nan") if calls["n"] > 4 else loss  # steps 5.. diverge
+        snapshots.append({n: p.detach().clone() for n, p in live.items()})
+        if calls["n"] not in poisoned_steps:
+            return real_ce(logits, target, **kw)
+        if poison == "nan":
+            return real_ce(logits, target, **kw) * float("nan")
+        return real_ce(_InfGradient.apply(logits), target, **kw)
 
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(train_mod, "apply_method", apply_and_keep)
+    monkeypatch.setattr(train_mod.F, "cross_entropy", watched)
+    return live, snapshots
+
+
+def _same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_nonfinite_step_leaves_the_live_deltas_unchanged(base_int8, tiny_ds, monkeypatch, poison):
+    poisoned = {3, 5}
+    _, snaps = _watch_steps(monkeypatch, poisoned, poison)
+    r = train(copy.deepcopy(base_int8), tiny_ds, tiny_ds, _cfg(steps=7, eval_every=7), progress=False)
+    assert r.steps == 7 and len(snaps) == 7 and not r.stop_reason
+    for step in range(1, 7):  # snaps[step] is the live deltas after `step`
+        skipped = _same(snaps[step - 1], snaps[step])
+        assert skipped == (step in poisoned), f"step {step}: {'skipped' if skipped else 'applied'}"
+    assert all(torch.isfinite(t).all() for t in r.tensors.values())
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_repeated_nonfinite_steps_stop_with_the_best_deltas(base_int8, tiny_ds, monkeypatch, poison):
+    b = copy.deepcopy(base_int8)
+    live, snaps = _watch_steps(monkeypatch, set(range(5, 100)), poison)  # steps 5.. diverge
     r = train(b, tiny_ds, tiny_ds, _cfg(eval_every=2, steps=20), progress=False)
     assert "non-finite steps in a row" in r.stop_reason and r.steps == 7
-    assert all(torch.isfinite(t).all() for t in r.tensors.values()) and r.best_step == 4
+    assert _same(snaps[4], snaps[5]) and _same(snaps[4], snaps[6])  # steps 5 and 6 changed nothing
+    best = snaps[r.best_step]  # the live deltas after the best step
+    assert r.best_step in (2, 4) and _same(r.tensors, best) and _same(live, best)  # the model holds them
 
 
 def test_second_writer_fails_fast(tmp_path):

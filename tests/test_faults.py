@@ -4,6 +4,7 @@ folder, and two `edge-tune train` processes writing the same patch."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,43 @@ def test_two_processes_same_output_one_wins(tmp_path, tsv, base_int8):
     assert "Traceback" not in loser
     assert load_patch(out, base_int8).manifest.method == "bitfit"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mine.tsv") == ["race.patch"]
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_patch(tmp_path):
+    """A real `edge-tune train` killed with SIGKILL after a checkpoint landed, then rerun with --resume:
+    the patch is bit-identical to an uninterrupted run's, the kernel released the lock with the process,
+    and neither the lock file the kill left nor the checkpoint outlives the finished run."""
+    import signal
+    import time
+
+    from edge_tune.adapt import output_lock
+
+    data = tmp_path / "sst2_part.tsv"
+    lines = (Path(__file__).resolve().parent.parent / "data" / "sst2" / "dev.tsv").read_text().splitlines()
+    data.write_text("\n".join(lines[:241]) + "\n", encoding="utf-8")  # header + 240 sentences
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "edge_tune.cli", "train", "--data", str(data), "--method", "lora",
+                "--steps", "40", "--batch-size", "8", "--eval-every", "4", "--patience", "100",
+                "--checkpoint-every", "4", "--patch-dtype", "fp32", "--out", str(out), *extra]  # fmt: skip
+
+    ref = tmp_path / "ref.patch"
+    subprocess.run(cmd(ref), check=True, capture_output=True, timeout=600)
+    out, ckpt = tmp_path / "killed.patch", tmp_path / "killed.patch.ckpt"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert ckpt.is_file() and not out.exists()
+    assert (tmp_path / ".killed.patch.lock").exists()  # what a kill leaves: a file, but no lock
+    with output_lock(out):  # the kernel released the flock with the process: a new writer gets it
+        pass
+    resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_patch(ref), load_patch(out)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+    assert a.manifest.metrics["dev_accuracy"] == b.manifest.metrics["dev_accuracy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.patch", "ref.patch", "sst2_part.tsv"]

@@ -229,6 +229,8 @@ def _adapt_locked(data, out, method, prof, precision, used, warnings, t0, *, alp
         metrics={
             "dev_accuracy": round(result.dev_accuracy, 4),
             "steps": result.steps,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
             "peak_rss_mb": round(result.peak_rss_mb, 1),
         },
     )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .base import Base
-from .errors import PatchError
+from .errors import EdgeTuneError, PatchError
 from .methods import MethodSpec, delta_shapes
 from .tensorfile import parse_header
 
@@ -86,6 +86,10 @@ def _parse_manifest(meta: dict[str, str], where: str) -> Manifest:
     m = Manifest(**raw)
     try:
         m.spec()
+    except PatchError:
+        raise
+    except EdgeTuneError as e:  # an unknown method, a bad target: the patch's fault, so a PatchError
+        raise PatchError(f"manifest invalid: {e.what}", where, "re-export the patch") from None
     except (KeyError, TypeError, ValueError) as e:
         raise PatchError(f"manifest hyper-parameters invalid ({e!r})", where) from None
     return m

@@ -3,6 +3,7 @@ concurrent predict + activate, mixed-patch batches equal per-patch passes, unloa
 serving."""
 
 import copy
+import dataclasses
 import gc
 import random
 import threading
@@ -161,16 +162,94 @@ def test_unload_frees_the_patch_memory(bank):
     assert probe() is None and "cr" not in bank.memory_bytes() and bank.active is None
 
 
-def test_refused_patch_keeps_the_bank_serving(bank, base_int8, tmp_path, task_patches):
-    bank.activate("sst2")
+def _resave(src, dst, change):
+    """Rewrite patch `src` to `dst`: `change(tensors, manifest)` edits the tensors in place and may return a
+    new manifest; the sha256 is made to match, so only the change itself can be refused."""
+    from edge_tune.patch import load_patch
+
+    p = load_patch(src)
+    tensors = {n: t.clone() for n, t in p.tensors.items()}
+    manifest = copy.deepcopy(p.manifest)
+    new = change(tensors, manifest)
+    save_patch(dst, tensors, new if isinstance(new, Manifest) else manifest)
+    return dst
+
+
+def _flip_last_byte(src, dst):
+    blob = src.read_bytes()
+    dst.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    return dst
+
+
+def _foreign(src, dst):
+    return _resave(src, dst, lambda t, m: dataclasses.replace(m, base_fingerprint="f" * 64))
+
+
+def _set(name, value):
+    def change(t, m):
+        t[name] = value(t[name])
+
+    return change
+
+
+Q_A = "encoder.layers.0.q.lora_A"
+# Every way a patch can be bad, each through the bank: (source task, how, what the one-line error says).
+BAD_PATCHES = {
+    "corrupt bytes": ("sst2", _flip_last_byte, "sha256"),
+    "truncated": (
+        "sst2",
+        lambda s, d: d.write_bytes(s.read_bytes()[:-100]) and d,
+        "outside the file|truncated",
+    ),
+    "not a patch": ("sst2", lambda s, d: d.write_bytes(b"\0" * 64) and d, "header claims|too short|corrupt"),
+    "foreign base": ("cr", _foreign, "made for base"),
+    "wrong shape": (
+        "cr",
+        lambda s, d: _resave(s, d, _set(Q_A, lambda t: t[:, :200])),
+        "wrong shape: " + Q_A,
+    ),
+    "wrong rank": ("cr", lambda s, d: _resave(s, d, _set(Q_A, lambda t: t[:2])), "wrong shape: " + Q_A),
+    "missing tensor": ("cr", lambda s, d: _resave(s, d, lambda t, m: t.pop(Q_A)), "missing: " + Q_A),
+    "extra tensor": (
+        "subj",
+        lambda s, d: _resave(s, d, lambda t, m: t.update({Q_A: torch.zeros(8, 384)})),
+        "unexpected",
+    ),
+    "wrong method": (
+        "subj",
+        lambda s, d: _resave(s, d, lambda t, m: dataclasses.replace(m, method="lora")),
+        "do not fit a lora patch|manifest",
+    ),
+    "NaN": (
+        "sst2",
+        lambda s, d: _resave(s, d, _set(Q_A, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))),
+        "NaN or Inf",
+    ),
+    "Inf": ("mpqa", lambda s, d: _resave(s, d, _set("head.bias", lambda t: t + float("inf"))), "NaN or Inf"),
+    "over the rank cap": (
+        "sst2",
+        lambda s, d: d.write_bytes(s.read_bytes()) and d,
+        "rank 8 is above the profile's cap 4",
+    ),
+    "unknown method": (
+        "subj",
+        lambda s, d: _resave(s, d, lambda t, m: dataclasses.replace(m, method="dora")),
+        "dora",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_PATCHES)
+def test_bad_patches_are_refused_and_the_bank_keeps_serving(bank, task_patches, tmp_path, kind):
+    """The bank (rank cap 4, as a profile would set) refuses each bad patch with one line and goes on serving
+    its active patch with the same answers; nothing of the refused patch is kept."""
+    task, make, match = BAD_PATCHES[kind]
+    bank.max_rank = 4
+    bank.activate("cr")
     before = _probs(bank, None)
-    blob = task_patches["cr"].read_bytes()
-    corrupt = tmp_path / "corrupt.patch"
-    corrupt.write_bytes(blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:])
-    other = copy.deepcopy(base_int8)
-    other.fingerprint = "f" * 64
-    foreign = synthetic_patch(other, tmp_path / "foreign.patch", "foreign", TASKS["sst2"], 7)
-    for path, match in ((corrupt, "sha256"), (foreign, "made for base")):
-        with pytest.raises(PatchError, match=match):
-            bank.load(path)
-        assert bank.active == "sst2" and set(bank.patches) == set(TASKS) and _probs(bank, None) == before
+    bad = make(task_patches[task], tmp_path / "bad.patch")
+    with pytest.raises(PatchError, match=match) as e:
+        bank.load(bad)
+    assert "\n" not in str(e.value)
+    assert bank.active == "cr" and set(bank.patches) == set(TASKS) and _probs(bank, None) == before
+    assert all(m.lora_rows is None for m in bank.base.model.modules() if hasattr(m, "lora_rows"))

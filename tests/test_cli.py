@@ -40,11 +40,20 @@ def test_other_methods_and_eval(capsys, tmp_path, tsv, method):
 
 
 def test_caps_are_clamped_visibly(capsys, tmp_path, tsv):
+    """Requests above the Pi Zero's caps (rank 8, batch 16, 64 tokens) are clamped with a warning each, and
+    the written patch was trained with the clamped values."""
+    from edge_tune.patch import load_patch
+
+    out = tmp_path / "c.patch"
     code, _, err = run(capsys, "train", "--profile", "raspberry-pi-zero-2w", "--data", str(tsv), "--method", "lora",
-                       "--rank", "64", "--batch-size", "64", "--out", str(tmp_path / "c.patch"), "--steps", "1")  # fmt: skip
+                       "--rank", "64", "--batch-size", "64", "--seq-len", "200", "--out", str(out), "--steps", "1")  # fmt: skip
     assert code == 0
     assert "rank 64 is above profile 'raspberry-pi-zero-2w''s cap; using 8" in err
-    assert "batch_size 64 is above" in err
+    assert "batch_size 64 is above profile 'raspberry-pi-zero-2w''s cap; using 16" in err
+    assert "seq_len 200 is above profile 'raspberry-pi-zero-2w''s cap; using 64" in err
+    m = load_patch(out).manifest
+    assert m.hyper["rank"] == 8 and m.seq_len == 64 and m.metrics["batch_size"] == 16
+    assert load_patch(out).tensors["encoder.layers.0.q.lora_A"].shape == (8, 384)
 
 
 def test_profiles_table(capsys):

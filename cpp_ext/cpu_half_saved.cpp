@@ -149,9 +149,19 @@ at::Tensor gelu_backward_half(const at::Tensor& grad_in, const at::Tensor& h16_i
   return out;
 }
 
+// Which path the two ops above take on this CPU (for `edge-tune doctor` and the tests).
+std::string half_saved_isa() {
+#ifdef ET_X86
+  if (use_avx2()) return "avx2+f16c";
+#endif
+  return "scalar";
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("half_saturated", &half_saturated);
   m.impl("gelu_backward_half", &gelu_backward_half);
 }
+
+TORCH_LIBRARY_FRAGMENT(edge_tune, m) { m.def("half_saved_isa() -> str", &half_saved_isa); }

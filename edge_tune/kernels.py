@@ -113,6 +113,7 @@ def kernel_paths() -> dict[str, str]:
              "attention_backward": "cpu_attention.cpp"}  # fmt: skip
     # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
     isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
+    half = f", {torch.ops.edge_tune.half_saved_isa()} path"  # the fp16-saved activations' ops
     # on CUDA tensors their references (torch ops) run
     no_cuda_kernel = {"int4_linear_dynamic", "half_saturated", "gelu_backward_half", "lora_linear_backward",
                       "attention", "attention_backward"}  # fmt: skip
@@ -128,7 +129,7 @@ def kernel_paths() -> dict[str, str]:
 
     return {
         name: f"C++ (cpp_ext/{dynamic.get(name) or other.get(name, 'cpu_kernels.cpp')}"
-        f"{isa if name in dynamic else ''}){cuda(name)}"
+        f"{isa if name in dynamic else half if other.get(name) == 'cpu_half_saved.cpp' else ''}){cuda(name)}"
         for name in ALL_OPS
     }
 

@@ -7,7 +7,9 @@ import sys
 import pytest
 from conftest import write_tsv
 
+from edge_tune.bank import PatchBank
 from edge_tune.cli import main
+from edge_tune.patch import load_patch
 from edge_tune.profiles import list_profile_names
 
 
@@ -25,7 +27,9 @@ def test_train_then_predict_on_every_profile(capsys, tmp_path, tsv, profile):
     assert code == 0 and out.is_file() and "dev accuracy" in stdout and "MB budget" in stdout
     code, stdout, _ = run(capsys, "predict", "--patch", str(out), "a lovely film")
     label, prob = stdout.split("\t")[1:3]
-    assert code == 0 and label in ("0", "1") and 0.5 <= float(prob) <= 1.0
+    bank = PatchBank(precision=load_patch(out).manifest.base_precision)  # the same patch, through the library
+    (want,) = bank.predict(["a lovely film"], patch=bank.load(out))
+    assert code == 0 and (label, prob) == (want.label, f"{want.probability:.4f}")
 
 
 @pytest.mark.parametrize("method", ["head", "bitfit"])
@@ -218,26 +222,32 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert out.is_file() and out.stat().st_size < 200 * 1024
 
 
-def test_plan_verb_prints_the_itemised_plan(capsys):
+def test_plan_verb_prints_the_itemised_plan(capsys, tmp_path):
     assert main(["plan", "--profile", "raspberry-pi-4-4gb", "--method", "lora", "--batch", "8"]) == 0
     out = capsys.readouterr().out
-    for part in ("runtime floor", "base weights", "activations", "predicted peak", "fits"):
+    for part in ("runtime floor", "base weights", "activations", "predicted peak", "-> fits"):
         assert part in out, part
-    code = main(
-        [
-            "plan",
-            "--profile",
-            "raspberry-pi-zero-2w",
-            "--method",
-            "bitfit",
-            "--batch",
-            "16",
-            "--seq-len",
-            "64",
-        ]
-    )
+    # over budget at the asked batch: exit 1, the verdict, and the micro-batch `train` would run instead
+    code = main(["plan", "--profile", str(_profile(tmp_path, 340)), "--method", "lora", "--batch", "32"])
     out = capsys.readouterr().out
-    assert (code == 0) == ("-> fits" in out)
+    assert code == 1 and "-> does NOT fit" in out and "-> fits" not in out
+    would = re.search(r"would run: micro-batch (\d+) x (\d+) accumulation.*: (\d+) MB$", out.strip())
+    assert would and int(would[1]) < 32 <= int(would[1]) * int(would[2]) and int(would[3]) <= 340, out
+    # nothing fits (an fp32 base needs ~290 MB before any batch): one error line, exit 2
+    code = main(
+        ["plan", "--profile", str(_profile(tmp_path, 250)), "--method", "lora", "--precision", "fp32"]
+    )
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "cannot fit 250 MB" in err[0]
+
+
+def _profile(tmp_path, budget_mb: int):
+    prof = tmp_path / f"budget{budget_mb}.toml"
+    prof.write_text(
+        f'name = "b{budget_mb}"\nschema_version = 1\ndescription = "d"\nmemory_budget_mb = {budget_mb}\n'
+        'threads = 2\nmax_batch_size = 32\nmax_rank = 8\nmax_seq_len = 64\nprecision = "int8"\nbackend = "cpu"\n'
+    )
+    return prof
 
 
 def test_doctor_names_every_op_and_the_tensor_cache(capsys):

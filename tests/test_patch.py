@@ -67,10 +67,16 @@ def test_deactivate_restores_the_base(bank, base_int8, patches, ids_mask):
     assert torch.equal(logits(bank.base, ids_mask), before)
 
 
-def test_predict_labels_and_unload(bank, patches):
+def test_predict_labels_and_unload(bank, patches, ids_mask):
+    from conftest import SENTENCES
+
     name = bank.load(patches["bitfit"][0])
-    preds = bank.predict(["a gorgeous movie .", "a dull mess ."], patch=name)
-    assert [p.patch for p in preds] == [name, name] and all(0.5 <= p.probability <= 1 for p in preds)
+    preds = bank.predict([s for _, s in SENTENCES], patch=name)
+    # what the trained model itself says (one padded batch here, length buckets there: close, not bit-equal)
+    conf, idx = patches["bitfit"][1].softmax(-1).max(-1)
+    assert [p.patch for p in preds] == [name] * len(SENTENCES)
+    assert [p.label for p in preds] == [["0", "1"][i] for i in idx.tolist()]
+    assert [p.probability for p in preds] == pytest.approx(conf.tolist(), abs=1e-4)
     bank.unload(name)
     assert bank.active is None and name not in bank.patches
     with pytest.raises(PatchError, match="no active patch"):

@@ -19,7 +19,7 @@ def test_fp32_encoder_matches_transformers(base_fp32, ids_mask):
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         ours = base_fp32.model.encoder(ids, mask)
     real = mask.bool()
-    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=0)  # measured 4.3e-6, values up to 6
 
 
 @pytest.mark.parametrize(("precision", "min_cos"), [("int8", 0.99), ("int4", 0.9)])

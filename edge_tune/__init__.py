@@ -1,21 +1,15 @@
 """edge_tune: adapt a quantized, frozen transformer on the device it runs on, and ship tiny patches.
 
-Importing this package loads torch and the custom ops' references, never the compiled extension."""
+Importing this package loads torch and registers the edge_tune:: ops; it changes nothing process-wide.
+The compiled kernels load on an op's first call (or load_base); the process settings a training or serving
+process wants (rss.apply_process_settings) are applied by adapt, train, PatchBank and the CLI."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever downloads; make interop code agree
-
-from .rss import limit_heap_growth
-
-limit_heap_growth()
-
-from .bank import PatchBank, Prediction  # noqa: E402
-from .base import Base, load_base  # noqa: E402
-from .errors import BudgetError, DataError, EdgeTuneError, PatchError, ProfileError  # noqa: E402
-from .methods import MethodSpec  # noqa: E402
-from .patch import Manifest, Patch, load_patch, save_patch  # noqa: E402
-from .profiles import DeviceProfile, load_profile  # noqa: E402
+from .bank import PatchBank, Prediction
+from .base import Base, load_base
+from .errors import BudgetError, DataError, EdgeTuneError, PatchError, ProfileError
+from .methods import MethodSpec
+from .patch import Manifest, Patch, load_patch, save_patch
+from .profiles import DeviceProfile, load_profile
 
 __all__ = [
     "Base", "BudgetError", "DataError", "DeviceProfile", "EdgeTuneError", "Manifest", "MethodSpec", "Patch",

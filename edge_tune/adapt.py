@@ -15,12 +15,12 @@ import torch
 
 from .base import default_model_dir, load_base, read_config
 from .data import load_task
-from .errors import EdgeTuneError
+from .errors import EdgeTuneError, PatchError
 from .memory import dataset_bytes, plan_batch_size
 from .methods import MethodSpec
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
-from .rss import set_tensor_cache_slack, trim_resident_memory
+from .rss import apply_process_settings, set_tensor_cache_slack, trim_resident_memory
 from .train import TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")
@@ -85,6 +85,7 @@ def adapt(
     The run checkpoints to `<out>.ckpt` every `checkpoint_every` steps; `resume` continues from there.
     Holds an exclusive lock on `out` for the whole run, so a second writer fails fast."""
     t0 = time.perf_counter()
+    apply_process_settings()
     prof = load_profile(profile)
     MethodSpec(method, rank=max(rank, 1), targets=targets)  # validate the method before any heavy work
     used, warnings = clamp_to_profile(prof, batch_size=batch_size, rank=rank, seq_len=seq_len)
@@ -132,7 +133,11 @@ def output_lock(out: Path):
     """An exclusive, non-blocking lock beside `out` (flock: released by the kernel even on kill -9)."""
     lock_path = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a folder we cannot write (/proc, read-only, no permission): say so in one line
+            raise PatchError(f"cannot write beside the patch ({e.strerror or e})", out,
+                             "pick an --out in a folder you can write") from None  # fmt: skip
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,7 +153,8 @@ def output_lock(out: Path):
     try:
         yield
     finally:
-        os.unlink(lock_path)
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
         os.close(fd)
 
 

@@ -30,6 +30,7 @@ from .data import collate, encode, length_buckets
 from .errors import PatchError
 from .model import QuantLinear
 from .patch import Patch, load_patch
+from .rss import apply_process_settings
 
 ROW_MIXABLE = ("lora", "head")  # methods whose patches can share one forward pass row by row
 
@@ -45,6 +46,7 @@ class PatchBank:
     """One loaded base, many patches; see the module docstring for how swapping and locking work."""
 
     def __init__(self, base: Base | None = None, precision: str = "int8", max_rank: int | None = None):
+        apply_process_settings()
         self.base = base or load_base(precision=precision)
         self.max_rank = max_rank
         self.patches: dict[str, Patch] = {}

@@ -64,9 +64,6 @@ def load_tokenizer(model_dir: Path):
         raise EdgeTuneError(
             "missing", path, "the model directory needs the tokenizer.json it was trained with"
         )
-    # One thread: the rayon pool's per-thread heaps keep ~2.3 MB after tokenizing SST-2, which a 400 MB
-    # device misses more than the second or two a parallel encode saves. A user's setting wins.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
     tok.no_truncation()

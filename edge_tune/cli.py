@@ -181,6 +181,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from .kernels import KERNELS_ENV, kernel_paths
+    from .ops import ALL_OPS
     from .rss import tensor_cache_summary
 
     flags = ""
@@ -199,7 +200,7 @@ def cmd_doctor(args) -> int:
     print(f"compiler         {shutil.which(os.environ.get('CXX', 'c++')) or 'none'}; ninja {shutil.which('ninja') or 'none'}; "
           f"nvcc {shutil.which('nvcc') or 'none'}; CUDA available: {torch.cuda.is_available()}")  # fmt: skip
     print(f"kernels          {KERNELS_ENV}={os.environ.get(KERNELS_ENV, '1')}")
-    for op, where in kernel_paths().items():
+    for op, where in kernel_paths(list(ALL_OPS)).items():
         print(f"  edge_tune::{op:24} {where}")
     print(f"tensor cache     {tensor_cache_summary()}")
     return 0
@@ -287,7 +288,10 @@ def cmd_demo(args) -> int:
     from .rss import peak_rss_mb
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeTuneError(f"cannot create the output folder ({e.strerror or e})", out.parent) from None
     r = adapt("sst2", out, method=args.method, profile=args.profile, steps=args.steps)
     bank = PatchBank(precision=r.profile.precision, max_rank=r.profile.max_rank)
     name = bank.load(out)
@@ -384,6 +388,9 @@ VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .rss import apply_process_settings
+
+    apply_process_settings()
     handler = logging.StreamHandler(sys.stderr)  # logs and progress go to stderr, results to stdout
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -395,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the OS refused (an output folder, a device): one line, like every error
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} — check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted — no partial files were written", file=sys.stderr)

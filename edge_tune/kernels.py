@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +37,34 @@ CPU_SOURCES = [
 CUDA_SOURCES = [CPP_DIR / "cuda_kernels.cu"]  # built too where torch has CUDA
 CFLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for then follows torch.get_num_threads()
 _state: dict = {"loaded": None, "reason": ""}
+_lock = threading.RLock()  # one build and one load, whichever thread gets there first
+_loaders: list = []  # the torch.library registrations of install_first_call_loaders, while they stand
+
+
+def install_first_call_loaders(names: list[str]) -> None:
+    """Give each op's CPU slot a stand-in that loads the kernels on the op's first call and then calls it
+    again, so `torch.ops.edge_tune.<op>(...)` runs the kernel whenever one is built or can be (or the
+    reference, with one log line saying why), not the reference until something else happens to load them.
+    load_kernels removes the stand-ins before the kernels register in their place."""
+    if _state["loaded"] is not None or _loaders:
+        return
+    lib = torch.library.Library("edge_tune", "IMPL")  # noqa: TOR901  (custom_op would import torch._dynamo)
+
+    def stand_in(name: str):
+        def first_call(*args):
+            load_kernels()
+            return getattr(torch.ops.edge_tune, name).default(*args)
+
+        return first_call
+
+    for name in names:
+        lib.impl(name, stand_in(name), "CPU")
+    _loaders.append(lib)
+
+
+def _drop_loaders() -> None:
+    while _loaders:
+        _loaders.pop()._destroy()
 
 
 def _sources() -> list[Path]:
@@ -58,21 +87,29 @@ def load_kernels() -> bool:
     """Build (first time) and load the CPU kernels; True if the edge_tune:: ops now run them."""
     if _state["loaded"] is not None:
         return _state["loaded"]
-    _state["loaded"] = False
+    with _lock:
+        if _state["loaded"] is None:
+            _drop_loaders()
+            _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def _load() -> bool:
+    loaded = False
     if os.environ.get(KERNELS_ENV, "1") == "0":
         _state["reason"] = f"forced off by {KERNELS_ENV}=0"
+        log.warning("edge_tune: C++ kernels off (%s); using the PyTorch reference ops", _state["reason"])
         return False
     try:
         if not all(s.is_file() for s in _sources()):
             raise FileNotFoundError(f"{CPP_DIR} is not shipped with this install")
-        from . import ops  # noqa: F401  (the op schemas must exist before kernels register)
-
+        # the op schemas (ops.py) exist: importing any edge_tune module imported the package, which defines them
         name = _build_name()
         so = _build_dir(name) / f"{name}.so"
         if not so.is_file():
             # Built in a child process: torch.utils.cpp_extension imports torch._dynamo and sympy (~57 MB
             # RSS), which must not land in a training process that has a memory budget to keep.
-            log.info("edge_tune: building the C++ kernels once (~1 min) into %s", so.parent)
+            log.warning("edge_tune: building the C++ kernels once (~1 min) into %s", so.parent)
             import subprocess
 
             p = subprocess.run([sys.executable, "-m", "edge_tune.kernels", "--build"], capture_output=True,
@@ -80,17 +117,18 @@ def load_kernels() -> bool:
             if p.returncode or not so.is_file():
                 raise RuntimeError((p.stderr.strip().splitlines() or ["the kernel build failed"])[-1])
         torch.ops.load_library(str(so))
-        _state["loaded"] = True
-        from .rss import start_tensor_cache
+        loaded = True
+        from .rss import process_settings_applied, start_tensor_cache
 
-        start_tensor_cache()
+        if process_settings_applied():  # the allocator is the entry points' to change, not a library's
+            start_tensor_cache()
     except Exception as e:  # any build or load failure: the references still work
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         _state["reason"] = f"{e.__class__.__name__}: {first}"
         log.warning(
             "edge_tune: C++ kernels unavailable (%s); using the PyTorch reference ops", _state["reason"]
         )
-    return _state["loaded"]
+    return loaded
 
 
 def fallback_reason() -> str:
@@ -99,13 +137,11 @@ def fallback_reason() -> str:
     return _state["reason"]
 
 
-def kernel_paths() -> dict[str, str]:
-    """Which implementation each edge_tune:: op runs now (for `edge-tune doctor`)."""
-    from .ops import ALL_OPS
-
+def kernel_paths(op_names: list[str]) -> dict[str, str]:
+    """Which implementation each of the edge_tune:: ops `op_names` runs now (for `edge-tune doctor`)."""
     loaded = load_kernels()
     if not loaded:
-        return {name: f"PyTorch reference ({fallback_reason()})" for name in ALL_OPS}
+        return {name: f"PyTorch reference ({fallback_reason()})" for name in op_names}
     dynamic = {"int8_linear_dynamic": "cpu_dynamic.cpp", "int8_linear_dynamic_grad_input": "cpu_dynamic.cpp",
                "lora_linear": "cpu_dynamic.cpp", "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
     other = {"half_saturated": "cpu_half_saved.cpp", "gelu_backward_half": "cpu_half_saved.cpp",
@@ -130,7 +166,7 @@ def kernel_paths() -> dict[str, str]:
     return {
         name: f"C++ (cpp_ext/{dynamic.get(name) or other.get(name, 'cpu_kernels.cpp')}"
         f"{isa if name in dynamic else half if other.get(name) == 'cpu_half_saved.cpp' else ''}){cuda(name)}"
-        for name in ALL_OPS
+        for name in op_names
     }
 
 
@@ -152,8 +188,7 @@ def _build() -> None:
     _put_ninja_on_path()
     from torch.utils.cpp_extension import load
 
-    from . import ops  # noqa: F401  (the op schemas must exist before kernels register)
-
+    _drop_loaders()  # load() registers the built kernels in this process too
     name = _build_name()
     out = _build_dir(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +198,6 @@ def _build() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if sys.argv[1:] == ["--build"]:
-        _build()
-    else:
-        print(kernel_paths())
+    if sys.argv[1:] != ["--build"]:
+        sys.exit("usage: python -m edge_tune.kernels --build   (`edge-tune doctor` shows what each op runs)")
+    _build()

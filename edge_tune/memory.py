@@ -1,29 +1,18 @@
-"""The memory plan: a prediction of a training run's peak RSS, itemised in MB, made before the first step,
-and the measured runtime floor it starts from. Measuring and trimming the process itself: rss.py."""
+"""The memory plan: a prediction of a training run's peak RSS, itemised in MB, made before the first step.
+It starts from the measured runtime floor (floor.py); measuring and trimming the process itself: rss.py."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from .rss import (
-    peak_rss_mb,
-    reset_peak_rss,
-    tensor_cache_slack_mb,
-    tensor_cache_slack_set_by_env,
-    trim_resident_memory,
-)
+from .floor import runtime_floor_mb, startup_peak_mb
+from .rss import tensor_cache_slack_mb, tensor_cache_slack_set_by_env
 
 # Everything below is in bytes until MemoryPlan reports MB. Activations are fp32 (4 bytes), counted per
 # token (micro-batch x sequence length) from what each op of model.EncoderLayer saves for backward.
 FP32 = 4
 MB = 1024 * 1024
-FLOOR_CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -178,6 +167,7 @@ def _trainable_count(cfg, spec, num_labels: int) -> int:
     import math
 
     from .methods import delta_shapes
+    from .model import skeleton
 
     return sum(math.prod(s) for s in delta_shapes(skeleton(cfg), spec, num_labels).values())
 
@@ -264,160 +254,3 @@ def with_tensor_cache(plan: MemoryPlan, budget_mb: float) -> MemoryPlan:
     return dataclasses.replace(
         base, tensor_cache_mb=max(0.0, min(TENSOR_CACHE_AUTO_MB, (budget_mb - base.total_mb) // 4))
     )
-
-
-def plan_rank(cfg, spec, precision: str, budget_mb: float, max_rank: int, micro_batch: int, seq_len: int,
-              **kw) -> int:  # fmt: skip
-    """The largest LoRA rank <= `max_rank` whose plan at `micro_batch` x `seq_len` fits `budget_mb`
-    (0 if none does)."""
-    import dataclasses
-
-    for r in range(max_rank, 0, -1):
-        s = dataclasses.replace(spec, rank=r, alpha=spec.alpha * r / spec.rank)
-        for ck in (False, True):
-            if plan_memory(cfg, s, precision, micro_batch, seq_len, checkpointing=ck, **kw).fits(budget_mb):
-                return r
-    return 0
-
-
-def skeleton(cfg, precision: str | None = None):
-    """A Classifier with `cfg`'s structure. Without `precision`, frozen weights are zero-stride views of
-    one scalar (no memory; meta tensors would pull in sympy): the planner reads parameter shapes from it
-    through the methods' own rules. With a precision, random quantized weights (a runnable model)."""
-    import torch
-    from torch import nn
-
-    from . import quant
-    from .model import Classifier, Encoder, EncoderLayer, QuantEmbedding, QuantLinear
-
-    D, F = cfg.hidden_size, cfg.intermediate_size
-
-    def rnd(*shape):
-        return torch.randn(*shape) * 0.02 if precision else torch.zeros(()).expand(*shape)
-
-    def frozen(w):
-        return quant.quantize(w, precision) if precision else {"weight": w}
-
-    def linear(o, i):
-        return QuantLinear(frozen(rnd(o, i)), rnd(o), precision or "fp32")
-
-    def ln():
-        return nn.LayerNorm(D).requires_grad_(False)
-
-    word = QuantEmbedding(frozen(rnd(cfg.vocab_size, D)), precision or "fp32")
-    layers = [EncoderLayer(cfg, linear(D, D), linear(D, D), linear(D, D), linear(D, D), ln(), linear(F, D),
-                           linear(D, F), ln()) for _ in range(cfg.num_hidden_layers)]  # fmt: skip
-    enc = Encoder(cfg, word, rnd(cfg.max_position_embeddings, D), rnd(cfg.type_vocab_size, D), ln(), layers)
-    return Classifier(enc)
-
-
-def _floor_cache_path() -> Path:
-    root = os.environ.get("EDGE_TUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edge_tune"
-    )
-    return Path(root) / "runtime_floor.json"
-
-
-def _floor_key() -> str:
-    import platform
-
-    import torch
-
-    kernels = os.environ.get("EDGE_TUNE_KERNELS", "1")  # the compiled kernels' library is part of the floor
-    return (f"v{FLOOR_CACHE_VERSION}|py{platform.python_version()}|torch{torch.__version__}|{platform.machine()}|"
-            f"{sys.prefix}|kernels={kernels}")  # fmt: skip
-
-
-def runtime_floor_mb(refresh: bool = False) -> float:
-    """Peak RSS (MB) of the training phase of a fresh process with no work to do: interpreter, torch,
-    edge_tune, the tokenizer, and the code pages a training and an evaluation step run, after
-    trim_resident_memory has dropped the rest (train() trims before its first step). Measured in a subprocess
-    that runs tiny training and evaluation steps through every code path, minus the tiny model; once per
-    machine and Python environment (~5 s), cached in ~/.cache/edge_tune."""
-    return _floor_values(refresh)["floor"]
-
-
-def startup_peak_mb(refresh: bool = False) -> float:
-    """Peak RSS (MB) of a fresh process once edge_tune's training path is imported and its kernels loaded,
-    before any trimming: no training process peaks lower. Measured with runtime_floor_mb."""
-    return _floor_values(refresh)["startup"]
-
-
-def _floor_values(refresh: bool = False) -> dict[str, float]:
-    path, key = _floor_cache_path(), _floor_key()
-    if not refresh:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            v = json.loads(path.read_text())[key]
-            return {"floor": float(v["floor"]), "startup": float(v["startup"])}
-    import subprocess
-
-    # A page this process maps too cannot be trimmed in the child (MADV_PAGEOUT skips shared pages): measured
-    # from an untrimmed parent holding torch (pytest, say) the floor read 260 MB instead of 204.
-    trim_resident_memory()
-    p = subprocess.run([sys.executable, "-m", "edge_tune.memory", "--measure-floor"], capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})  # fmt: skip
-    if p.returncode != 0:
-        raise RuntimeError(f"measuring the runtime floor failed: {p.stderr.strip()[-500:]}")
-    value = json.loads(p.stdout.strip().splitlines()[-1])
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = {}
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads(path.read_text())
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**old, key: value}))
-        os.replace(tmp, path)
-    return value
-
-
-def _measure_floor() -> dict[str, float]:
-    """Runs in a fresh process: see runtime_floor_mb. Follows adapt's order: import, load the kernels,
-    trim, load the tokenizer (and, in adapt, data and base), trim, train."""
-    import dataclasses
-
-    import torch
-    import torch.nn.functional as F
-
-    from . import adapt, cli, quant  # noqa: F401  (what `edge-tune train` imports before its first trim)
-    from .base import default_model_dir, load_tokenizer, read_config
-    from .kernels import load_kernels
-    from .methods import MethodSpec, apply_method, detach_lora
-    from .optim import AdamW
-
-    load_kernels()
-    startup = peak_rss_mb()
-    trim_resident_memory()
-    reset_peak_rss()
-    model_dir = default_model_dir()
-    tok = load_tokenizer(model_dir)
-    tok.encode_batch(["warm up the tokenizer ."])
-    cfg = dataclasses.replace(
-        read_config(model_dir), num_hidden_layers=1, vocab_size=64, max_position_embeddings=16
-    )
-    trim_resident_memory()
-    tiny_bytes = 0
-    for precision in ("int8", "int4"):
-        model = skeleton(cfg, precision)
-        tiny_bytes = max(tiny_bytes, quant.tensor_bytes(model))
-        # 64 rows: past the kernels' few-row paths (16 rows), so the blocked int8 GEMM and MKL's sgemm code
-        # that a real batch runs is resident too
-        ids, mask = torch.randint(0, 64, (4, 16)), torch.ones(4, 16, dtype=torch.long)
-        for method in ("bitfit", "lora"):
-            for ck in (False, True):
-                model.encoder.checkpointing = ck
-                params = apply_method(
-                    model, MethodSpec(method, rank=4, targets=("q", "v", "o", "ff1", "ff2"))
-                )
-                opt = AdamW(params.values())
-                F.cross_entropy(model(ids, mask), torch.zeros(4, dtype=torch.long)).backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-                opt.step()
-                detach_lora(model)
-        with torch.inference_mode():
-            model.eval()(ids, mask)
-    return {"floor": peak_rss_mb() - tiny_bytes / MB, "startup": startup}
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--measure-floor"]:
-        print(json.dumps({k: round(v, 2) for k, v in _measure_floor().items()}))

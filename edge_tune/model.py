@@ -311,3 +311,30 @@ class Classifier(nn.Module):
             out[idx] = self(*collate([rows[i] for i in idx])).softmax(-1)
         self.train(was_training)
         return out
+
+
+def skeleton(cfg, precision: str | None = None):
+    """A Classifier with `cfg`'s structure. Without `precision`, frozen weights are zero-stride views of
+    one scalar (no memory; meta tensors would pull in sympy): the planner reads parameter shapes from it
+    through the methods' own rules. With a precision, random quantized weights (a runnable model)."""
+    from . import quant
+
+    D, F = cfg.hidden_size, cfg.intermediate_size
+
+    def rnd(*shape):
+        return torch.randn(*shape) * 0.02 if precision else torch.zeros(()).expand(*shape)
+
+    def frozen(w):
+        return quant.quantize(w, precision) if precision else {"weight": w}
+
+    def linear(o, i):
+        return QuantLinear(frozen(rnd(o, i)), rnd(o), precision or "fp32")
+
+    def ln():
+        return nn.LayerNorm(D).requires_grad_(False)
+
+    word = QuantEmbedding(frozen(rnd(cfg.vocab_size, D)), precision or "fp32")
+    layers = [EncoderLayer(cfg, linear(D, D), linear(D, D), linear(D, D), linear(D, D), ln(), linear(F, D),
+                           linear(D, F), ln()) for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+    enc = Encoder(cfg, word, rnd(cfg.max_position_embeddings, D), rnd(cfg.type_vocab_size, D), ln(), layers)
+    return Classifier(enc)

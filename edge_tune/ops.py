@@ -424,3 +424,8 @@ ALL_OPS = {
     "half_saturated": half_saturated,
     "gelu_backward_half": gelu_backward_half,
 }
+
+# Calling an op loads the kernels (kernels.py): until then each op's CPU slot holds a loader.
+from .kernels import install_first_call_loaders  # noqa: E402
+
+install_first_call_loaders(list(ALL_OPS))

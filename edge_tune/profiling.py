@@ -66,7 +66,11 @@ def profile_grid(profile: str | None, methods: list[str], precisions: list[str],
 
     # This process imported torch: drop its code pages, which a child could not trim while shared.
     trim_resident_memory()
-    for m, p in tqdm(grid, desc="profile", unit="config", disable=not progress, file=sys.stderr):
+    for i, (m, p) in enumerate(
+        tqdm(grid, desc="profile", unit="config", disable=not progress, file=sys.stderr)
+    ):
+        if not progress:  # off a terminal: a line per configuration, not a silent wait of minutes
+            print(f"profile: {m} on {p} ({i + 1}/{len(grid)}), {steps} steps", file=sys.stderr, flush=True)
         res = work / f"{m}_{p}.json"
         cmd = [sys.executable, "-m", "edge_tune.profiling", profile or "", m, p, str(steps), str(work / f"{m}_{p}.patch"),
                str(res)]  # fmt: skip

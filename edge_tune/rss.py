@@ -35,7 +35,7 @@ MMAP_THRESHOLD_ENV = "EDGE_TUNE_MMAP_THRESHOLD_KB"  # allocations above this man
 
 def mmap_threshold_bytes() -> int:
     """The threshold limit_heap_growth sets: $EDGE_TUNE_MMAP_THRESHOLD_KB (KB) or 64 KB. A value that is not a
-    positive whole number is ignored, with one line on stderr (this runs at import: it must not raise)."""
+    positive whole number is ignored, with one line on stderr (an entry point's setting: it must not raise)."""
     raw = os.environ.get(MMAP_THRESHOLD_ENV, "64")
     try:
         kb = int(raw)
@@ -64,6 +64,32 @@ def limit_heap_growth(mmap_threshold: int | None = None) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, threshold))
     except (OSError, AttributeError):
         return False
+
+
+_settings_applied = False
+
+
+def apply_process_settings() -> None:
+    """The process-wide settings a training or serving process runs with, applied by the entry points
+    (`adapt`, `train`, `PatchBank`, the CLI), never by `import edge_tune`: glibc's mmap threshold
+    (limit_heap_growth: it slowed PEFT's step ~1.5x in the same process), HF_HUB_OFFLINE=1 (nothing here
+    downloads; interop code is told so), TOKENIZERS_PARALLELISM=false, and the tensor cache as torch's CPU allocator once the kernels load
+    (start_tensor_cache). Idempotent."""
+    global _settings_applied
+    if _settings_applied:
+        return
+    _settings_applied = True
+    limit_heap_growth()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # One tokenizer thread: the rayon pool's per-thread heaps keep ~2.3 MB after tokenizing SST-2, which a
+    # 400 MB device misses more than the second or two a parallel encode saves. A user's setting wins.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _tensor_cache_ops() is not None:  # the kernels loaded before this: start the cache now
+        start_tensor_cache()
+
+
+def process_settings_applied() -> bool:
+    return _settings_applied
 
 
 TENSOR_CACHE_ENV = "EDGE_TUNE_TENSOR_CACHE_MB"  # "off", or MB the tensor cache may add to the peak
@@ -114,8 +140,8 @@ def start_tensor_cache() -> bool:
     stop it for "off"; empties it either way. Freed tensors of 64 KB and more are then reused instead of
     mapped and faulted in afresh: a LoRA step (16 x 64, 2 threads) measured 650 ms without, ~440 ms at
     0 MB (same peak RSS for that fixed-shape step; a run whose batch shapes vary measured +18 MB, see the
-    README), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels
-    calls this); returns whether the cache is on."""
+    README), ~375 ms at 64 MB (+25 MB peak). Needs the kernels loaded (kernels.load_kernels calls this
+    once apply_process_settings has run); returns whether the cache is on."""
     ops = _tensor_cache_ops()
     if ops is None:
         return False

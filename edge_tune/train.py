@@ -25,7 +25,7 @@ from .errors import EdgeTuneError
 from .methods import MethodSpec, apply_method
 from .optim import AdamW
 from .profiles import DeviceProfile
-from .rss import peak_rss_mb, trim_resident_memory
+from .rss import apply_process_settings, peak_rss_mb, trim_resident_memory
 
 log = logging.getLogger("edge_tune")
 
@@ -83,6 +83,27 @@ def accuracy(base: Base, ds: Dataset, seq_len: int = 128, batch_size: int = 64) 
 
 
 MAX_NONFINITE_IN_A_ROW = 3
+PROGRESS_SECONDS = 30.0  # between progress lines when stderr is not a terminal
+
+
+class ProgressLines:
+    """The progress bar's stand-in off a terminal: one line on stderr at the first step, then every
+    PROGRESS_SECONDS and at the last step (step, loss, last dev accuracy, steps/s, time left)."""
+
+    def __init__(self, name: str, start: int, total: int):
+        self.name, self.start, self.total = name, start, total
+        self.t0 = self.last = time.monotonic()
+
+    def step(self, step: int, loss: float, dev: float | None) -> None:
+        now = time.monotonic()
+        if step != self.start + 1 and step != self.total and now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else 0.0
+        dev_txt = f"{dev:.4f}" if dev is not None else "-"
+        print(f"train {self.name}: step {step}/{self.total}, loss {loss:.4f}, dev {dev_txt}, {rate:.2f} steps/s, "
+              f"{left / 60:.1f} min left", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -120,6 +141,7 @@ def train(
     With `checkpoint`, the full state is saved there atomically every `checkpoint_every` steps, and with
     `resume` a run continues from it and ends bit-identical to an uninterrupted run (same threads).
     Before the first step it trims the process's code pages (rss.trim_resident_memory)."""
+    apply_process_settings()
     seed_everything(cfg.seed)
     model = base.model
     model.reset_head(len(train_ds.label_names), cfg.seed)
@@ -153,11 +175,13 @@ def train(
         log.info("no checkpoint at %s; starting from step 0", checkpoint)
 
     # Loading and tokenizing are done: drop the code pages only they ran (rss.trim_resident_memory), so the
-    # training steps' peak is the floor the plan counts (memory.runtime_floor_mb), not the imports' leftovers.
+    # training steps' peak is the floor the plan counts (floor.runtime_floor_mb), not the imports' leftovers.
     trim_resident_memory()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not show, desc=f"train {cfg.method.name}",
                unit="step", file=sys.stderr)  # fmt: skip
+    # Off a terminal (a pipe, a log file, CI) a bar prints nothing useful: a line every PROGRESS_SECONDS.
+    lines = ProgressLines(cfg.method.name, state.step, cfg.steps) if progress is None and not show else None
     stop_reason, step_seconds = "", []
     model.train()
     while state.step < cfg.steps:
@@ -196,6 +220,8 @@ def train(
         bar.set_postfix(
             loss=f"{loss_sum:.3f}", dev=f"{max(state.best_acc, 0):.3f}", rss_mb=f"{peak_rss_mb():.0f}"
         )
+        if lines is not None:
+            lines.step(state.step, loss_sum, state.history[-1]["dev_accuracy"] if state.history else None)
         if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
             stop_reason = (f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; rolled back "
                            "to the best checkpoint — lower --lr")  # fmt: skip

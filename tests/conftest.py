@@ -25,9 +25,14 @@ SENTENCES = [
 
 
 def pytest_configure(config):
-    """The suite measures its own runtime floor (memory.runtime_floor_mb) into a cache of its own: a test run
-    must neither read a floor measured under other settings nor leave one behind for real runs."""
+    """The suite measures its own runtime floor (floor.runtime_floor_mb) into a cache of its own: a test run
+    must neither read a floor measured under other settings nor leave one behind for real runs. The suite's
+    process runs with the settings every entry point applies (tests/test_package.py checks that importing
+    edge_tune alone applies none)."""
     os.environ["EDGE_TUNE_CACHE"] = config._edge_tune_cache = tempfile.mkdtemp(prefix="edge_tune_cache_")
+    from edge_tune.rss import apply_process_settings
+
+    apply_process_settings()
 
 
 def pytest_unconfigure(config):

@@ -153,6 +153,13 @@ def _bad_cases(tmp_path, tsv, base):
             "folder does not exist",
         ),
         (["train", "--data", str(tsv), "--out", str(tmp_path)], "is a directory"),
+        # output paths the OS refuses: the lock beside the patch is the first thing written
+        (
+            ["train", "--data", str(tsv), "--out", "/proc/x.patch"],
+            r"cannot write beside the patch .*/proc/x.patch",
+        ),
+        (["train", "--data", str(tsv), "--out", "/dev/null/x.patch"], "folder does not exist|cannot write"),
+        (["demo", "--steps", "1", "--out", "/dev/null/x/y.patch"], "cannot create the output folder"),
         (["predict", "--patch", str(valid)], "required: TEXT"),
         # patches
         (["predict", "--patch", f("trunc.patch", vb[: len(vb) // 3]), "hi"], "truncated|outside the file"),
@@ -265,3 +272,17 @@ def test_doctor_names_every_op_and_the_tensor_cache(capsys):
         )
     cache_line = next(ln for ln in out.splitlines() if ln.startswith("tensor cache"))
     assert cache_line.split()[2].startswith("on," if load_kernels() else "off")
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tsv):
+    """Piped to a log, `edge-tune train` prints a progress line at the first and the last step (and every
+    PROGRESS_SECONDS between), where a terminal gets the bar: never minutes of silence."""
+    p = subprocess.run([sys.executable, "-m", "edge_tune.cli", "train", "--data", str(tsv), "--method", "bitfit",
+                        "--steps", "3", "--eval-every", "2", "--out", str(tmp_path / "p.patch")],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-1000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("train bitfit: step ")]
+    assert [ln.split(",")[0] for ln in lines] == ["train bitfit: step 1/3", "train bitfit: step 3/3"], (
+        p.stderr
+    )
+    assert "steps/s" in lines[-1] and re.search(r"dev [01]\.\d{4}", lines[-1]), lines[-1]

@@ -144,12 +144,11 @@ def test_cuda_opcheck():
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_cuda_model_step_matches_cpu(method, precision):
     """A whole (small, random) model on CUDA: the logits and every trainable gradient of one step equal
-    the CPU model's. Random weights (memory.skeleton): this machine may not have the packaged MiniLM."""
+    the CPU model's. Random weights (model.skeleton): this machine may not have the packaged MiniLM."""
     import copy
 
-    from edge_tune.memory import skeleton
     from edge_tune.methods import MethodSpec, apply_method
-    from edge_tune.model import BertConfig
+    from edge_tune.model import BertConfig, skeleton
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=300, num_hidden_layers=2, max_position_embeddings=40)

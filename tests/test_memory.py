@@ -182,11 +182,11 @@ def test_peak_rss_is_this_process_not_the_parent():
 def test_floor_measured_from_a_parent_holding_torch_is_trimmed(tmp_path, monkeypatch):
     """pytest holds torch's pages resident; the floor's child shares them and could not trim them unless the
     parent trims first (measured: 260 MB instead of 204, above the untrimmed startup peak of 222)."""
-    from edge_tune import memory
+    from edge_tune import floor
 
     monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path))
     torch.randn(64, 64) @ torch.randn(64, 64)  # this process's torch code is resident
-    v = memory._floor_values(refresh=True)
+    v = floor._floor_values(refresh=True)
     assert v["floor"] < v["startup"]
 
 

@@ -121,7 +121,7 @@ def _imports_edge_tune(fn_node) -> bool:
 
 
 def test_peer_workers_never_import_edge_tune():
-    """Importing edge_tune sets glibc's mmap threshold (rss.limit_heap_growth), which slowed PEFT's step from
+    """edge_tune's entry points set glibc's mmap threshold (rss.apply_process_settings), which slowed PEFT's step from
     ~600 to ~900 ms and changes its peak RSS: a peer measured in such a process is not the peer. Every
     PEFT worker function of the benchmarks, and the peers' worker scripts, must stay clear of it."""
     import ast

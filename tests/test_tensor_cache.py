@@ -171,14 +171,19 @@ def test_off_stops_caching_and_frees_what_it_held(cache):
 
 
 @needs_kernels
-def test_a_fresh_process_runs_with_the_cache_on_by_default():
+@pytest.mark.parametrize("entry_point", [True, False])
+def test_a_fresh_process_runs_with_the_cache_on_where_an_entry_point_asks(entry_point):
+    """The cache replaces torch's CPU allocator: on in a process whose entry point applied the process
+    settings (adapt, train, PatchBank, the CLI), before or after the kernels load; off in a process that only
+    imported edge_tune and loaded the kernels (a library must not swap its host's allocator)."""
     code = (
-        "import torch; from edge_tune.kernels import load_kernels; from edge_tune.rss import tensor_cache_stats;"
-        "load_kernels(); [torch.ones(1 << 20).sum() for _ in range(3)]; s = tensor_cache_stats();"
+        "import torch; from edge_tune.kernels import load_kernels; from edge_tune import rss;"
+        f"{'rss.apply_process_settings();' if entry_point else ''}"
+        "load_kernels(); [torch.ones(1 << 20).sum() for _ in range(3)]; s = rss.tensor_cache_stats();"
         "print(s['on'], s['hits'] >= 2)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "True"]
+    assert out.split() == (["1", "True"] if entry_point else ["0", "False"])
 
 
 def test_a_run_sets_its_planned_slack_unless_the_env_does(monkeypatch):

@@ -90,12 +90,8 @@ def main() -> int:
     from tqdm import tqdm
 
     from edge_tune.base import default_model_dir, read_config
-    from edge_tune.memory import (
-        dataset_bytes,
-        plan_memory,
-        runtime_floor_mb,
-        startup_peak_mb,
-    )
+    from edge_tune.floor import runtime_floor_mb, startup_peak_mb
+    from edge_tune.memory import dataset_bytes, plan_memory
     from edge_tune.methods import MethodSpec
     from edge_tune.rss import trim_resident_memory
 

@@ -23,10 +23,10 @@ def main() -> int:
     from edge_tune.methods import MethodSpec, apply_method
     from edge_tune.optim import AdamW
     from edge_tune.patch import Manifest, save_patch
-    from edge_tune.rss import limit_heap_growth
+    from edge_tune.rss import apply_process_settings
 
     torch.set_num_threads(a.threads)
-    limit_heap_growth()  # as `edge-tune train` does
+    apply_process_settings()  # as `edge-tune train` does
     arrays = protocol.load_arrays(a.arrays)
     base = load_base(a.model_dir, precision=a.variant)
     model = base.model

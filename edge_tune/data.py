@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
+from .resources import tasks_dir
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = tasks_dir()
 TASKS = ("sst2", "cr", "subj", "mpqa")
 MAX_TSV_BYTES = 512 * 1024 * 1024
 log = logging.getLogger("edge_tune")

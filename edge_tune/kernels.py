@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .resources import kernel_sources_dir
+
 log = logging.getLogger("edge_tune")
 
 KERNELS_ENV = "EDGE_TUNE_KERNELS"  # "0": never build or load the C++ kernels
-CPP_DIR = Path(__file__).resolve().parent.parent / "cpp_ext"
+CPP_DIR = kernel_sources_dir()
 CPU_SOURCES = [
     CPP_DIR / f
     for f in (

@@ -9,11 +9,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import ProfileError
+from .resources import profiles_dir
 
 SCHEMA_VERSION = 1
-PROFILES_DIR = Path(
-    os.environ.get("EDGE_TUNE_PROFILES_DIR", Path(__file__).resolve().parent.parent / "device_profiles")
-)
+PROFILES_DIR = Path(os.environ.get("EDGE_TUNE_PROFILES_DIR") or profiles_dir())
 DEFAULT_PROFILE = "raspberry-pi-4-4gb"
 PRECISIONS = ("fp32", "int8", "int4")
 BACKENDS = ("cpu", "cuda")

@@ -28,13 +28,14 @@ def run_one(profile: str | None, method: str, precision: str, steps: int, out: P
     from .adapt import adapt
     from .bank import PatchBank
     from .data import read_tsv
+    from .resources import tasks_dir
     from .rss import peak_rss_mb
 
     r = adapt("sst2", out, method=method, profile=profile, steps=steps, eval_every=steps, precision=precision,
               progress=False)  # fmt: skip
     bank = PatchBank(precision=precision)
     bank.activate(bank.load(out))
-    dev = read_tsv(Path(__file__).resolve().parent.parent / "data" / "sst2" / "dev.tsv").texts
+    dev = read_tsv(tasks_dir() / "sst2" / "dev.tsv").texts
 
     def median_ms(texts: list[str], n: int) -> float:
         bank.predict(texts)

@@ -120,3 +120,44 @@ print(torch._C._dispatch_has_kernel_for_dispatch_key("edge_tune::int8_linear_dyn
                        env={**__import__("os").environ, "EDGE_TUNE_KERNELS": "0"})  # fmt: skip
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
     assert "forced off by EDGE_TUNE_KERNELS=0" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_the_wheel_installs_and_runs_from_another_folder(tmp_path):
+    """The wheel carries the device profiles, the kernels' sources and the built-in tasks: built here, installed
+    into a fresh venv, it runs `doctor`, `profiles` and a short `train` from a folder that is not the checkout.
+    The wheel goes in without its dependencies, which the new venv borrows from this one through a .pth
+    line (offline, and seconds instead of a torch install); the venv's own site-packages comes first, so
+    edge_tune is the wheel's, checked below."""
+    import os
+    import sysconfig
+
+    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    (wheel,) = dist.glob("edge_tune-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    (site / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--prefix", str(venv), str(wheel)], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGE_TUNE_PROFILES_DIR")}
+    vpy = str(venv / "bin" / "python")
+
+    def run(*argv):
+        p = subprocess.run([vpy, *argv], capture_output=True, text=True, cwd=work, env=env, timeout=900)
+        assert p.returncode == 0, (argv, p.stdout[-1000:], p.stderr[-2000:])
+        return p.stdout
+
+    where = run(
+        "-c", "import edge_tune, edge_tune.resources as r; print(edge_tune.__file__, r.profiles_dir())"
+    )
+    assert all(str(venv) in w for w in where.split()), where
+    cli = ["-m", "edge_tune.cli"]
+    assert "C++ (cpp_ext/" in run(*cli, "doctor") or os.environ.get("EDGE_TUNE_KERNELS") == "0"
+    assert "raspberry-pi-zero-2w" in run(*cli, "profiles")
+    out = run(*cli, "train", "--data", "sst2", "--method", "bitfit", "--steps", "5", "--eval-every", "5",
+              "--out", "sst2.patch")  # fmt: skip
+    assert "wrote sst2.patch" in out and (work / "sst2.patch").is_file()

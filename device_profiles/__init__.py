@@ -1,0 +1,2 @@
+"""Resource package, no code: the device profiles (TOML) shipped as `edge_tune.device_profiles` (see
+edge_tune/resources.py)."""

@@ -10,9 +10,12 @@ from .errors import BudgetError, DataError, EdgeTuneError, PatchError, ProfileEr
 from .methods import MethodSpec
 from .patch import Manifest, Patch, load_patch, save_patch
 from .profiles import DeviceProfile, load_profile
+from .run import AdaptResult, RunPlan, RunRequest, adapt, plan_run
+from .trainer import TrainConfig, TrainResult, train
 
 __all__ = [
-    "Base", "BudgetError", "DataError", "DeviceProfile", "EdgeTuneError", "Manifest", "MethodSpec", "Patch",
-    "PatchBank", "PatchError", "Prediction", "ProfileError", "load_base", "load_patch", "load_profile", "save_patch",
+    "AdaptResult", "Base", "BudgetError", "DataError", "DeviceProfile", "EdgeTuneError", "Manifest", "MethodSpec",
+    "Patch", "PatchBank", "PatchError", "Prediction", "ProfileError", "RunPlan", "RunRequest", "TrainConfig",
+    "TrainResult", "adapt", "load_base", "load_patch", "load_profile", "plan_run", "save_patch", "train",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -163,15 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _train_kwargs(args) -> dict:
-    return {
-        "method": args.method, "profile": args.profile, "rank": args.rank, "alpha": args.alpha,
-        "targets": tuple(t.strip() for t in args.targets.split(",") if t.strip()), "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum, "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr,
-        "eval_every": args.eval_every, "patience": args.patience, "seed": args.seed, "precision": args.precision,
-        "resume": args.resume, "checkpoint_every": args.checkpoint_every,
-        "allow_shorter_seq": args.allow_shorter_seq, "patch_dtype": args.patch_dtype,
-    }  # fmt: skip
+def _request(args, **override):
+    """The RunRequest the flags ask for: each RunRequest field from the flag of the same name, where the verb
+    has it."""
+    import dataclasses
+
+    from .run import RunRequest
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunRequest) if hasattr(args, f.name)}
+    if isinstance(given.get("targets"), str):
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    return RunRequest(**(given | override))
 
 
 def cmd_doctor(args) -> int:
@@ -231,46 +233,29 @@ def cmd_profile(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .adapt import _data_bytes
-    from .base import default_model_dir, read_config
-    from .data import load_task
-    from .memory import plan_batch_size, plan_memory, with_tensor_cache
-    from .methods import MethodSpec
-    from .profiles import clamp_to_profile, load_profile
+    from .run import plan_run
 
-    prof = load_profile(args.profile)
-    used, warnings = clamp_to_profile(prof, batch_size=args.batch, rank=args.rank, seq_len=args.seq_len)
-    for w in warnings:
+    run = plan_run(args.data, _request(args, batch_size=args.batch), checkpointing=args.checkpointing)
+    for w in run.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    spec = MethodSpec(args.method, rank=used["rank"], alpha=2.0 * used["rank"], targets=targets)
-    precision = args.precision or prof.precision
-    cfg = read_config(default_model_dir())
-    train_ds, dev_ds = load_task(args.data)
-    data_bytes = _data_bytes(train_ds, dev_ds, used["seq_len"])
-    plan = plan_memory(cfg, spec, precision, used["batch_size"], used["seq_len"], checkpointing=args.checkpointing,
-                       eval_batch=min(64, max(16, used["batch_size"])), num_labels=len(train_ds.label_names),
-                       data_bytes=data_bytes)  # fmt: skip
-    # as `edge-tune train` would run it: spare budget buys tensor-cache slack
-    if plan.fits(prof.memory_budget_mb):
-        plan = with_tensor_cache(plan, prof.memory_budget_mb)
-    print(f"{args.method} on a {precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
-          f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {prof.name}:")  # fmt: skip
-    print(plan.table(prof.memory_budget_mb))
-    if not plan.fits(prof.memory_budget_mb):
-        fit, notes = plan_batch_size(cfg, spec, precision, prof.memory_budget_mb, used["batch_size"], used["seq_len"],
-                                     data_bytes=data_bytes, num_labels=len(train_ds.label_names))  # fmt: skip
-        print(f"`edge-tune train` would run: micro-batch {fit.micro_batch} x {fit.grad_accum} accumulation, "
-              f"checkpointing {'on' if fit.checkpointing else 'off'}, eval batch {fit.eval_batch}: "
-              f"{fit.total_mb:.0f} MB")  # fmt: skip
-        return 1
-    return 0
+    plan, budget = run.asked, run.profile.memory_budget_mb
+    print(f"{args.method} on a {run.precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
+          f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {run.profile.name}:")  # fmt: skip
+    print(plan.table(budget))
+    if plan.fits(budget):
+        return 0
+    if run.memory is None:
+        raise run.refusal
+    fit = run.memory
+    print(f"`edge-tune train` would run: micro-batch {fit.micro_batch} x {fit.grad_accum} accumulation, "
+          f"checkpointing {'on' if fit.checkpointing else 'off'}, eval batch {fit.eval_batch}: {fit.total_mb:.0f} MB")  # fmt: skip
+    return 1
 
 
 def cmd_train(args) -> int:
-    from .adapt import adapt
+    from .run import adapt
 
-    r = adapt(args.data, args.out, **_train_kwargs(args))
+    r = adapt(args.data, args.out, _request(args))
     t = r.train
     print(
         f"wrote {r.patch_path} ({r.patch_bytes / 1024:.1f} KB): {args.method}, dev accuracy {t.dev_accuracy:.4f} "
@@ -283,9 +268,9 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     import time
 
-    from .adapt import adapt
     from .bank import PatchBank
     from .rss import peak_rss_mb
+    from .run import adapt
 
     out = Path(args.out)
     try:

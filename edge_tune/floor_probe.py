@@ -18,7 +18,7 @@ def measure_floor() -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from . import adapt, cli, quant  # noqa: F401  (what `edge-tune train` imports before its first trim)
+    from . import cli, quant, run  # noqa: F401  (what `edge-tune train` imports before its first trim)
     from .base import default_model_dir, load_tokenizer, read_config
     from .kernels import load_kernels
     from .methods import MethodSpec, apply_method, detach_lora

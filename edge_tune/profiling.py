@@ -25,11 +25,11 @@ COLUMNS = [  # (key, header, format)
 
 def run_one(profile: str | None, method: str, precision: str, steps: int, out: Path) -> dict:
     """In this process: train, export, reload, time inference. Returns one table row."""
-    from .adapt import adapt
     from .bank import PatchBank
     from .data import read_tsv
     from .resources import tasks_dir
     from .rss import peak_rss_mb
+    from .run import adapt
 
     r = adapt("sst2", out, method=method, profile=profile, steps=steps, eval_every=steps, precision=precision,
               progress=False)  # fmt: skip

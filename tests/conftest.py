@@ -10,7 +10,7 @@ import torch
 from edge_tune.base import load_base
 from edge_tune.data import Dataset
 from edge_tune.methods import MethodSpec
-from edge_tune.train import TrainConfig, train
+from edge_tune.trainer import TrainConfig, train
 
 SENTENCES = [
     ("1", "a gorgeous , witty , seductive movie ."),

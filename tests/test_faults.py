@@ -94,7 +94,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_patch(tmp_path):
     import signal
     import time
 
-    from edge_tune.adapt import output_lock
+    from edge_tune.run import output_lock
 
     data = tmp_path / "sst2_part.tsv"
     lines = (Path(__file__).resolve().parent.parent / "data" / "sst2" / "dev.tsv").read_text().splitlines()

@@ -40,7 +40,7 @@ def test_checkpointing_gives_the_same_gradients(base_int8, method):
 def test_training_path_imports_no_dynamo_or_sympy(tmp_path, tsv):
     code = f"""
 import sys
-from edge_tune.adapt import adapt
+from edge_tune.run import adapt
 adapt({str(tsv)!r}, {str(tmp_path / "x.patch")!r}, method="lora", steps=2, eval_every=2, progress=False)
 adapt({str(tsv)!r}, {str(tmp_path / "y.patch")!r}, method="bitfit", profile="raspberry-pi-zero-2w", steps=2,
       eval_every=2, progress=False)

@@ -141,7 +141,8 @@ def test_the_wheel_installs_and_runs_from_another_folder(tmp_path):
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
     (site / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--prefix", str(venv), str(wheel)], check=True,
+    # --ignore-installed: without it pip uninstalls the edge_tune of the environment it runs in
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(venv), str(wheel)], check=True,
                    capture_output=True, timeout=600)  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGE_TUNE_PROFILES_DIR")}
     vpy = str(venv / "bin" / "python")

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-import edge_tune.train as train_mod
+import edge_tune.trainer as train_mod
 from edge_tune.errors import EdgeTuneError
 from edge_tune.methods import MethodSpec
-from edge_tune.train import TrainConfig, train
+from edge_tune.trainer import TrainConfig, train
 
 
 class Killed(Exception):
@@ -176,7 +176,7 @@ def test_repeated_nonfinite_steps_stop_with_the_best_deltas(base_int8, tiny_ds, 
 
 
 def test_second_writer_fails_fast(tmp_path):
-    from edge_tune.adapt import output_lock
+    from edge_tune.run import output_lock
 
     out = tmp_path / "x.patch"
     with (

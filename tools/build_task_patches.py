@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_tune.adapt import adapt  # noqa: E402
 from edge_tune.errors import EdgeTuneError  # noqa: E402
+from edge_tune.run import adapt  # noqa: E402
 
 
 def main() -> int:

@@ -71,7 +71,7 @@ def edge_worker(a, texts, labels) -> float:
     from edge_tune.data import Dataset
     from edge_tune.methods import MethodSpec
     from edge_tune.rss import peak_rss_mb
-    from edge_tune.train import TrainConfig, train
+    from edge_tune.trainer import TrainConfig, train
 
     base = load_base(precision=a.precision)
     ds = Dataset(texts, labels, ["0", "1"], "sst2-64")

@@ -49,7 +49,7 @@ def worker(a) -> dict:
     from edge_tune.data import Dataset
     from edge_tune.methods import MethodSpec
     from edge_tune.rss import peak_rss_mb, trim_resident_memory
-    from edge_tune.train import TrainConfig, train
+    from edge_tune.trainer import TrainConfig, train
 
     torch.set_num_threads(2)
     trim_resident_memory()  # as adapt does after its imports

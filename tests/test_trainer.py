@@ -48,7 +48,7 @@ def _first_step_gradient(base, ds, method, grad_accum, monkeypatch) -> list[torc
     """The gradients the optimizer receives at step 1 (accumulated, unclipped), in group order."""
     import copy
 
-    import edge_tune.train as train_mod
+    import edge_tune.trainer as train_mod
 
     seen = []
 
@@ -120,7 +120,7 @@ def test_same_seed_same_patch(base_int8, tiny_ds):
 
 
 def test_bitfit_lr_scales_down_with_the_batch_only():
-    from edge_tune.adapt import DEFAULT_LR, default_lr
+    from edge_tune.run import DEFAULT_LR, default_lr
 
     assert default_lr("bitfit", 32) == DEFAULT_LR["bitfit"] == default_lr("bitfit", 64)
     assert default_lr("bitfit", 16) == DEFAULT_LR["bitfit"] / 2

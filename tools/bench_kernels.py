@@ -153,8 +153,8 @@ def timed_row(batch1_ms: float, step, repeats: int, tokens: int) -> dict:
 
 def peft_model_worker(inputs: str, repeats: int) -> dict:
     """The same step and batch-1 call through transformers + PEFT LoRA r8 (q, v) on the fp32 model. This
-    process must not import edge_tune: the package sets glibc's mmap threshold on import (rss.py), which
-    slowed PEFT's step here from ~600 to ~900 ms."""
+    process must not import edge_tune's process settings (rss.apply_process_settings: glibc's mmap
+    threshold), which slowed PEFT's step here from ~600 to ~900 ms."""
     import torch
     from hf_peft import build
 
@@ -182,7 +182,9 @@ def model_worker(inputs: str, repeats: int) -> dict:
     from edge_tune.base import load_base
     from edge_tune.methods import MethodSpec, apply_method
     from edge_tune.optim import AdamW
+    from edge_tune.rss import apply_process_settings
 
+    apply_process_settings()  # as `edge-tune train` and PatchBank do (mmap threshold, tensor cache)
     base = load_base(precision="int8")
     model = base.model
     one, (ids, mask), _ = read_model_inputs(inputs)

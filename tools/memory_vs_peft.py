@@ -70,9 +70,10 @@ def edge_worker(a, texts, labels) -> float:
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
     from edge_tune.methods import MethodSpec
-    from edge_tune.rss import peak_rss_mb
+    from edge_tune.rss import apply_process_settings, peak_rss_mb
     from edge_tune.trainer import TrainConfig, train
 
+    apply_process_settings()  # before anything loads, as `edge-tune train` does
     base = load_base(precision=a.precision)
     ds = Dataset(texts, labels, ["0", "1"], "sst2-64")
     dev = Dataset(texts[:64], labels[:64], ["0", "1"], "dev")

@@ -48,9 +48,10 @@ def worker(a) -> dict:
     from edge_tune.base import load_base
     from edge_tune.data import Dataset
     from edge_tune.methods import MethodSpec
-    from edge_tune.rss import peak_rss_mb, trim_resident_memory
+    from edge_tune.rss import apply_process_settings, peak_rss_mb, trim_resident_memory
     from edge_tune.trainer import TrainConfig, train
 
+    apply_process_settings()  # before anything loads, as `edge-tune train` does
     torch.set_num_threads(2)
     trim_resident_memory()  # as adapt does after its imports
     data = json.loads(Path(a.data).read_text())

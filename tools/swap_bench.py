@@ -61,8 +61,10 @@ def edge_worker(args, out: dict) -> None:
     from edge_tune.base import load_base
     from edge_tune.methods import MethodSpec, delta_shapes
     from edge_tune.patch import Manifest, load_patch, save_patch
+    from edge_tune.rss import apply_process_settings
 
     torch.set_num_threads(2)
+    apply_process_settings()  # before the base loads, as PatchBank(precision=...) does
     base = load_base(precision="int8")
     work = Path(tempfile.mkdtemp(prefix="swap_bench_"))
     specs = {

@@ -195,7 +195,9 @@ def adapt(
 
 @contextlib.contextmanager
 def output_lock(out: Path):
-    """An exclusive, non-blocking lock beside `out` (flock: released by the kernel even on kill -9)."""
+    """An exclusive, non-blocking lock beside `out` (flock: released by the kernel even on kill -9). The lock
+    file a killed run leaves blocks no one, and the next run on `out` removes it with the temp files a kill
+    left mid-write."""
     lock_path = out.parent / f".{out.name}.lock"
     while True:
         try:
@@ -215,6 +217,11 @@ def output_lock(out: Path):
             if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)
+    # Holding the lock, no one else writes this patch or its checkpoint: a temp file of theirs (atomic_write's
+    # `.NAME.tmp-PID-TID`) is what a killed run left mid-write. Cleared, so a kill leaves nothing behind.
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.ckpt.tmp-*")]:
+        with contextlib.suppress(OSError):
+            stale.unlink()
     try:
         yield
     finally:

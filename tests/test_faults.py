@@ -90,7 +90,8 @@ def test_two_processes_same_output_one_wins(tmp_path, tsv, base_int8):
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_patch(tmp_path):
     """A real `edge-tune train` killed with SIGKILL after a checkpoint landed, then rerun with --resume:
     the patch is bit-identical to an uninterrupted run's, the kernel released the lock with the process,
-    and neither the lock file the kill left nor the checkpoint outlives the finished run."""
+    and nothing the kill left (the lock file, a checkpoint's half-written temp file) nor the checkpoint
+    outlives the finished run."""
     import signal
     import time
 
@@ -118,6 +119,8 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_patch(tmp_path):
     assert (tmp_path / ".killed.patch.lock").exists()  # what a kill leaves: a file, but no lock
     with output_lock(out):  # the kernel released the flock with the process: a new writer gets it
         pass
+    # what a kill during a checkpoint's write would have left: the next run on this --out clears it
+    (tmp_path / ".killed.patch.ckpt.tmp-999999-1").write_bytes(b"half a checkpoint")
     resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_patch(ref), load_patch(out)

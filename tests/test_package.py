@@ -129,12 +129,16 @@ def test_the_wheel_installs_and_runs_from_another_folder(tmp_path):
     line (offline, and seconds instead of a torch install); the venv's own site-packages comes first, so
     edge_tune is the wheel's, checked below."""
     import os
+    import shutil
     import sysconfig
 
-    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
+    dist, venv, work, src = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere", tmp_path / "src"
     work.mkdir()
+    # built from a copy: setuptools builds in the source tree (build/, *.egg-info), which is not a test's to litter
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".peers", "build", "out", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))  # fmt: skip
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)], check=True,
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], check=True,
                    capture_output=True, timeout=600)  # fmt: skip
     (wheel,) = dist.glob("edge_tune-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)

@@ -238,6 +238,33 @@ def whole_model_rows(repeats: int, rounds: int) -> dict[str, dict]:
     return out
 
 
+def plot(rows: list[dict], names: list[str], path: Path) -> None:
+    """One panel per shape and row count (shapes down, M across), the same ops on one log axis each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    ms = list(dict.fromkeys(r["m"] for r in rows))
+    fig, axes = plt.subplots(len(shapes), len(ms), figsize=(4.2 * len(ms), 3.4 * len(shapes)), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for r in rows:
+        ax = axes[shapes.index(r["shape"])][ms.index(r["m"])]
+        bars = ax.barh(names, [r[n] for n in names])
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=2)
+        ax.set_xlim(right=ax.get_xlim()[1] * 2)  # room for the labels
+        ax.set_title(f"{r['shape']}, M = {r['m']}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("median µs (log)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per cell (median reported)")
@@ -289,20 +316,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kernels.json").write_text(json.dumps({"ops": rows, "model": model}, indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 4), sharey=False)
-    for ax, r in zip(axes, rows, strict=True):
-        ax.barh(names, [r[n] for n in names])
-        ax.set_xscale("log")
-        ax.set_title(f"{r['shape']} M={r['m']}", fontsize=9)
-        ax.tick_params(labelsize=7)
-    axes[0].set_xlabel("median µs (log)")
-    fig.tight_layout()
-    fig.savefig(out / "bench_kernels.png", dpi=110)
+    plot(rows, names, out / "bench_kernels.png")
     print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
     return 0
 

@@ -40,8 +40,8 @@ def peft_worker(a, texts, labels) -> float:
     from protocol import peak_rss_mb
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    # No edge_tune import in this process: the package sets glibc's mmap threshold on import (rss.py),
-    # which changes PEFT's peak; the parent hands over the model folder.
+    # No edge_tune in this process: nothing of ours may run in the peer's (its entry points set glibc's mmap
+    # threshold, which changes PEFT's peak); the parent hands over the model folder.
     mdir = a.model_dir
     tok = AutoTokenizer.from_pretrained(mdir)
     model = AutoModelForSequenceClassification.from_pretrained(mdir, num_labels=2)

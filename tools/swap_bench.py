@@ -148,8 +148,8 @@ def peft_worker(args, out: dict) -> None:
     from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    # No edge_tune import in this process: the package sets glibc's mmap threshold on import (rss.py),
-    # which would slow PEFT's allocations; the parent hands over the model folder and the sentences.
+    # No edge_tune in this process: nothing of ours may run in the peer's (its entry points set glibc's mmap
+    # threshold, which slows PEFT's allocations); the parent hands over the model folder and the sentences.
     torch.set_num_threads(2)
     mdir = json.loads(Path(args.inputs).read_text())["model_dir"]
     tok = AutoTokenizer.from_pretrained(mdir)

@@ -32,8 +32,6 @@ from .model import QuantLinear
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
 
-ROW_MIXABLE = ("lora", "head")  # methods whose patches can share one forward pass row by row
-
 
 @dataclass
 class Prediction:
@@ -52,7 +50,9 @@ class PatchBank:
         self.patches: dict[str, Patch] = {}
         # Per patch: (module, attribute, patch tensor, base tensor or None) for every slot it re-points.
         self._bindings: dict[str, list[tuple[nn.Module, str, nn.Parameter, nn.Parameter | None]]] = {}
-        self._lora_scales: dict[str, list[tuple[QuantLinear, float]]] = {}
+        # Per patch: the plain attributes activating it sets besides its tensors (Method.bank_settings, e.g.
+        # LoRA's scale): (object, attribute, value, default).
+        self._settings: dict[str, list[tuple[nn.Module, str, float, float]]] = {}
         self.active: str | None = None
         self._lock = threading.RLock()
         self._modules = dict(self.base.model.named_modules())
@@ -77,7 +77,7 @@ class PatchBank:
                 (self._modules[mod], attr, nn.Parameter(t, requires_grad=False), self._defaults.get(tname))
             )
         spec = patch.manifest.spec()
-        scales = [(m, spec.alpha / spec.rank) for m, attr, _, _ in bindings if attr == "lora_A"]
+        settings = spec.method.bank_settings(self._modules, list(patch.tensors), spec)
         with self._lock:
             if patch.name in self.patches and name is None:
                 i = 2
@@ -88,7 +88,7 @@ class PatchBank:
                 self.deactivate()
             self.patches[patch.name] = patch
             self._bindings[patch.name] = bindings
-            self._lora_scales[patch.name] = scales
+            self._settings[patch.name] = settings
         return patch.name
 
     def memory_bytes(self) -> dict[str, int]:
@@ -103,8 +103,8 @@ class PatchBank:
                 return
             for module, attr, _, default in self._bindings[self.active]:
                 module._parameters[attr] = default
-            for lin, _ in self._lora_scales[self.active]:
-                object.__setattr__(lin, "lora_scale", 0.0)  # a plain float: skip nn.Module's setattr checks
+            for obj, attr, _, default in self._settings[self.active]:
+                object.__setattr__(obj, attr, default)  # a plain value: skip nn.Module's setattr checks
             self.active = None
 
     def activate(self, name: str) -> None:
@@ -116,8 +116,8 @@ class PatchBank:
             # Direct slot assignment: nn.Module.__setattr__'s checks cost microseconds per tensor.
             for module, attr, value, _ in self._bindings[name]:
                 module._parameters[attr] = value
-            for lin, scale in self._lora_scales[name]:
-                object.__setattr__(lin, "lora_scale", scale)
+            for obj, attr, value, _ in self._settings[name]:
+                object.__setattr__(obj, attr, value)
             self.active = name
 
     def unload(self, name: str) -> None:
@@ -127,7 +127,7 @@ class PatchBank:
                 self.deactivate()
             self.patches.pop(name, None)
             self._bindings.pop(name, None)
-            self._lora_scales.pop(name, None)
+            self._settings.pop(name, None)
 
     def _names(self) -> str:
         return ", ".join(self.patches) or "none"
@@ -170,7 +170,7 @@ class PatchBank:
                     f"no patch named {unknown[0]!r} in the bank", None, f"loaded: {self._names()}"
                 )
             names = sorted(set(patches))
-            if len(names) == 1 or any(self.patches[n].manifest.method not in ROW_MIXABLE for n in names):
+            if len(names) == 1 or not all(self.patches[n].manifest.spec().method.row_mixable for n in names):
                 out: list[Prediction | None] = [None] * len(texts)
                 for n in names:
                     rows = [i for i, p in enumerate(patches) if p == n]
@@ -220,16 +220,15 @@ class PatchBank:
         return out
 
     def _lora_terms(self, names: list[str]) -> dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]]:
-        """For every linear any of `names` adapts: (index in `names`, A, B, alpha / r) of each patch that
-        adapts it."""
+        """For every linear any of `names` adds a term to (Method.row_terms): (index in `names`, A, B, scale)
+        of each patch that does."""
         found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
-            spec, t = self.patches[n].manifest.spec(), self.patches[n].tensors
-            if spec.name != "lora":
+            spec = self.patches[n].manifest.spec()
+            if spec.method.row_terms is None:
                 continue
-            for key in t:
-                if key.endswith(".lora_A"):
-                    mod = key.removesuffix(".lora_A")
-                    lin = self._modules[mod]
-                    found.setdefault(lin, []).append((u, t[key], t[f"{mod}.lora_B"], spec.alpha / spec.rank))
+            for lin, (a, b, scale) in spec.method.row_terms(
+                self._modules, self.patches[n].tensors, spec
+            ).items():
+                found.setdefault(lin, []).append((u, a, b, scale))
         return found

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeTuneError
+from .methods import METHODS
 
 log = logging.getLogger("edge_tune")
 
@@ -23,7 +24,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         help="labelled TSV (label<TAB>sentence, with header), a folder with train.tsv [+ dev.tsv], "
         "or a built-in task: sst2, cr, subj, mpqa (default: sst2)",
     )
-    p.add_argument("--method", default="bitfit", help="head | bitfit | lora (default: bitfit)")
+    p.add_argument("--method", default="bitfit", help=f"{' | '.join(METHODS)} (default: bitfit)")
     p.add_argument(
         "--profile", default=None, help="device profile name or path to a .toml (default: raspberry-pi-4-4gb)"
     )
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="out/sst2.patch", help="where to write the patch (default out/sst2.patch)"
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps at most (default: the method's)")
-    p.add_argument("--method", default="lora", help="head | bitfit | lora (default: lora, r8 on q,v)")
+    p.add_argument("--method", default="lora", help=f"{' | '.join(METHODS)} (default: lora, r8 on q,v)")
 
     p = sub.add_parser(
         "train", help="train a patch on a labelled TSV or built-in task under a device profile"
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "profile", help="compare methods x base precisions on memory (MB), speed (ms) and accuracy"
     )
     p.add_argument("--profile", default=None, help="device profile (default: raspberry-pi-4-4gb)")
-    p.add_argument("--methods", default="head,bitfit,lora", help="comma-separated (default head,bitfit,lora)")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})"
+    )
     p.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated (default fp32,int8,int4)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration (default 200)")
     p.add_argument("--out", default="out/profile", help="folder for profile.json and profile.png")
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", default=None, help="device profile name or .toml (default: raspberry-pi-4-4gb)"
     )
-    p.add_argument("--method", default="bitfit", help="head | bitfit | lora (default: bitfit)")
+    p.add_argument("--method", default="bitfit", help=f"{' | '.join(METHODS)} (default: bitfit)")
     p.add_argument(
         "--batch",
         "--batch-size",

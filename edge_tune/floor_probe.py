@@ -21,7 +21,7 @@ def measure_floor() -> dict[str, float]:
     from . import cli, quant, run  # noqa: F401  (what `edge-tune train` imports before its first trim)
     from .base import default_model_dir, load_tokenizer, read_config
     from .kernels import load_kernels
-    from .methods import MethodSpec, apply_method, detach_lora
+    from .methods import METHODS, MethodSpec, apply_method, detach_all
     from .model import skeleton
     from .optim import AdamW
     from .rss import apply_process_settings, peak_rss_mb, reset_peak_rss, trim_resident_memory
@@ -45,7 +45,7 @@ def measure_floor() -> dict[str, float]:
         # 64 rows: past the kernels' few-row paths (16 rows), so the blocked int8 GEMM and MKL's sgemm code
         # that a real batch runs is resident too
         ids, mask = torch.randint(0, 64, (4, 16)), torch.ones(4, 16, dtype=torch.long)
-        for method in ("bitfit", "lora"):
+        for method in [m for m in METHODS if METHODS[m].trains_encoder]:
             for ck in (False, True):
                 model.encoder.checkpointing = ck
                 params = apply_method(
@@ -55,7 +55,7 @@ def measure_floor() -> dict[str, float]:
                 F.cross_entropy(model(ids, mask), torch.zeros(4, dtype=torch.long)).backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 opt.step()
-                detach_lora(model)
+                detach_all(model)
         with torch.inference_mode():
             model.eval()(ids, mask)
     return {"floor": peak_rss_mb() - tiny_bytes / MB, "startup": startup}

@@ -93,18 +93,13 @@ def saved_floats_per_token(cfg, spec) -> int:
     """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
     attention's q, k and v (fp16: half a float each, model._AttentionHalfSaved), both LayerNorms' inputs
-    (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and, for
-    LoRA, each adapted linear's input and its rank-r projection."""
-    if spec.name == "head":
+    (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and
+    the method's own term (Method.saved_floats_per_token: LoRA's adapted inputs and rank-r projections)."""
+    if not spec.method.trains_encoder:
         return 0  # the encoder runs without autograd
     D, F = cfg.hidden_size, cfg.intermediate_size
     n = 3 * D // 2 + (D // 2 + 2) + F // 2 + (D // 2 + 2)
-    if spec.name == "lora":
-        t = set(spec.targets)
-        n += spec.rank * len(t)
-        n += D if t & {"q", "k", "v"} else 0  # the layer input, shared by q, k and v
-        n += D * ("o" in t) + D * ("ff1" in t) + F * ("ff2" in t)
-    return n
+    return n + spec.method.saved_floats_per_token(cfg, spec)
 
 
 def workspace_floats_per_token(cfg) -> int:
@@ -133,18 +128,21 @@ def plan_memory(
     params = _trainable_count(cfg, spec, num_labels)
     tokens = micro_batch * seq_len
     per_layer = saved_floats_per_token(cfg, spec) * tokens * FP32
-    if spec.name == "head":
+    if not spec.method.trains_encoder:
         saved = 0
     elif checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
         saved = L * D * tokens * FP32 + per_layer
     else:
         # + the pooling's input, and the embeddings' LayerNorm input (fp16) and statistics where it trains
-        saved = L * per_layer + (D + (D // 2 + 2) * (spec.name == "bitfit")) * tokens * FP32
+        emb_ln = spec.method.trainable("encoder.emb_ln.bias") or spec.method.trainable(
+            "encoder.emb_ln.weight"
+        )
+        saved = L * per_layer + (D + (D // 2 + 2) * emb_ln) * tokens * FP32
     dequant = F * D * FP32 if precision != "fp32" else 0  # the reference ops dequantize one weight at a time
     train_ws = workspace_floats_per_token(cfg) * tokens * FP32 + 2 * dequant
     eval_ws = workspace_floats_per_token(cfg) * eval_batch * seq_len * FP32 + dequant
     return MemoryPlan(
-        spec.name, precision, micro_batch, grad_accum, seq_len, spec.rank if spec.name == "lora" else 0,
+        spec.name, precision, micro_batch, grad_accum, seq_len, spec.rank if "rank" in spec.method.hyper else 0,
         checkpointing, eval_batch,
         runtime_floor_mb=runtime_floor_mb(),
         base_weights_mb=base_weight_bytes(cfg, precision) / MB,

@@ -31,7 +31,7 @@ STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16}  # safetensors dtyp
 class Manifest:
     """The patch manifest schema (the one place it is defined)."""
 
-    method: str  # head | bitfit | lora
+    method: str  # a registered method's name (methods.METHODS)
     hyper: dict  # the method's hyper-parameters (LoRA: rank, alpha, targets)
     label_names: list[str]
     base_fingerprint: str  # sha256 of the base weights this patch was trained on
@@ -44,10 +44,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def spec(self) -> MethodSpec:
-        h = self.hyper
-        if self.method != "lora":
-            return MethodSpec(self.method)
-        return MethodSpec("lora", rank=int(h["rank"]), alpha=float(h["alpha"]), targets=tuple(h["targets"]))
+        return MethodSpec.from_hyper(self.method, self.hyper)
 
 
 _FIELD_TYPES = {"method": str, "hyper": dict, "label_names": list, "base_fingerprint": str, "base_precision": str,
@@ -226,7 +223,7 @@ def load_patch(
     # compute is fp32: fp16-stored deltas are widened once, here
     tensors = {n: t if t.dtype == torch.float32 else t.float() for n, t in stored.items()}
     spec = manifest.spec()
-    if max_rank is not None and spec.name == "lora" and spec.rank > max_rank:
+    if max_rank is not None and "rank" in spec.method.hyper and spec.rank > max_rank:
         raise PatchError(f"LoRA rank {spec.rank} is above the profile's cap {max_rank}", where)
     if base is not None:
         if manifest.base_fingerprint != base.fingerprint:

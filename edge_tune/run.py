@@ -19,7 +19,7 @@ from .base import default_model_dir, load_base, read_config
 from .data import Dataset, load_task
 from .errors import BudgetError, EdgeTuneError, PatchError
 from .memory import MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
-from .methods import MethodSpec
+from .methods import MethodSpec, get_method
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
 from .rss import apply_process_settings, set_tensor_cache_slack, trim_resident_memory
@@ -27,22 +27,14 @@ from .trainer import TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")
 
-# Per-method defaults, the best measured (SST-2 dev, int8 base, batch 32, 1200 steps, grad-norm clip 1.0):
-# LoRA r8 q,v lr 2e-3: 0.880; lr 5e-3: 0.797 (unstable); BitFit lr 1e-2: 0.860.
-DEFAULT_LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 2e-3}
-# BitFit's lr falls with the batch below 32 (linear scaling): at the pi-zero cap of 16, with dynamic int8
-# activations, lr 5e-3 gave 0.8452 and 1e-2 gave 0.8280 (SST-2 dev, 1200 steps).
-LR_SCALES_WITH_BATCH = {"bitfit"}
-
 
 def default_lr(method: str, batch_size: int) -> float:
-    """The learning rate a method trains with unless the user sets one."""
-    lr = DEFAULT_LR[method]
-    return lr * min(1.0, batch_size / 32) if method in LR_SCALES_WITH_BATCH else lr
+    """The learning rate a method trains with unless the user sets one (its own, at batch 32)."""
+    m = get_method(method)
+    return m.default_lr * min(1.0, batch_size / 32) if m.lr_scales_with_batch else m.default_lr
 
 
 PATCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_STEPS = {"head": 600, "bitfit": 1200, "lora": 1200}
 
 
 @dataclass(frozen=True)
@@ -58,7 +50,7 @@ class RunRequest:
     batch_size: int = 32  # sentences per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (the plan may raise it)
     seq_len: int = 64  # tokens per sentence at most
-    steps: int | None = None  # optimizer steps at most (None: DEFAULT_STEPS)
+    steps: int | None = None  # optimizer steps at most (None: the method's default_steps)
     lr: float | None = None  # peak learning rate (None: default_lr)
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
@@ -260,7 +252,7 @@ def _adapt_locked(data, out: Path, req: RunRequest, progress, resume: bool, t0: 
         batch_size=run.batch_size,
         grad_accum=plan.grad_accum,
         seq_len=plan.seq_len,
-        steps=DEFAULT_STEPS[method] if req.steps is None else req.steps,
+        steps=run.spec.method.default_steps if req.steps is None else req.steps,
         lr=default_lr(method, run.batch_size) if req.lr is None else req.lr,
         eval_every=req.eval_every,
         patience=req.patience,

@@ -16,7 +16,7 @@ from conftest import SENTENCES
 
 from edge_tune.bank import PatchBank
 from edge_tune.errors import PatchError
-from edge_tune.methods import MethodSpec, delta_shapes
+from edge_tune.methods import METHODS, MethodSpec, delta_shapes
 from edge_tune.patch import Manifest, save_patch
 
 TEXTS = [s for _, s in SENTENCES]
@@ -133,6 +133,27 @@ def test_mixed_batch_equals_per_patch_passes(bank):
             for i, w in zip(idx, want, strict=True):
                 assert mixed[i].patch == n and mixed[i].label == w.label
                 assert mixed[i].probability == w.probability  # the one-patch pass's bits
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_registered_method_loads_swaps_and_restores(base_int8, tmp_path, ids_mask, method):
+    """A patch of each registered method is validated on load, swaps in (A -> B -> A gives A's logits bit for
+    bit, and A's differ from B's), and deactivating gives the bare base's logits back."""
+    from conftest import logits
+
+    bank = PatchBank(copy.deepcopy(base_int8))
+    bare = logits(bank.base, ids_mask)
+    spec = MethodSpec(method, rank=4, alpha=8.0, targets=("q", "v"))
+    a = bank.load(synthetic_patch(base_int8, tmp_path / "a.patch", "a", spec, 1))
+    b = bank.load(synthetic_patch(base_int8, tmp_path / "b.patch", "b", spec, 2))
+    bank.activate(a)
+    la = logits(bank.base, ids_mask)
+    bank.activate(b)
+    lb = logits(bank.base, ids_mask)
+    bank.activate(a)
+    assert torch.equal(logits(bank.base, ids_mask), la) and not torch.equal(la, lb)
+    bank.deactivate()
+    assert torch.equal(logits(bank.base, ids_mask), bare)
 
 
 def test_mixed_batch_restores_the_active_patch(bank):

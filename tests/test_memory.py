@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import SENTENCES
 
 from edge_tune.data import collate, encode
-from edge_tune.methods import MethodSpec, apply_method
+from edge_tune.methods import METHODS, MethodSpec, apply_method
 
 
-@pytest.mark.parametrize("method", ["bitfit", "lora"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].trains_encoder])
 def test_checkpointing_gives_the_same_gradients(base_int8, method):
     ids, mask = collate(list(encode(base_int8.tokenizer, [s for _, s in SENTENCES], 64)))
     y = torch.tensor([int(lbl) for lbl, _ in SENTENCES])
@@ -62,7 +62,7 @@ from edge_tune.memory import (  # noqa: E402
 )
 
 
-@pytest.mark.parametrize("method", ["head", "bitfit", "lora"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_plan_parts_match_what_the_run_holds(base_int8, method):
     """The parameter-sized parts against the deltas the method really attaches to a loaded base (not the
     plan's own counting rule): trainable, their gradients, AdamW's two moments plus the best copy; the base
@@ -92,7 +92,7 @@ def test_base_weight_bytes_match_the_loaded_base(base_int8):
         assert base_weight_bytes(b.config, b.precision) == tensor_bytes(b.model.encoder), b.precision
 
 
-@pytest.mark.parametrize("method", ["bitfit", "lora"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].trains_encoder])
 def test_saved_activations_match_what_autograd_saves(base_int8, method):
     """Count the bytes autograd really saves in one forward (unique storages), against the plan's model."""
     b = copy.deepcopy(base_int8)

@@ -120,11 +120,12 @@ def test_same_seed_same_patch(base_int8, tiny_ds):
 
 
 def test_bitfit_lr_scales_down_with_the_batch_only():
-    from edge_tune.run import DEFAULT_LR, default_lr
+    from edge_tune.methods import METHODS
+    from edge_tune.run import default_lr
 
-    assert default_lr("bitfit", 32) == DEFAULT_LR["bitfit"] == default_lr("bitfit", 64)
-    assert default_lr("bitfit", 16) == DEFAULT_LR["bitfit"] / 2
-    assert default_lr("lora", 16) == DEFAULT_LR["lora"]
+    assert default_lr("bitfit", 32) == METHODS["bitfit"].default_lr == default_lr("bitfit", 64)
+    assert default_lr("bitfit", 16) == METHODS["bitfit"].default_lr / 2
+    assert default_lr("lora", 16) == METHODS["lora"].default_lr
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -1,0 +1,8 @@
+"""Delta methods: what trains on the frozen base and what a patch of it holds. Each method is one module here
+(head.py, bitfit.py, lora.py) that defines a `Method` (core.py: the protocol); `METHODS` is the one list of
+them. Nothing outside this package tests a method's name: the planner, the patch format, the bank, the run
+defaults and the CLI ask the registry."""
+
+from .core import METHODS, Method, MethodSpec, apply_method, delta_shapes, detach_all, get_method
+
+__all__ = ["METHODS", "Method", "MethodSpec", "apply_method", "delta_shapes", "detach_all", "get_method"]

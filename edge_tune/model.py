@@ -32,8 +32,9 @@ class BertConfig:
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer stored quantized, with the slots the delta methods train or swap:
-    `bias` (BitFit) and `lora_A` (r, in) / `lora_B` (out, r) / `lora_scale` (LoRA, alpha / r).
+    """A frozen linear layer stored quantized, with the slots the delta methods train or swap: `bias`
+    (BitFit), a low-rank term `lora_A` (r, in) / `lora_B` (out, r) / `lora_scale` (LoRA, alpha / r), and
+    scales of the input `in_scale` (in,) and of the output `out_scale` (out,) (IA3).
     The frozen weight is a buffer, never a Parameter, so no method can make it trainable by mistake."""
 
     def __init__(self, buffers: dict[str, Tensor], bias: Tensor, precision: str):
@@ -50,10 +51,14 @@ class QuantLinear(nn.Module):
         self.register_parameter("lora_A", None)  # (r, in)
         self.register_parameter("lora_B", None)  # (out, r)
         self.lora_scale = 0.0
+        self.register_parameter("in_scale", None)  # (in,): multiplies the input
+        self.register_parameter("out_scale", None)  # (out,): multiplies the output, bias included
         # LoRA for a batch that mixes patches: per patch, (its rows of the batch (B,) bool, A, B, scale).
         self.lora_rows: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.in_scale is not None:
+            x = x * self.in_scale
         lora_done = False
         if self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
             if self.lora_A is not None:
@@ -78,6 +83,8 @@ class QuantLinear(nn.Module):
             for rows, a, b, s in self.lora_rows:
                 mixed[rows] = ops.add_lora_term(y, x, a, b, s)[rows]
             y = mixed
+        if self.out_scale is not None:
+            y = y * self.out_scale
         return y
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ def test_train_then_predict_on_every_profile(capsys, tmp_path, tsv, profile):
     assert code == 0 and (label, prob) == (want.label, f"{want.probability:.4f}")
 
 
-@pytest.mark.parametrize("method", ["head", "bitfit"])
+@pytest.mark.parametrize("method", ["head", "bitfit", "ia3"])
 def test_other_methods_and_eval(capsys, tmp_path, tsv, method):
     out = tmp_path / "m.patch"
     assert (

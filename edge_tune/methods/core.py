@@ -64,9 +64,9 @@ _REGISTRY: dict[str, Method] = {}
 
 def _registry() -> dict[str, Method]:
     if not _REGISTRY:
-        from . import bitfit, head, lora
+        from . import bitfit, head, ia3, lora
 
-        _REGISTRY.update({m.name: m for m in (head.METHOD, bitfit.METHOD, lora.METHOD)})
+        _REGISTRY.update({m.name: m for m in (head.METHOD, bitfit.METHOD, lora.METHOD, ia3.METHOD)})
     return _REGISTRY
 
 

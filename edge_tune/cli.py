@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default=None, help="device profile (default: raspberry-pi-4-4gb)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})"
+        "--methods", default="all", help=f"comma-separated, or all: {','.join(METHODS)} (default all)"
     )
     p.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated (default fp32,int8,int4)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration (default 200)")
@@ -218,6 +218,7 @@ def cmd_profile(args) -> int:
 
     prof = load_profile(args.profile)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(METHODS) if methods == ["all"] else methods
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for m in methods:
         MethodSpec(m)  # one-line error for an unknown method, before any run

@@ -286,3 +286,18 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tsv):
         p.stderr
     )
     assert "steps/s" in lines[-1] and re.search(r"dev [01]\.\d{4}", lines[-1]), lines[-1]
+
+
+def test_profile_methods_all_is_the_registry(monkeypatch, tmp_path, capsys):
+    """`edge-tune profile --methods all` (the default) runs every registered method; an unknown one is one
+    line before any run."""
+    import edge_tune.profiling as profiling
+    from edge_tune.methods import METHODS
+
+    asked = []
+    monkeypatch.setattr(profiling, "profile_grid", lambda prof, methods, *a, **k: asked.append(methods) or [])
+    assert main(["profile", "--precisions", "int8", "--out", str(tmp_path)]) == 0
+    assert main(["profile", "--methods", "all", "--precisions", "int8", "--out", str(tmp_path)]) == 0
+    assert asked == [list(METHODS), list(METHODS)]
+    assert main(["profile", "--methods", "lora,dora", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'dora'" in capsys.readouterr().err and len(asked) == 2

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .base import Base, load_base
 from .data import collate, encode, length_buckets
 from .errors import PatchError
+from .methods import MethodSpec
 from .model import QuantLinear
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
@@ -53,6 +54,7 @@ class PatchBank:
         # Per patch: the plain attributes activating it sets besides its tensors (Method.bank_settings, e.g.
         # LoRA's scale): (object, attribute, value, default).
         self._settings: dict[str, list[tuple[nn.Module, str, float, float]]] = {}
+        self._specs: dict[str, MethodSpec] = {}  # per patch, its manifest's method, parsed once at load
         self.active: str | None = None
         self._lock = threading.RLock()
         self._modules = dict(self.base.model.named_modules())
@@ -89,6 +91,7 @@ class PatchBank:
             self.patches[patch.name] = patch
             self._bindings[patch.name] = bindings
             self._settings[patch.name] = settings
+            self._specs[patch.name] = spec
         return patch.name
 
     def memory_bytes(self) -> dict[str, int]:
@@ -128,6 +131,7 @@ class PatchBank:
             self.patches.pop(name, None)
             self._bindings.pop(name, None)
             self._settings.pop(name, None)
+            self._specs.pop(name, None)
 
     def _names(self) -> str:
         return ", ".join(self.patches) or "none"
@@ -170,7 +174,7 @@ class PatchBank:
                     f"no patch named {unknown[0]!r} in the bank", None, f"loaded: {self._names()}"
                 )
             names = sorted(set(patches))
-            if len(names) == 1 or not all(self.patches[n].manifest.spec().method.row_mixable for n in names):
+            if len(names) == 1 or not all(self._specs[n].method.row_mixable for n in names):
                 out: list[Prediction | None] = [None] * len(texts)
                 for n in names:
                     rows = [i for i, p in enumerate(patches) if p == n]
@@ -224,7 +228,7 @@ class PatchBank:
         of each patch that does."""
         found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
-            spec = self.patches[n].manifest.spec()
+            spec = self._specs[n]
             if spec.method.row_terms is None:
                 continue
             for lin, (a, b, scale) in spec.method.row_terms(

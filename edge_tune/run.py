@@ -182,7 +182,7 @@ def adapt(
             "warning: profile %r asks for CUDA, which this machine lacks; training on the CPU", prof.name
         )
     with output_lock(out):
-        return _adapt_locked(data, out, req, progress, resume, t0)
+        return _adapt_locked(data, out, req, prof, progress, resume, t0)
 
 
 @contextlib.contextmanager
@@ -229,8 +229,9 @@ def _data_bytes(train_ds, dev_ds, seq_len: int) -> int:
     return dataset_bytes(len(texts), sum(map(len, texts)), tokens)
 
 
-def _adapt_locked(data, out: Path, req: RunRequest, progress, resume: bool, t0: float) -> AdaptResult:
-    threads = set_threads(load_profile(req.profile))
+def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progress, resume: bool,
+                  t0: float) -> AdaptResult:  # fmt: skip
+    threads = set_threads(prof)
     trim_resident_memory()  # the imports' unused code pages: data and base then load under the training floor
     # The plan comes before the base is loaded: a run that cannot fit is refused before any heavy work.
     run = plan_run(data, req)

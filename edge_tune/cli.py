@@ -79,6 +79,59 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         default="fp16",
         help="how deltas are stored: fp16 (half the KB) or fp32 (default fp16)",
     )
+    g = p.add_argument_group("method hyper-parameters (each method reads its own)")
+    g.add_argument("--adapter-size", type=int, default=32, help="adapter bottleneck width (default 32)")
+    g.add_argument(
+        "--adapter-placement",
+        default="houlsby",
+        help="adapter: houlsby (after attention and FFN) | pfeiffer (after FFN) (default houlsby)",
+    )
+    g.add_argument(
+        "--tokens", type=int, default=16, help="prompt / ptuning / prefix virtual tokens (default 16)"
+    )
+    g.add_argument(
+        "--reparam",
+        type=int,
+        default=128,
+        help="ptuning / prefix: hidden width of the MLP that makes the prompts while training; "
+        "folded away in the patch (default 128; prefix: 0 for none)",
+    )
+    g.add_argument("--layers", type=int, default=2, help="partial: the top layers trained (default 2)")
+    g.add_argument(
+        "--label-text",
+        default=None,
+        help="zeroshot: one description per label, comma-separated, in label order "
+        "(default: the task's labels.tsv, else the label names)",
+    )
+    g.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="labelled training sentences a class at most, drawn with --seed (default: all)",
+    )
+    g = p.add_argument_group("schedule and regularisation")
+    g.add_argument(
+        "--schedule",
+        default="linear",
+        help="lr after warmup (6%% of steps): linear | cosine | exponential (to 1%%) | constant (default linear)",
+    )
+    g.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)"
+    )
+    g.add_argument(
+        "--layer-lr-decay",
+        type=float,
+        default=1.0,
+        help="each encoder layer trains at this times the lr of the one above (default 1: off)",
+    )
+    g.add_argument(
+        "--unfreeze-every",
+        type=int,
+        default=0,
+        help="gradual unfreezing: one more layer, top-down, every N steps (default 0: off)",
+    )
+    g.add_argument("--head-init", default="random",
+                   help="random | prototypes: start the head at the class means (default random)")  # fmt: skip
     p.add_argument(
         "--allow-shorter-seq",
         action="store_true",
@@ -174,8 +227,11 @@ def _request(args, **override):
     from .run import RunRequest
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunRequest) if hasattr(args, f.name)}
-    if isinstance(given.get("targets"), str):
-        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    for name in ("targets", "label_text"):
+        if isinstance(given.get(name), str):
+            given[name] = tuple(t.strip() for t in given[name].split(",") if t.strip())
+    if given.get("label_text") is None:
+        given.pop("label_text", None)
     return RunRequest(**(given | override))
 
 

@@ -128,6 +128,47 @@ def split_dev(ds: Dataset, dev_fraction: float, seed: int) -> tuple[Dataset, Dat
     return pick(order[n_dev:]), pick(order[:n_dev])
 
 
+def per_class_rows(labels: list[int], n: int, seed: int) -> list[int]:
+    """Indices (ascending) of up to `n` examples of each label, drawn with `seed`."""
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    taken: dict[int, int] = {}
+    picked = []
+    for i in order:
+        if taken.get(labels[i], 0) < n:
+            taken[labels[i]] = taken.get(labels[i], 0) + 1
+            picked.append(i)
+    return sorted(picked)
+
+
+def take_per_class(ds: Dataset, n: int, seed: int) -> Dataset:
+    """`ds` cut to at most `n` labelled examples a class (few-shot runs), drawn with `seed`."""
+    rows = per_class_rows(ds.labels, n, seed)
+    return Dataset([ds.texts[i] for i in rows], [ds.labels[i] for i in rows], ds.label_names, ds.source)
+
+
+def label_descriptions(data: str | Path, label_names: list[str]) -> list[str]:
+    """A sentence describing each label, for zero-shot heads: a task folder's `labels.tsv`
+    (label<TAB>description, with header) where there is one, else the label names themselves."""
+    path = Path(data)
+    if str(data) in TASKS and not path.exists():
+        path = DATA_DIR / str(data)
+    table = path / "labels.tsv" if path.is_dir() else path.with_name("labels.tsv")
+    if not table.is_file():
+        return list(label_names)
+    found = {}
+    for n, line in enumerate(table.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        if line.strip():
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError("expected label<TAB>description", f"{table}:{n}")
+            found[parts[0].strip()] = parts[1].strip()
+    missing = [lbl for lbl in label_names if lbl not in found]
+    if missing:
+        raise DataError(f"no description for label(s) {missing}", table, "add a row for each label")
+    return [found[lbl] for lbl in label_names]
+
+
 class TokenizedTexts:
     """Token ids of many texts in one flat int32 array (+ offsets): ~4 bytes a token, where a list of
     Python ints or tokenizers' Encoding objects costs 10-50x that."""

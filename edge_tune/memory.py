@@ -90,7 +90,7 @@ def base_weight_bytes(cfg, precision: str) -> int:
 
 
 def saved_floats_per_token(cfg, spec) -> int:
-    """fp32 values per token one encoder layer saves for backward under `spec`. The frozen quantized
+    """fp32 values per token one trained encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
     attention's q, k and v (fp16: half a float each, model._AttentionHalfSaved), both LayerNorms' inputs
     (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and
@@ -100,6 +100,29 @@ def saved_floats_per_token(cfg, spec) -> int:
     D, F = cfg.hidden_size, cfg.intermediate_size
     n = 3 * D // 2 + (D // 2 + 2) + F // 2 + (D // 2 + 2)
     return n + spec.method.saved_floats_per_token(cfg, spec)
+
+
+def saved_activation_bytes(
+    cfg, spec, micro_batch: int, seq_len: int, checkpointing: bool = False
+) -> tuple[int, int]:
+    """(all, one layer's) bytes a training forward of `micro_batch` sentences of `seq_len` tokens keeps for
+    backward: the trained layers' (Method.trained_layers, the top ones) over the tokens the method runs
+    (soft prompts add theirs) and per sentence (prefixes), plus the pooling's input and, where it trains,
+    the embeddings' LayerNorm. With checkpointing, each trained layer keeps its input and one is rebuilt
+    at a time."""
+    if not spec.method.trains_encoder:
+        return 0, 0
+    D = cfg.hidden_size
+    tokens = micro_batch * (seq_len + spec.method.extra_tokens(spec))
+    per_layer = (saved_floats_per_token(cfg, spec) * tokens
+                 + spec.method.saved_floats_per_sentence(cfg, spec) * micro_batch) * FP32  # fmt: skip
+    layers = spec.method.trained_layers(cfg, spec)
+    if checkpointing:
+        return layers * D * tokens * FP32 + per_layer, per_layer
+    emb_ln = spec.method.trainable("encoder.emb_ln.bias", spec) or spec.method.trainable(
+        "encoder.emb_ln.weight", spec
+    )
+    return layers * per_layer + (D + (D // 2 + 2) * emb_ln) * tokens * FP32, per_layer
 
 
 def workspace_floats_per_token(cfg) -> int:
@@ -124,27 +147,18 @@ def plan_memory(
     """Predict the peak RSS of training `spec` on a `precision` base with `micro_batch` sentences of up
     to `seq_len` tokens. `cfg` is the model's BertConfig; `data_bytes` what the loaded datasets hold
     (see dataset_bytes)."""
-    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    D, F = cfg.hidden_size, cfg.intermediate_size
     params = _trainable_count(cfg, spec, num_labels)
-    tokens = micro_batch * seq_len
-    per_layer = saved_floats_per_token(cfg, spec) * tokens * FP32
-    if not spec.method.trains_encoder:
-        saved = 0
-    elif checkpointing:  # each layer keeps its input; backward rebuilds one layer at a time
-        saved = L * D * tokens * FP32 + per_layer
-    else:
-        # + the pooling's input, and the embeddings' LayerNorm input (fp16) and statistics where it trains
-        emb_ln = spec.method.trainable("encoder.emb_ln.bias") or spec.method.trainable(
-            "encoder.emb_ln.weight"
-        )
-        saved = L * per_layer + (D + (D // 2 + 2) * emb_ln) * tokens * FP32
+    tokens = micro_batch * (seq_len + spec.method.extra_tokens(spec))
+    saved, per_layer = saved_activation_bytes(cfg, spec, micro_batch, seq_len, checkpointing)
     dequant = F * D * FP32 if precision != "fp32" else 0  # the reference ops dequantize one weight at a time
     train_ws = workspace_floats_per_token(cfg) * tokens * FP32 + 2 * dequant
-    eval_ws = workspace_floats_per_token(cfg) * eval_batch * seq_len * FP32 + dequant
+    eval_tokens = eval_batch * (seq_len + spec.method.extra_tokens(spec))
+    eval_ws = workspace_floats_per_token(cfg) * eval_tokens * FP32 + dequant
     return MemoryPlan(
         spec.name, precision, micro_batch, grad_accum, seq_len, spec.rank if "rank" in spec.method.hyper else 0,
         checkpointing, eval_batch,
-        runtime_floor_mb=runtime_floor_mb(),
+        runtime_floor_mb=runtime_floor_mb(dense=spec.method.dense),
         base_weights_mb=base_weight_bytes(cfg, precision) / MB,
         data_mb=data_bytes / MB,
         trainable_mb=params * FP32 / MB,
@@ -161,13 +175,15 @@ def plan_memory(
 
 @functools.lru_cache(maxsize=64)
 def _trainable_count(cfg, spec, num_labels: int) -> int:
-    """Trainable values of `spec`, by the method's own rule (methods.delta_shapes) on a meta skeleton."""
+    """Trainable values of `spec`: what its patch holds (methods.delta_shapes, by the method's own rule on a
+    zero-memory skeleton) and any reparametrization it trains instead (Method.reparam_values)."""
     import math
 
     from .methods import delta_shapes
     from .model import skeleton
 
-    return sum(math.prod(s) for s in delta_shapes(skeleton(cfg), spec, num_labels).values())
+    stored = sum(math.prod(s) for s in delta_shapes(skeleton(cfg), spec, num_labels).values())
+    return stored + spec.method.reparam_values(cfg, spec)
 
 
 def dataset_bytes(texts: int, chars: int, tokens: int) -> int:

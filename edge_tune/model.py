@@ -33,8 +33,10 @@ class BertConfig:
 
 class QuantLinear(nn.Module):
     """A frozen linear layer stored quantized, with the slots the delta methods train or swap: `bias`
-    (BitFit), a low-rank term `lora_A` (r, in) / `lora_B` (out, r) / `lora_scale` (LoRA, alpha / r), and
-    scales of the input `in_scale` (in,) and of the output `out_scale` (out,) (IA3).
+    (BitFit), a low-rank term `lora_A` (r, in) / `lora_B` (out, r) / `lora_scale` (LoRA, alpha / r), scales
+    of the input `in_scale` (in,) and of the output `out_scale` (out,) (IA3), a bottleneck added to the
+    output `adapter_down` (m, out) / `adapter_up` (out, m) with their biases (adapters), and an fp32 weight
+    `weight_full` (out, in) that replaces the quantized one (partial and full fine-tuning).
     The frozen weight is a buffer, never a Parameter, so no method can make it trainable by mistake."""
 
     def __init__(self, buffers: dict[str, Tensor], bias: Tensor, precision: str):
@@ -53,6 +55,8 @@ class QuantLinear(nn.Module):
         self.lora_scale = 0.0
         self.register_parameter("in_scale", None)  # (in,): multiplies the input
         self.register_parameter("out_scale", None)  # (out,): multiplies the output, bias included
+        for slot in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias", "weight_full"):
+            self.register_parameter(slot, None)
         # LoRA for a batch that mixes patches: per patch, (its rows of the batch (B,) bool, A, B, scale).
         self.lora_rows: list[tuple[Tensor, Tensor, Tensor, float]] | None = None
 
@@ -60,7 +64,9 @@ class QuantLinear(nn.Module):
         if self.in_scale is not None:
             x = x * self.in_scale
         lora_done = False
-        if self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
+        if self.weight_full is not None:
+            y = F.linear(x, self.weight_full, self.bias)
+        elif self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
             if self.lora_A is not None:
                 y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
                                                float(self.lora_scale)), True  # fmt: skip
@@ -85,6 +91,9 @@ class QuantLinear(nn.Module):
             y = mixed
         if self.out_scale is not None:
             y = y * self.out_scale
+        if self.adapter_down is not None:
+            z = F.relu(F.linear(y, self.adapter_down, self.adapter_down_bias))
+            y = y + F.linear(z, self.adapter_up, self.adapter_up_bias)
         return y
 
     def extra_repr(self) -> str:
@@ -93,15 +102,19 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """A frozen embedding table stored quantized row by row; lookups dequantize only the rows used."""
+    """A frozen embedding table stored quantized row by row; lookups dequantize only the rows used.
+    `weight_full` (vocab, D) fp32, when set, replaces it (full fine-tuning)."""
 
     def __init__(self, buffers: dict[str, Tensor], precision: str):
         super().__init__()
         self.precision = precision
         for k, v in buffers.items():
             self.register_buffer(k, v)
+        self.register_parameter("weight_full", None)
 
     def forward(self, ids: Tensor) -> Tensor:
+        if self.weight_full is not None:
+            return F.embedding(ids, self.weight_full)
         if self.precision == "int8":
             return ops.int8_embedding(ids, self.w_q, self.scale)
         if self.precision == "int4":
@@ -124,16 +137,37 @@ class EncoderLayer(nn.Module):
             ln2,
         )
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """x: (B, T, D); attn_mask: (B, 1, 1, T) bool, True where a key is a real token."""
+        self.register_parameter("prefix", None)  # (2, P, D): P extra keys and values (prefix tuning)
+
+    def forward(self, x: Tensor, attn_mask: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); attn_mask: (B, 1, 1, T) bool, True where a key is a real token; prefix: (2, P, D)
+        extra keys and values that every query attends to (default: the `prefix` slot)."""
         B, T, D = x.shape
-        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        # q, k and v as arguments, not locals: they are freed when attention returns, not at the layer's end
-        a = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask)
+        prefix = self.prefix if prefix is None else prefix
+        if prefix is None:
+            split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+            # q, k, v as arguments, not locals: they are freed when attention returns, not at the layer's end
+            a = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask)
+        else:
+            a = _attention_with_prefix(self.q(x), self.k(x), self.v(x), attn_mask, prefix, self.heads)
         x = layer_norm(self.ln1, x + self.o(a.transpose(1, 2).reshape(B, T, D)))
         h = self.ff1(x)
         h = _GeluHalfSaved.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.gelu(h)
         return layer_norm(self.ln2, x + self.ff2(h))
+
+
+def _attention_with_prefix(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, prefix: Tensor, heads: int):
+    """Attention where every query also sees P prefix keys and values. The attention ops take q, k and v of
+    one shape, so q gets P zero rows in front and their outputs are dropped: the kernels serve prefixes,
+    masking included, at (T + P)^2 instead of T (T + P) scores. Returns (B, H, T, Dh)."""
+    B, T, D = q.shape
+    P = prefix.shape[1]
+    k = torch.cat([prefix[0].expand(B, P, D), k], 1)
+    v = torch.cat([prefix[1].expand(B, P, D), v], 1)
+    q = torch.cat([q.new_zeros(B, P, D), q], 1)
+    mask = torch.cat([attn_mask.new_ones(B, 1, 1, P), attn_mask], -1)
+    split = lambda t: t.view(B, T + P, heads, D // heads).transpose(1, 2)  # noqa: E731
+    return attention(split(q), split(k), split(v), mask)[:, :, P:]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
@@ -222,24 +256,27 @@ class _Recompute(torch.autograd.Function):
     reaches this node even when the layer input does not (LoRA on a frozen embedding)."""
 
     @staticmethod
-    def forward(ctx, layer: nn.Module, x: Tensor, attn_mask: Tensor, anchor: Tensor) -> Tensor:
+    def forward(ctx, layer: nn.Module, x: Tensor, attn_mask: Tensor, anchor: Tensor, prefix: Tensor | None):
         ctx.layer = layer
-        ctx.save_for_backward(x, attn_mask)
+        ctx.save_for_backward(x, attn_mask, prefix)
         with torch.no_grad():
-            return layer(x, attn_mask)
+            return layer(x, attn_mask, prefix)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, attn_mask = ctx.saved_tensors
+        x, attn_mask, prefix = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        if prefix is not None:  # a reparametrized prefix: its gradient goes back through the return
+            prefix = prefix.detach().requires_grad_(ctx.needs_input_grad[4])
         with torch.enable_grad():
-            root = (ctx.layer(x, attn_mask) * grad).sum()
+            root = (ctx.layer(x, attn_mask, prefix) * grad).sum()
         # Gradients reach the layer's trainable parameters' .grad here, the input's through the return.
         # A scalar root, not backward(y, grad): handing autograd an explicit gradient imports sympy
         # (~30 MB). d(sum(y * grad))/dy is exactly `grad`.
         if root.requires_grad:  # False only when nothing in or before this layer trains
             root.backward()
-        return None, x.grad if ctx.needs_input_grad[1] else None, None, None
+        grad_x = x.grad if ctx.needs_input_grad[1] else None
+        return None, grad_x, None, None, prefix.grad if ctx.needs_input_grad[4] else None
 
 
 _ANCHOR = torch.zeros((), requires_grad=True)
@@ -260,18 +297,32 @@ class Encoder(nn.Module):
         self.emb_ln = emb_ln
         self.layers = nn.ModuleList(layers)
         self.checkpointing = False  # activation checkpointing per layer, for small memory budgets
+        self.register_parameter("prompt", None)  # (P, D): soft prompt tokens in front of every sentence
+        # While training, modules that produce the prompt (P, D) or every layer's prefix (L, 2, P, D) from
+        # their own parameters (P-tuning's prompt encoder, prefix tuning's reparametrization); folded into
+        # `prompt` / the layers' `prefix` for the patch.
+        self.prompt_encoder: nn.Module | None = None
+        self.prefix_encoder: nn.Module | None = None
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32."""
-        T = ids.shape[1]
-        x = layer_norm(self.emb_ln, self.word(ids) + self.pos[:T] + self.typ)
+        """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32 of the sentence's own tokens."""
+        emb = self.word(ids)
+        prompt = self.prompt_encoder() if self.prompt_encoder is not None else self.prompt
+        P = 0 if prompt is None else prompt.shape[0]
+        if P:  # prompt tuning: the prompt's embeddings go first, and every token attends to them
+            emb = torch.cat([prompt.expand(ids.shape[0], P, -1), emb], 1)
+            mask = torch.cat([mask.new_ones(ids.shape[0], P), mask], 1)
+        T = emb.shape[1]
+        x = layer_norm(self.emb_ln, emb + self.pos[:T] + self.typ)
         attn_mask = mask.bool()[:, None, None, :]
-        for layer in self.layers:
+        prefixes = self.prefix_encoder() if self.prefix_encoder is not None else None
+        for i, layer in enumerate(self.layers):
+            prefix = None if prefixes is None else prefixes[i]
             if self.checkpointing and torch.is_grad_enabled():
-                x = _Recompute.apply(layer, x, attn_mask, _ANCHOR)
+                x = _Recompute.apply(layer, x, attn_mask, _ANCHOR, prefix)
             else:
-                x = layer(x, attn_mask)
-        return x
+                x = layer(x, attn_mask, prefix)
+        return x[:, P:] if P else x
 
 
 class Classifier(nn.Module):
@@ -318,6 +369,14 @@ class Classifier(nn.Module):
             out[idx] = self(*collate([rows[i] for i in idx])).softmax(-1)
         self.train(was_training)
         return out
+
+
+def layer_of(name: str) -> int | None:
+    """The encoder layer a parameter name belongs to ('encoder.layers.3.q.bias' -> 3), or None (embeddings,
+    prompts, head)."""
+    if not name.startswith("encoder.layers."):
+        return None
+    return int(name.split(".", 3)[2])
 
 
 def skeleton(cfg, precision: str | None = None):

@@ -23,7 +23,7 @@ from .tensorfile import parse_header
 FORMAT = "edge_tune.patch"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "edge_tune"
-MAX_PATCH_BYTES = 64 * 1024 * 1024
+MAX_PATCH_BYTES = 256 * 1024 * 1024  # a full fine-tune stored fp32 is ~90 MB
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16}  # safetensors dtype name -> torch dtype
 
 

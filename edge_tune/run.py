@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from .base import default_model_dir, load_base, read_config
-from .data import Dataset, load_task
+from .data import Dataset, label_descriptions, load_task, take_per_class
 from .errors import BudgetError, EdgeTuneError, PatchError
 from .memory import MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
 from .methods import MethodSpec, get_method
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
 from .rss import apply_process_settings, set_tensor_cache_slack, trim_resident_memory
-from .trainer import TrainConfig, TrainResult, accuracy, set_threads, train
+from .trainer import SCHEDULES, TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")
 
@@ -59,6 +59,20 @@ class RunRequest:
     checkpoint_every: int = 50  # optimizer steps between checkpoints to OUT.ckpt
     allow_shorter_seq: bool = False  # let the plan shorten sequences when nothing else fits
     patch_dtype: str = "fp16"  # how the deltas are stored: fp16 | fp32
+    adapter_size: int = 32  # adapter bottleneck width
+    adapter_placement: str = "houlsby"  # houlsby (after attention and FFN) | pfeiffer (after FFN)
+    tokens: int = 16  # prompt / ptuning / prefix virtual tokens
+    reparam: int = (
+        128  # ptuning / prefix: hidden width of the MLP that makes them while training (prefix: 0 none)
+    )
+    layers: int = 2  # partial: the top layers trained
+    schedule: str = "linear"  # lr after warmup: linear | cosine | exponential | constant
+    weight_decay: float = 0.0
+    layer_lr_decay: float = 1.0  # each layer down trains at this times the lr of the one above
+    unfreeze_every: int = 0  # gradual unfreezing: one more layer, top-down, every N steps (0: off)
+    head_init: str = "random"  # random | prototypes
+    per_class: int | None = None  # labelled training examples a class at most (None: all)
+    label_text: tuple[str, ...] = ()  # zeroshot: one description per label (default: the task's labels.tsv)
 
 
 @dataclass
@@ -80,13 +94,23 @@ class RunPlan:
     refusal: BudgetError | None  # why nothing fits, where nothing does
 
 
+def method_spec(req: RunRequest, rank: int, num_layers: int) -> MethodSpec:
+    """The method and hyper-parameters a request asks for (`rank` after the profile's cap)."""
+    return MethodSpec(req.method, rank=rank, alpha=req.alpha or 2.0 * rank, targets=req.targets,
+                      adapter_size=req.adapter_size, placement=req.adapter_placement, tokens=req.tokens,
+                      reparam=req.reparam, train_from=num_layers - req.layers)  # fmt: skip
+
+
 def check_request(req: RunRequest) -> tuple[DeviceProfile, dict, list[str]]:
     """The request's profile, the sizes used under its caps and a warning per clamp; every bad value in one
     EdgeTuneError (one line)."""
     prof = load_profile(req.profile)
-    MethodSpec(
-        req.method, rank=max(req.rank, 1), targets=req.targets
-    )  # an unknown method or target: one line
+    num_layers = read_config(default_model_dir()).num_hidden_layers
+    if not 1 <= req.layers <= num_layers:
+        raise EdgeTuneError(
+            f"--layers must be between 1 and the base's {num_layers} layers, got {req.layers}"
+        )
+    method_spec(req, max(req.rank, 1), num_layers)  # an unknown method or a bad hyper-parameter: one line
     used, warnings = clamp_to_profile(prof, batch_size=req.batch_size, rank=req.rank, seq_len=req.seq_len)
     problems = []
     if not 1 <= req.grad_accum <= used["batch_size"]:
@@ -98,6 +122,18 @@ def check_request(req: RunRequest) -> tuple[DeviceProfile, dict, list[str]]:
     problems += [f"{k} must be at least 1, got {v}" for k, v in checks.items() if v is not None and v < 1]
     if req.lr is not None and not (math.isfinite(req.lr) and req.lr > 0):
         problems.append(f"--lr must be a positive number, got {req.lr}")
+    if req.schedule not in SCHEDULES:
+        problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {req.schedule!r}")
+    if req.head_init not in ("random", "prototypes"):
+        problems.append(f"--head-init must be random or prototypes, got {req.head_init!r}")
+    if not (math.isfinite(req.weight_decay) and req.weight_decay >= 0):
+        problems.append(f"--weight-decay must be 0 or more, got {req.weight_decay}")
+    if not (math.isfinite(req.layer_lr_decay) and 0 < req.layer_lr_decay <= 1):
+        problems.append(f"--layer-lr-decay must be in (0, 1], got {req.layer_lr_decay}")
+    if req.unfreeze_every < 0:
+        problems.append(f"--unfreeze-every must be 0 (off) or more steps, got {req.unfreeze_every}")
+    if req.per_class is not None and req.per_class < 1:
+        problems.append(f"--per-class must be at least 1, got {req.per_class}")
     if req.patch_dtype not in PATCH_DTYPES:
         problems.append(f"--patch-dtype must be one of {', '.join(PATCH_DTYPES)}, got {req.patch_dtype!r}")
     if used["seq_len"] < 3:
@@ -115,10 +151,11 @@ def plan_run(data: str | Path, req: RunRequest, *, checkpointing: bool = False) 
     budget that would fit."""
     prof, used, warnings = check_request(req)
     train_ds, dev_ds = load_task(data, seed=req.seed)
-    r = used["rank"]
-    spec = MethodSpec(req.method, rank=r, alpha=req.alpha or 2.0 * r, targets=req.targets)
-    precision = req.precision or prof.precision
+    if req.per_class is not None:
+        train_ds = take_per_class(train_ds, req.per_class, req.seed)
     model_cfg = read_config(default_model_dir())
+    spec = method_spec(req, used["rank"], model_cfg.num_hidden_layers)
+    precision = req.precision or prof.precision
     batch, seq = used["batch_size"], used["seq_len"]
     data_bytes = _data_bytes(train_ds, dev_ds, seq)
     labels = len(train_ds.label_names)
@@ -222,6 +259,24 @@ def output_lock(out: Path):
         os.close(fd)
 
 
+def _fit(base, data, train_ds: Dataset, dev_ds: Dataset, spec: MethodSpec, cfg: TrainConfig,
+         label_text: tuple[str, ...]) -> TrainResult:  # fmt: skip
+    """A method made without backprop (Method.fit): its head from the base's embeddings, then evaluated."""
+    from .methods import apply_method
+    from .rss import peak_rss_mb
+
+    descriptions = list(label_text) or label_descriptions(data, train_ds.label_names)
+    if len(descriptions) != len(train_ds.label_names):
+        raise EdgeTuneError(f"{len(descriptions)} label descriptions for {len(train_ds.label_names)} labels "
+                            f"({', '.join(train_ds.label_names)})", None, "give one --label-text per label")  # fmt: skip
+    base.model.reset_head(len(train_ds.label_names), cfg.seed)
+    params = apply_method(base.model, spec, cfg.seed)
+    spec.method.fit(base, train_ds, spec, cfg.seq_len, descriptions)
+    acc = accuracy(base, dev_ds, cfg.seq_len, cfg.eval_batch_size)
+    tensors = {n: p.detach().clone() for n, p in params.items()}
+    return TrainResult(tensors, acc, 0, 0, peak_rss_mb(), [{"step": 0, "dev_accuracy": acc}])
+
+
 def _data_bytes(train_ds, dev_ds, seq_len: int) -> int:
     """What the loaded datasets hold once tokenized (~4.5 characters a token, [CLS] and [SEP] added)."""
     texts = train_ds.texts + dev_ds.texts
@@ -258,6 +313,12 @@ def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progres
         eval_every=req.eval_every,
         patience=req.patience,
         seed=req.seed,
+        schedule=req.schedule,
+        weight_decay=req.weight_decay,
+        layer_lr_decay=req.layer_lr_decay,
+        head_lr=default_lr("head", run.batch_size) if run.spec.method.head_lr_default else None,
+        unfreeze_every=req.unfreeze_every,
+        head_init=req.head_init,
         checkpointing=plan.checkpointing,
         eval_batch_size=plan.eval_batch,
         memory_budget_mb=run.profile.memory_budget_mb,
@@ -269,7 +330,10 @@ def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progres
         cfg.batch_size, plan.micro_batch, cfg.seq_len, threads, run.profile.memory_budget_mb,
     )  # fmt: skip
     ckpt = out.parent / f"{out.name}.ckpt"
-    result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, req.checkpoint_every)
+    if run.spec.method.fit is not None:
+        result = _fit(base, data, train_ds, dev_ds, run.spec, cfg, req.label_text)
+    else:
+        result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, req.checkpoint_every)
     if result.stop_reason:
         log.warning("warning: %s", result.stop_reason)
     dtype = PATCH_DTYPES[req.patch_dtype]

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from .base import Base
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
-from .data import Dataset, collate, encode, length_grouped_batches
+from .data import Dataset, collate, encode, length_grouped_batches, per_class_rows
 from .errors import EdgeTuneError
 from .methods import MethodSpec, apply_method
+from .model import layer_of
 from .optim import AdamW
 from .profiles import DeviceProfile
 from .rss import apply_process_settings, peak_rss_mb, trim_resident_memory
@@ -39,7 +40,12 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps at most
     lr: float = 1e-3
     warmup: float = 0.06  # fraction of steps
-    weight_decay: float = 0.0
+    schedule: str = "linear"  # after warmup: linear (to 0) | cosine (to 0) | exponential (to 1%) | constant
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only
+    layer_lr_decay: float = 1.0  # encoder layer i trains at lr x decay^(L-1-i), embeddings at decay^L
+    head_lr: float | None = None  # the head's (new parameters') lr; None: lr
+    unfreeze_every: int = 0  # gradual unfreezing: one more layer, top-down, every N steps (0: all at once)
+    head_init: str = "random"  # random | prototypes (class means of up to 256 training sentences a class)
     max_grad_norm: float | None = 1.0  # clip the global gradient norm of the deltas (None: no clipping)
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
@@ -106,10 +112,56 @@ class ProgressLines:
               f"{left / 60:.1f} min left", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warmup over `warmup` x `total` steps, then linear decay to 0 (step counts from 0)."""
+SCHEDULES = ("linear", "cosine", "exponential", "constant")
+
+
+def lr_factor(step: int, total: int, warmup: float, schedule: str = "linear") -> float:
+    """Linear warmup over `warmup` x `total` steps, then `schedule` over the rest (step counts from 0):
+    linear and cosine decay to 0, exponential to 1% of the peak, constant stays at it."""
     warm = max(1, int(total * warmup))
-    return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+    if step + 1 < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step + 1 - warm) / max(1, total - warm))  # 0 at the end of warmup, 1 at the last step
+    if schedule == "linear":
+        return min(1.0, max(0.0, (total - step) / max(1, total - warm)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "exponential":
+        return 0.01**t
+    return 1.0
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], cfg: TrainConfig, num_layers: int) -> list[dict]:
+    """AdamW groups: matrices decay, vectors do not; each group has an lr `scale` (layer-wise decay: the
+    pretrained layers train slower the deeper they are; the head at head_lr)."""
+    groups: dict[tuple, dict] = {}
+    for n, p in params.items():
+        i = layer_of(n)
+        if n.startswith("head."):
+            scale = (cfg.head_lr or cfg.lr) / cfg.lr
+        elif i is not None:
+            scale = cfg.layer_lr_decay ** (num_layers - 1 - i)
+        elif n.startswith(("encoder.word.", "encoder.emb_ln.")):
+            scale = cfg.layer_lr_decay**num_layers
+        else:
+            scale = 1.0
+        wd = cfg.weight_decay if p.ndim > 1 else 0.0
+        groups.setdefault((scale, wd), {"params": [], "scale": scale, "weight_decay": wd})["params"].append(p)
+    return list(groups.values())
+
+
+def unfreeze(params: dict[str, torch.nn.Parameter], step: int, every: int, num_layers: int) -> None:
+    """Gradual unfreezing: before step `every`, only the top layer (and the head and anything outside the
+    layers) trains; one more layer joins every `every` steps, top-down; the embeddings join last."""
+    if not every:
+        return
+    lowest = num_layers - 1 - step // every  # the lowest layer training at this step
+    for n, p in params.items():
+        i = layer_of(n)
+        if i is not None:
+            p.requires_grad_(i >= lowest)
+        elif n.startswith(("encoder.word.", "encoder.emb_ln.")):
+            p.requires_grad_(lowest < 0)
 
 
 def _identity(base: Base, train_ds: Dataset, dev_ds: Dataset, cfg: TrainConfig) -> dict:
@@ -148,10 +200,14 @@ def train(
     params = apply_method(model, cfg.method, cfg.seed)
     model.dropout.p = cfg.dropout
     model.encoder.checkpointing = cfg.checkpointing
-    decay = [p for p in params.values() if p.ndim > 1]
-    no_decay = [p for p in params.values() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    num_layers = len(model.encoder.layers)
+    if cfg.head_init == "prototypes":
+        from .methods.shots import prototype_head, set_head
+
+        rows = per_class_rows(train_ds.labels, 256, cfg.seed)
+        set_head(model, *prototype_head(base, [train_ds.texts[i] for i in rows], [train_ds.labels[i] for i in rows],
+                                        len(train_ds.label_names), cfg.seq_len))  # fmt: skip
+    opt = AdamW(param_groups(params, cfg, num_layers), lr=cfg.lr)
     ids = encode(base.tokenizer, train_ds.texts, cfg.seq_len)
     labels = torch.tensor(train_ds.labels)
     micro = -(-cfg.batch_size // cfg.grad_accum)
@@ -190,7 +246,8 @@ def train(
         rows = state.batches.pop()
         t_step = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(state.step, cfg.steps, cfg.warmup)
+            g["lr"] = cfg.lr * g["scale"] * lr_factor(state.step, cfg.steps, cfg.warmup, cfg.schedule)
+        unfreeze(params, state.step, cfg.unfreeze_every, num_layers)
         loss_sum = 0.0
         # Every micro-batch is padded to the whole batch's length: with dynamic int8 activations a different
         # padded length can move attention's last bit and flip a rounding, and accumulation must give the
@@ -254,9 +311,12 @@ def train(
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best[n])
+            p.requires_grad_(True)
+    # Methods that train a reparametrization store what it produces (the model then holds that too).
+    stored = cfg.method.method.fold(model, cfg.method, best)
     model.eval()
     return TrainResult(
-        best,
+        stored,
         state.best_acc,
         state.step,
         state.best_step,

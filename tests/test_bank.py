@@ -274,3 +274,48 @@ def test_bad_patches_are_refused_and_the_bank_keeps_serving(bank, task_patches, 
     assert "\n" not in str(e.value)
     assert bank.active == "cr" and set(bank.patches) == set(TASKS) and _probs(bank, None) == before
     assert all(m.lora_rows is None for m in bank.base.model.modules() if hasattr(m, "lora_rows"))
+
+
+# The generic ways a patch of any method can be bad: (how, given the tensor to damage; the error says).
+BAD_FOR_EVERY_METHOD = {
+    "wrong shape": (lambda n: _set(n, lambda t: t.reshape(-1)[:-1].clone()), "wrong shape: {n}"),
+    "missing tensor": (lambda n: lambda t, m: t.pop(n), "missing: {n}"),
+    "NaN": (
+        lambda n: _set(
+            n, lambda t: t.reshape(-1).index_fill(0, torch.tensor([0]), float("nan")).view(t.shape)
+        ),
+        "NaN or Inf",
+    ),  # fmt: skip
+    "foreign base": (
+        lambda n: lambda t, m: dataclasses.replace(m, base_fingerprint="f" * 64),
+        "made for base",
+    ),
+    "another method": (
+        lambda n: (
+            lambda t, m: dataclasses.replace(
+                m, method="lora", hyper={"rank": 2, "alpha": 4.0, "targets": ["q"]}
+            )
+        ),
+        "do not fit a lora patch",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FOR_EVERY_METHOD)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+def test_every_method_survives_the_bad_patch_table(bank, base_int8, tmp_path, method, kind):
+    """A damaged patch of each registered method: refused with one line naming what is wrong, the bank
+    serving its active patch with the same answers."""
+    spec = MethodSpec(method, tokens=4, adapter_size=8, train_from=5)
+    good = synthetic_patch(base_int8, tmp_path / "good.patch", "x", spec, 7)
+    # a tensor only this method's patches hold (the head for head-only methods)
+    shapes = delta_shapes(base_int8.model, spec, 2)
+    name = next((n for n in sorted(shapes) if not n.startswith("head.")), "head.weight")
+    damage, match = BAD_FOR_EVERY_METHOD[kind]
+    bad = _resave(good, tmp_path / "bad.patch", damage(name))
+    bank.activate("cr")
+    before = _probs(bank, None)
+    with pytest.raises(PatchError, match=match.format(n=name).replace(".", r"\.")) as e:
+        bank.load(bad)
+    assert "\n" not in str(e.value)
+    assert bank.active == "cr" and set(bank.patches) == set(TASKS) and _probs(bank, None) == before

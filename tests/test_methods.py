@@ -1,5 +1,8 @@
 """The method registry: every method's rule, attachment and no-op start; LoRA's specifics."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from conftest import logits
@@ -21,31 +24,53 @@ def test_rules():
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_apply_method_trains_exactly_the_rule(fresh_base, method):
+    """The trainable parameters are the method's rule; folded, they are exactly what its patch holds (by
+    name and shape), and the model is left holding them."""
     spec = MethodSpec(method, rank=4, targets=("q", "v"))
     trainable = apply_method(fresh_base.model, spec)
-    assert trainable and set(trainable) == set(delta_shapes(fresh_base.model, spec, 2))
+    assert trainable and all(spec.method.trainable(n, spec) for n in trainable)
     assert all(p.requires_grad == (n in trainable) for n, p in fresh_base.model.named_parameters())
-    assert {n: tuple(p.shape) for n, p in trainable.items()} == delta_shapes(fresh_base.model, spec, 2)
+    stored = spec.method.fold(fresh_base.model, spec, {n: p.detach().clone() for n, p in trainable.items()})
+    assert {n: tuple(t.shape) for n, t in stored.items()} == delta_shapes(fresh_base.model, spec, 2)
+    live = dict(fresh_base.model.named_parameters())
+    assert all(torch.equal(live[n], t) for n, t in stored.items())
+    if spec.method.stored is None:
+        assert set(stored) == set(trainable)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_starts_as_the_base_and_detaches_cleanly(fresh_base, ids_mask, method):
-    """Attached and untrained, a method changes no logit; another method's attach removes its slots."""
+    """Attached and untrained, a method changes no logit (soft prompts and fp32 weight copies: nearly none);
+    another method's attach removes its slots."""
     before = logits(fresh_base, ids_mask)
     names = {n for n, _ in fresh_base.model.named_parameters()}
     apply_method(fresh_base.model, MethodSpec(method, rank=4, targets=("q", "k", "v", "o", "ff1", "ff2")))
-    assert torch.equal(logits(fresh_base, ids_mask), before)
+    after = logits(fresh_base, ids_mask)
+    if METHODS[method].starts_as_base:
+        assert torch.equal(after, before)
+    elif METHODS[method].extra_tokens(MethodSpec(method)) or method == "prefix":
+        assert not torch.equal(after, before)  # the prompts are attended to from the start
+    else:  # the fp32 weights are the dequantized int8 ones: only activation rounding differs
+        torch.testing.assert_close(after, before, atol=0.05, rtol=0)
     apply_method(fresh_base.model, MethodSpec("head"))
     assert {n for n, _ in fresh_base.model.named_parameters()} == names
+    assert fresh_base.model.encoder.prompt_encoder is None and fresh_base.model.encoder.prefix_encoder is None
+    assert torch.equal(logits(fresh_base, ids_mask), before)
+
+
+SPEC_FIELDS = {f.name for f in dataclasses.fields(MethodSpec)} - {"name"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_declares_what_the_runtime_asks(method):
     m = METHODS[method]
-    assert m.name == method and m.summary and m.default_lr > 0 and m.default_steps >= 1
-    assert set(m.hyper) <= {"rank", "alpha", "targets"}  # MethodSpec's fields
-    spec = MethodSpec(method, rank=4, alpha=8.0, targets=("q",))
+    assert m.name == method and m.summary
+    assert (m.default_lr > 0 and m.default_steps >= 1) or m.fit is not None
+    assert set(m.hyper) <= SPEC_FIELDS
+    spec = MethodSpec(method, rank=4, alpha=8.0, targets=("q",), adapter_size=8, placement="pfeiffer", tokens=4,
+                      reparam=16, train_from=3)  # fmt: skip
     assert MethodSpec.from_hyper(method, spec.hyper()).hyper() == spec.hyper()  # the manifest round trip
+    assert json.loads(json.dumps(spec.hyper())) == spec.hyper()
 
 
 def test_bitfit_counts(fresh_base):
@@ -68,3 +93,12 @@ def test_bad_specs():
         MethodSpec("lora", targets=("qq",))
     with pytest.raises(EdgeTuneError, match="rank must be at least 1"):
         MethodSpec("lora", rank=0)
+    with pytest.raises(EdgeTuneError, match="unknown adapter placement 'middle'"):
+        MethodSpec("adapter", placement="middle")
+    with pytest.raises(EdgeTuneError, match="adapter size must be at least 1"):
+        MethodSpec("adapter", adapter_size=0)
+    with pytest.raises(EdgeTuneError, match="tokens must be at most 128"):
+        MethodSpec("prompt", tokens=500)
+    with pytest.raises(EdgeTuneError, match="ptuning reparam must be at least 1"):
+        MethodSpec("ptuning", reparam=0)
+    MethodSpec("bitfit", targets=("qq",))  # not LoRA: its targets mean nothing to BitFit

@@ -4,9 +4,9 @@ from .core import Method
 from .head import head_trainable
 
 
-def bitfit_trainable(name: str) -> bool:
+def bitfit_trainable(name: str, spec=None) -> bool:
     """Every bias (linear and LayerNorm), plus the head."""
-    return name.endswith(".bias") or head_trainable(name)
+    return name.endswith(".bias") or head_trainable(name, spec)
 
 
 METHOD = Method(
@@ -19,3 +19,4 @@ METHOD = Method(
     default_steps=1200,
     lr_scales_with_batch=True,
 )
+REGISTER = (METHOD,)

@@ -3,6 +3,7 @@ method shares: attach a method to a model, and name the tensors its patch holds.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,22 +30,44 @@ def _no_settings(modules: dict[str, nn.Module], names: list[str], spec: MethodSp
     return []
 
 
+def _no_problems(spec: MethodSpec) -> list[str]:
+    return []
+
+
+def _as_trained(model: Classifier, spec: MethodSpec, tensors: dict) -> dict:
+    return tensors
+
+
+def _every_layer(cfg, spec: MethodSpec) -> int:
+    return cfg.num_hidden_layers
+
+
+def _none(*_) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Method:
     """One delta method: everything the rest of the runtime needs to know about it."""
 
     name: str
     summary: str  # one line, for --help and the docs
-    trainable: Callable[[str], bool]  # the trainable-parameter rule, over parameter names
+    trainable: Callable[[str, MethodSpec], bool]  # the trainable-parameter rule, over parameter names
     default_lr: float  # at batch 32
     default_steps: int
-    hyper: tuple[
-        str, ...
-    ] = ()  # the MethodSpec fields it uses: stored in the patch manifest, validated there
+    # the MethodSpec fields it uses: stored in the patch manifest, validated there
+    hyper: tuple[str, ...] = ()
+    check: Callable[[MethodSpec], list[str]] = _no_problems  # one line per bad hyper-parameter
+    # the head (new, randomly initialised) trains at head's default lr, not this method's own (which suits
+    # pretrained weights: partial, full)
+    head_lr_default: bool = False
     lr_scales_with_batch: bool = False  # the default lr falls linearly with batches under 32
-    trains_encoder: bool = (
-        True  # False: only the head trains; the encoder runs without autograd, saves nothing
-    )
+    # False: only the head trains; the encoder runs without autograd, saves nothing
+    trains_encoder: bool = True
+    # attached and untrained, it changes no logit (False: soft prompts, fp32 weight copies)
+    starts_as_base: bool = True
+    # trains fp32 copies of base weights: its runs page in more of MKL (floor.runtime_floor_mb's `dense`)
+    dense: bool = False
     row_mixable: bool = False  # PatchBank can run its patches with others' in one pass, row by row
     slots: tuple[str, ...] = ()  # suffixes of the parameters it adds to the model (not the base's own)
     attach: Callable[[Classifier, MethodSpec, int], None] = _nothing  # add the slots, initialised (seed)
@@ -53,10 +76,26 @@ class Method:
     # the memory plan's term: fp32 values per token one encoder layer saves for backward beyond what a
     # trained encoder layer saves anyway (memory.saved_floats_per_token)
     saved_floats_per_token: Callable[[object, MethodSpec], int] = _no_saves
+    saved_floats_per_sentence: Callable[[object, MethodSpec], int] = _no_saves  # the same, per sentence
     # what activating a patch sets besides re-pointing its tensors: (object, attribute, value, default)
     bank_settings: Callable[[dict[str, nn.Module], list[str], MethodSpec], list] = _no_settings
     # a mixed-patch batch's per-linear terms: {linear: (A, B, scale)} (lora), where row_mixable needs them
     row_terms: Callable[[dict[str, nn.Module], dict, MethodSpec], dict[QuantLinear, tuple]] | None = None
+    # Methods that train a reparametrization (P-tuning's prompt encoder, prefix tuning's MLP) store its
+    # output instead: `stored` is the rule over the patch's names (None: `trainable`), `fold` turns the
+    # trained tensors into the stored ones and leaves the model holding them, `reparam_values` counts the
+    # trained values the patch does not hold (for the memory plan).
+    stored: Callable[[str, MethodSpec], bool] | None = None
+    fold: Callable[[Classifier, MethodSpec, dict], dict] = _as_trained
+    reparam_values: Callable[[object, MethodSpec], int] = _none
+    extra_tokens: Callable[[MethodSpec], int] = _none  # tokens it adds to every sequence (soft prompts)
+    trained_layers: Callable[[object, MethodSpec], int] = _every_layer  # top layers that save activations
+    # Methods made without backprop (zero- and few-shot): fit(base, train_ds, spec, seed) sets the deltas.
+    fit: Callable | None = None
+
+    def stores(self, name: str, spec: MethodSpec) -> bool:
+        """Whether a patch of this method holds tensor `name`."""
+        return (self.stored or self.trainable)(name, spec)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -64,9 +103,10 @@ _REGISTRY: dict[str, Method] = {}
 
 def _registry() -> dict[str, Method]:
     if not _REGISTRY:
-        from . import bitfit, head, ia3, lora
+        from . import adapter, bitfit, head, ia3, lora, partial, prefix, prompt, shots
 
-        _REGISTRY.update({m.name: m for m in (head.METHOD, bitfit.METHOD, lora.METHOD, ia3.METHOD)})
+        for module in (head, bitfit, lora, ia3, adapter, prefix, prompt, partial, shots):
+            _REGISTRY.update({m.name: m for m in module.REGISTER})
     return _REGISTRY
 
 
@@ -101,23 +141,26 @@ def get_method(name: str) -> Method:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method and its hyper-parameters (rank / alpha / targets matter to the methods that name them in
-    `Method.hyper`: LoRA)."""
+    """A method and its hyper-parameters. Each method uses the fields it names in `Method.hyper` (those go
+    in the patch manifest); the others keep their defaults and mean nothing to it."""
 
     name: str
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q", "v")
+    rank: int = 8  # lora: rank r of the factors
+    alpha: float = 16.0  # lora: the update is scaled by alpha / r
+    targets: tuple[str, ...] = ("q", "v")  # lora: the adapted linears
+    adapter_size: int = 32  # adapter: bottleneck width
+    placement: str = "houlsby"  # adapter: houlsby (after attention and FFN) | pfeiffer (after FFN only)
+    tokens: int = 16  # prompt, ptuning, prefix: virtual tokens
+    reparam: int = (
+        128  # prefix, ptuning: hidden width of the MLP that makes them while training (prefix: 0 = none)
+    )
+    train_from: int = 4  # partial: layers from this index up train (0-based; `--layers k` sets L - k)
 
     def __post_init__(self):
         method = get_method(self.name)
-        from .lora import LORA_TARGETS
-
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            raise EdgeTuneError(f"unknown LoRA target(s) {bad} — use some of {', '.join(LORA_TARGETS)}")
-        if "rank" in method.hyper and self.rank < 1:
-            raise EdgeTuneError(f"LoRA rank must be at least 1, got {self.rank}")
+        problems = method.check(self)
+        if problems:
+            raise EdgeTuneError("; ".join(problems))
 
     @property
     def method(self) -> Method:
@@ -125,8 +168,8 @@ class MethodSpec:
 
     def hyper(self) -> dict:
         """The hyper-parameters the patch manifest stores (the method's own only)."""
-        values = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
-        return {k: values[k] for k in self.method.hyper}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in
+                ((k, getattr(self, k)) for k in self.method.hyper)}  # fmt: skip
 
     @classmethod
     def from_hyper(cls, name: str, hyper: dict) -> MethodSpec:
@@ -134,13 +177,35 @@ class MethodSpec:
         EdgeTuneError where they do not)."""
         method = get_method(name)
         kw = {}
-        if "rank" in method.hyper:
-            kw["rank"] = int(hyper["rank"])
-        if "alpha" in method.hyper:
-            kw["alpha"] = float(hyper["alpha"])
-        if "targets" in method.hyper:
-            kw["targets"] = tuple(hyper["targets"])
+        for k in method.hyper:
+            kind = type(getattr(_DEFAULTS, k))
+            v = hyper[k]
+            if kind is tuple:
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise TypeError(f"{k} must be a list of names")
+                kw[k] = tuple(v)
+            elif kind is str:
+                if not isinstance(v, str):
+                    raise TypeError(f"{k} must be a string")
+                kw[k] = v
+            else:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise TypeError(f"{k} must be a number")
+                if kind is int and v != int(v):
+                    raise ValueError(f"{k} must be a whole number")
+                kw[k] = kind(v)
         return cls(name, **kw)
+
+
+_DEFAULTS = MethodSpec.__new__(MethodSpec)  # the field defaults, without validation
+for _f in dataclasses.fields(MethodSpec):
+    object.__setattr__(_DEFAULTS, _f.name, _f.default)
+
+
+def at_least_one(spec: MethodSpec, *fields: str) -> list[str]:
+    """One line per field of `spec` below 1."""
+    return [f"{spec.name} {f.replace('_', ' ')} must be at least 1, got {getattr(spec, f)}"
+            for f in fields if getattr(spec, f) < 1]  # fmt: skip
 
 
 def detach_all(model: Classifier) -> None:
@@ -158,7 +223,7 @@ def apply_method(model: Classifier, spec: MethodSpec, seed: int = 0) -> dict[str
     rule = spec.method.trainable
     trainable = {}
     for name, p in model.named_parameters():
-        p.requires_grad_(rule(name))
+        p.requires_grad_(rule(name, spec))
         if p.requires_grad:
             trainable[name] = p
     return trainable
@@ -182,4 +247,4 @@ def _delta_shapes(model: Classifier, spec: MethodSpec, num_labels: int) -> dict[
     names = {n: tuple(p.shape) for n, p in model.named_parameters() if not (slots and n.endswith(slots))}
     names["head.weight"], names["head.bias"] = (num_labels, D), (num_labels,)
     names |= spec.method.slot_shapes(model, spec)
-    return {n: s for n, s in names.items() if spec.method.trainable(n)}
+    return {n: s for n, s in names.items() if spec.method.stores(n, spec)}

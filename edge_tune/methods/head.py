@@ -3,7 +3,7 @@
 from .core import Method
 
 
-def head_trainable(name: str) -> bool:
+def head_trainable(name: str, spec=None) -> bool:
     """The classifier head only."""
     return name.startswith("head.")
 
@@ -17,3 +17,4 @@ METHOD = Method(
     row_mixable=True,
     trains_encoder=False,
 )
+REGISTER = (METHOD,)

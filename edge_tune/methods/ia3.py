@@ -16,9 +16,9 @@ OUT_SCALED = ("k", "v")  # their outputs are rescaled
 IN_SCALED = ("ff2",)  # its input (the GELU output) is rescaled
 
 
-def ia3_trainable(name: str) -> bool:
+def ia3_trainable(name: str, spec=None) -> bool:
     """The rescaling vectors, plus the head."""
-    return name.endswith((".out_scale", ".in_scale")) or head_trainable(name)
+    return name.endswith((".out_scale", ".in_scale")) or head_trainable(name, spec)
 
 
 def _scaled(model: Classifier) -> dict[str, tuple[nn.Module, str, int]]:
@@ -68,3 +68,4 @@ METHOD = Method(
     slot_shapes=ia3_shapes,
     saved_floats_per_token=ia3_saved_floats_per_token,
 )
+REGISTER = (METHOD,)

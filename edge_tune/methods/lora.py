@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 from ..model import Classifier, QuantLinear
-from .core import Method, MethodSpec
+from .core import Method, MethodSpec, at_least_one
 from .head import head_trainable
 
 LORA_TARGETS = ("q", "k", "v", "o", "ff1", "ff2")  # attention q/k/v/output, FFN up/down
 
 
-def lora_trainable(name: str) -> bool:
+def lora_trainable(name: str, spec=None) -> bool:
     """The low-rank factors A and B, plus the head."""
-    return name.endswith((".lora_A", ".lora_B")) or head_trainable(name)
+    return name.endswith((".lora_A", ".lora_B")) or head_trainable(name, spec)
 
 
 def lora_linears(model: Classifier, targets: tuple[str, ...]) -> dict[str, QuantLinear]:
@@ -63,6 +63,14 @@ def lora_saved_floats_per_token(cfg, spec: MethodSpec) -> int:
     return n + D * ("o" in t) + D * ("ff1" in t) + F * ("ff2" in t)
 
 
+def lora_check(spec: MethodSpec) -> list[str]:
+    bad = [t for t in spec.targets if t not in LORA_TARGETS]
+    problems = [f"unknown LoRA target(s) {bad} — use some of {', '.join(LORA_TARGETS)}"] if bad else []
+    if not spec.targets:
+        problems.append("LoRA needs at least one target linear")
+    return problems + [p.replace("lora rank", "LoRA rank") for p in at_least_one(spec, "rank")]
+
+
 def lora_bank_settings(modules: dict[str, nn.Module], names: list[str], spec: MethodSpec) -> list:
     """Activating a LoRA patch sets each adapted linear's scale, alpha / r (0 when deactivated)."""
     return [(modules[n.removesuffix(".lora_A")], "lora_scale", spec.alpha / spec.rank, 0.0)
@@ -83,6 +91,7 @@ METHOD = Method(
     default_lr=2e-3,
     default_steps=1200,
     hyper=("rank", "alpha", "targets"),
+    check=lora_check,
     row_mixable=True,
     slots=(".lora_A", ".lora_B"),
     attach=attach_lora,
@@ -92,3 +101,4 @@ METHOD = Method(
     bank_settings=lora_bank_settings,
     row_terms=lora_row_terms,
 )
+REGISTER = (METHOD,)

@@ -270,7 +270,7 @@ def cmd_doctor(args) -> int:
 def cmd_profile(args) -> int:
     from .methods import MethodSpec
     from .profiles import PRECISIONS, load_profile
-    from .profiling import profile_grid, table
+    from .profiling import best_row, pareto_front, profile_grid, table
 
     prof = load_profile(args.profile)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -288,6 +288,13 @@ def cmd_profile(args) -> int:
         f"profile {prof.name}: budget {prof.memory_budget_mb} MB, {args.steps} steps each, fresh process each"
     )
     print(table(rows))
+    best = best_row(rows)
+    if best is not None:
+        print(f"best under {prof.name}: {best['method']} on {best['precision']} (dev {best['dev_accuracy']:.4f}, "
+              f"peak {best['peak_rss_mb']:.0f} MB, patch {best['patch_kb']:.1f} KB)")  # fmt: skip
+    for cost, unit in (("peak_rss_mb", "MB"), ("patch_kb", "KB")):
+        front = ", ".join(f"{r['method']}/{r['precision']}" for r in pareto_front(rows, cost))
+        print(f"Pareto front, accuracy vs {cost.split('_')[0]} {unit}: {front}")
     print(f"wrote {Path(args.out) / 'profile.json'} and {Path(args.out) / 'profile.png'}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import EdgeTuneError
 
 COLUMNS = [  # (key, header, format)
-    ("method", "method", "{:7}"), ("precision", "base", "{:5}"), ("trainable", "trainable", "{:>10,}"),
+    ("method", "method", "{:8}"), ("precision", "base", "{:5}"), ("trainable", "trainable", "{:>10,}"),
     ("patch_kb", "patch KB", "{:>9.1f}"), ("peak_rss_mb", "peak MB", "{:>8.0f}"), ("step_ms", "step ms", "{:>8.0f}"),
     ("train_sent_s", "sent/s", "{:>7.0f}"), ("lat1_ms", "b1 ms", "{:>7.1f}"), ("lat32_ms", "b32 ms", "{:>7.0f}"),
     ("dev_accuracy", "SST-2 dev", "{:>9.4f}"),
@@ -103,6 +103,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pareto_front(rows: list[dict], cost: str) -> list[dict]:
+    """The rows no other row beats on both dev accuracy (higher) and `cost` (lower), by ascending cost."""
+    ok = sorted((r for r in rows if "error" not in r), key=lambda r: (r[cost], -r["dev_accuracy"]))
+    front, best = [], -1.0
+    for r in ok:
+        if r["dev_accuracy"] > best:
+            front.append(r)
+            best = r["dev_accuracy"]
+    return front
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The most accurate configuration whose measured peak stayed within its profile's budget (the lower
+    peak on a tie), or None."""
+    fits = [r for r in rows if "error" not in r and r["peak_rss_mb"] <= r["budget_mb"]]
+    return max(fits, key=lambda r: (r["dev_accuracy"], -r["peak_rss_mb"]), default=None)
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -112,15 +130,21 @@ def _plot(rows: list[dict], path: Path) -> None:
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for i, r in enumerate(ok):  # labels alternate above and below: neighbours often share a spot
-        a.scatter(r["peak_rss_mb"], r["dev_accuracy"])
-        a.annotate(f"{r['method']} {r['precision']}", (r["peak_rss_mb"], r["dev_accuracy"]), fontsize=8,
-                   xytext=(4, 4 if i % 2 else -10), textcoords="offset points")  # fmt: skip
+    fig, (a, k, b) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, cost, label in ((a, "peak_rss_mb", "peak training RSS (MB)"), (k, "patch_kb", "patch KB (log)")):
+        for i, r in enumerate(ok):  # labels alternate above and below: neighbours often share a spot
+            ax.scatter(r[cost], r["dev_accuracy"], color="tab:blue")
+            ax.annotate(f"{r['method']} {r['precision']}", (r[cost], r["dev_accuracy"]), fontsize=7,
+                        xytext=(4, 4 if i % 2 else -10), textcoords="offset points")  # fmt: skip
+        front = pareto_front(ok, cost)
+        ax.step([r[cost] for r in front], [r["dev_accuracy"] for r in front], where="post", color="tab:orange",
+                label="Pareto front")  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("SST-2 dev accuracy")
+    k.set_xscale("log")
     a.axvline(ok[0]["budget_mb"], color="red", ls="--", label=f"budget {ok[0]['budget_mb']} MB")
-    a.set_xlabel("peak training RSS (MB)")
-    a.set_ylabel("SST-2 dev accuracy")
-    a.legend()
+    a.legend(fontsize=8)
+    k.legend(fontsize=8)
     labels = [f"{r['method']}\n{r['precision']}" for r in ok]
     xs = range(len(ok))
     for off, key, label in ((-0.27, "step_ms", "train step"), (0, "lat32_ms", "batch-32 inference"),
@@ -128,7 +152,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         b.bar([x + off for x in xs], [r[key] for r in ok], width=0.27, label=label)
     b.set_yscale("log")  # batch-1 is ~20x shorter than the rest
     b.set_ylabel("median ms, log scale")
-    b.set_xticks(list(xs), labels, fontsize=8)
+    b.set_xticks(list(xs), labels, fontsize=7)
     b.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

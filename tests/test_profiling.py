@@ -134,3 +134,19 @@ def test_peer_workers_never_import_edge_tune():
         assert not _imports_edge_tune(fn), f"{script}:{name} imports edge_tune"
     for script in ("hf_peft.py", "ort_train.py", "et_train.py", "protocol.py"):
         assert not _imports_edge_tune(ast.parse((ROOT / "tools" / "peers" / script).read_text())), script
+
+
+def test_pareto_front_and_best_row():
+    from edge_tune.profiling import best_row, pareto_front
+
+    rows = [
+        {"method": "a", "peak_rss_mb": 300, "patch_kb": 1, "dev_accuracy": 0.80, "budget_mb": 1000},
+        {"method": "b", "peak_rss_mb": 400, "patch_kb": 100, "dev_accuracy": 0.85, "budget_mb": 1000},
+        {"method": "c", "peak_rss_mb": 500, "patch_kb": 10, "dev_accuracy": 0.84, "budget_mb": 1000},  # beaten by b on RSS
+        {"method": "d", "peak_rss_mb": 1200, "patch_kb": 9e4, "dev_accuracy": 0.90, "budget_mb": 1000},  # over budget
+        {"method": "e", "error": "refused"},
+    ]  # fmt: skip
+    assert [r["method"] for r in pareto_front(rows, "peak_rss_mb")] == ["a", "b", "d"]
+    assert [r["method"] for r in pareto_front(rows, "patch_kb")] == ["a", "c", "b", "d"]
+    assert best_row(rows)["method"] == "b"
+    assert best_row([rows[3], rows[4]]) is None

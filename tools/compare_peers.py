@@ -6,9 +6,10 @@ learning rate with 6% warmup and linear decay, seed 0, 2 threads; dev accuracy o
 sentences; batch-1 latency on the first dev sentence at its real length (median ms); peak RSS of the training
 process (MB); the adapter/patch file the run leaves (KB).
 
-Rows: PEFT on the fp32 model (head, BitFit, LoRA r8), PEFT LoRA on a bitsandbytes 8-bit and NF4 base,
+Rows: PEFT on the fp32 model (head, BitFit, LoRA r8, IA3, prefix tuning, prompt tuning, P-tuning; full
+fine-tuning with plain transformers), PEFT LoRA on a bitsandbytes 8-bit and NF4 base,
 ONNX Runtime training (BitFit, LoRA), ExecuTorch's training runtime (BitFit; --et-steps steps, it runs
-~20 s a step here), and edge_tune (int8 and int4 bases; head, BitFit, LoRA r8). Peers whose pins conflict with
+~20 s a step here), and edge_tune (int8 base: every method; int4: BitFit, LoRA r8). Peers whose pins conflict with
 ours run in their own venvs under .peers/, which this tool creates on first use (pip, torch pinned by
 constraints.txt). A row that cannot run shows its one-line reason.
 
@@ -38,6 +39,7 @@ ROWS = [  # (label, method, worker script, venv or None for ours, variant)
     ("PEFT fp32", "head", "hf_peft.py", None, ""),
     ("PEFT fp32", "bitfit", "hf_peft.py", None, ""),
     ("PEFT fp32", "lora", "hf_peft.py", None, ""),
+    *[("PEFT fp32", m, "hf_peft.py", None, "") for m in ("ia3", "prefix", "prompt", "ptuning", "full")],
     ("PEFT + bnb 8-bit", "lora", "hf_peft.py", "bnb", "bnb8"),
     ("PEFT + bnb NF4", "lora", "hf_peft.py", "bnb", "bnb4"),
     ("ONNX Runtime", "bitfit", "ort_train.py", "ort", ""),
@@ -46,6 +48,10 @@ ROWS = [  # (label, method, worker script, venv or None for ours, variant)
     ("edge_tune int8", "head", "edge.py", None, "int8"),
     ("edge_tune int8", "bitfit", "edge.py", None, "int8"),
     ("edge_tune int8", "lora", "edge.py", None, "int8"),
+    *[
+        ("edge_tune int8", m, "edge.py", None, "int8")
+        for m in ("ia3", "adapter", "prefix", "prompt", "ptuning", "partial", "full")
+    ],  # fmt: skip
     ("edge_tune int4", "bitfit", "edge.py", None, "int4"),
     ("edge_tune int4", "lora", "edge.py", None, "int4"),
 ]
@@ -214,6 +220,22 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def same_method(results: dict) -> list[str]:
+    """Each method against PEFT's own implementation of it (full fine-tuning: plain transformers): peak RSS
+    ratio (target <= 0.5x) and dev accuracy difference (target >= -0.5 points)."""
+    out = []
+    for (label, method), ours in results.items():
+        peft = results.get(("PEFT fp32", method), {})
+        if label != "edge_tune int8" or "error" in ours or not peft or "error" in peft:
+            continue
+        rss = ours["peak_rss_mb"] / peft["peak_rss_mb"]
+        acc = (ours["dev_accuracy"] - peft["dev_accuracy"]) * 100
+        out.append(f"{method:8} peak RSS {ours['peak_rss_mb']:.0f} / {peft['peak_rss_mb']:.0f} MB = {rss:.2f}x "
+                   f"({'met' if rss <= 0.5 else 'MISSED'} <= 0.5x), dev {ours['dev_accuracy']:.4f} vs "
+                   f"{peft['dev_accuracy']:.4f} = {acc:+.1f} pt ({'met' if acc >= -0.5 else 'MISSED'} >= -0.5)")  # fmt: skip
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -288,6 +310,9 @@ def main() -> int:
     print(table(results))
     print("\nedge_tune int8 LoRA r8 against the targets:")
     for v in verdicts(results):
+        print("  " + v)
+    print("\nedge_tune int8 against PEFT's implementation of the same method:")
+    for v in same_method(results) or ["no method ran on both"]:
         print("  " + v)
     (out / "compare_peers.json").write_text(json.dumps(
         {"args": vars(a), "rows": [{"runtime": k[0], "method": k[1], **r} for k, r in results.items()]}, indent=1))  # fmt: skip

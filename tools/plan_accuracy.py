@@ -3,7 +3,7 @@ sequence length x precision) a fresh process trains a few steps on real SST-2 te
 every sentence is joined with its neighbours until it fills the sequence length, so each step and each
 evaluation batch is at full size. The cell's measured peak RSS is compared with `plan_memory`'s total.
 
-    python tools/plan_accuracy.py [--methods head,bitfit,lora] [--batches 1,4,16,32] [--seq-lens 32,64,128]
+    python tools/plan_accuracy.py [--methods all] [--batches 1,4,16,32] [--seq-lens 32,64,128]
                                   [--precisions int8,int4] [--checkpointing] [--out out/plan_accuracy]
 
 Prints predicted vs measured per cell with the error %, the worst over- and under-prediction, and writes
@@ -68,7 +68,8 @@ def worker(a) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="head,bitfit,lora")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated, or all: every registered method that trains (default all)")  # fmt: skip
     ap.add_argument("--batches", default="1,4,16,32", help="micro-batch sizes (sentences)")
     ap.add_argument("--seq-lens", default="32,64,128", help="sequence lengths (tokens)")
     ap.add_argument("--precisions", default="int8,int4")
@@ -93,10 +94,12 @@ def main() -> int:
     from edge_tune.base import default_model_dir, read_config
     from edge_tune.floor import runtime_floor_mb, startup_peak_mb
     from edge_tune.memory import dataset_bytes, plan_memory
-    from edge_tune.methods import MethodSpec
+    from edge_tune.methods import METHODS, MethodSpec
     from edge_tune.rss import trim_resident_memory
 
     cfg = read_config(default_model_dir())
+    if a.methods == "all":  # zeroshot / fewshot run no training step: nothing for the plan to predict
+        a.methods = ",".join(m for m in METHODS if METHODS[m].fit is None)
     print(
         f"runtime floor (measured once, cached): {runtime_floor_mb():.1f} MB, startup peak {startup_peak_mb():.1f} MB"
     )
@@ -129,10 +132,10 @@ def main() -> int:
         rows.append({"method": m, "batch": b, "seq_len": t, "precision": p, "predicted_mb": plan.total_mb,
                      "measured_mb": measured, "error_pct": 100 * (plan.total_mb - measured) / measured})  # fmt: skip
     print(
-        f"\n{'method':7} {'batch':>5} {'seq':>4} {'prec':5} {'predicted MB':>13} {'measured MB':>12} {'error':>7}"
+        f"\n{'method':8} {'batch':>5} {'seq':>4} {'prec':5} {'predicted MB':>13} {'measured MB':>12} {'error':>7}"
     )
     for r in rows:
-        print(f"{r['method']:7} {r['batch']:5d} {r['seq_len']:4d} {r['precision']:5} {r['predicted_mb']:13.1f} "
+        print(f"{r['method']:8} {r['batch']:5d} {r['seq_len']:4d} {r['precision']:5} {r['predicted_mb']:13.1f} "
               f"{r['measured_mb']:12.1f} {r['error_pct']:+6.1f}%")  # fmt: skip
     if not rows:
         return 1

@@ -31,9 +31,13 @@ def main() -> int:
     base = load_base(a.model_dir, precision=a.variant)
     model = base.model
     model.reset_head(2, 0)
-    spec = MethodSpec(a.method, rank=protocol.LORA_RANK, alpha=protocol.LORA_ALPHA, targets=("q", "v"))
+    spec = MethodSpec(a.method, rank=protocol.LORA_RANK, alpha=protocol.LORA_ALPHA, targets=("q", "v"),
+                      tokens=protocol.PROMPT_TOKENS, reparam=protocol.REPARAM)  # fmt: skip
     params = apply_method(model, spec, 0)
-    opt = AdamW([{"params": list(params.values())}], lr=protocol.LR[a.method])
+    head_scale = protocol.HEAD_LR / protocol.LR[a.method] if spec.method.head_lr_default else 1.0
+    groups = [{"params": [p for n, p in params.items() if not n.startswith("head.")], "scale": 1.0},
+              {"params": [p for n, p in params.items() if n.startswith("head.")], "scale": head_scale}]  # fmt: skip
+    opt = AdamW([g for g in groups if g["params"]], lr=protocol.LR[a.method])
     total = len(arrays["train_labels"]) // a.batch
     frozen_encoder = a.method == "head"
     timer = protocol.StepTimer()
@@ -41,7 +45,7 @@ def main() -> int:
     for step, (ids, mask, y) in enumerate(protocol.batches(arrays, a.batch)):
         with timer:
             for g in opt.param_groups:
-                g["lr"] = protocol.lr_at(a.method, step, total)
+                g["lr"] = protocol.lr_at(a.method, step, total) * g["scale"]
             x, m = torch.from_numpy(ids), torch.from_numpy(mask)
             if frozen_encoder:  # only the head trains: the encoder runs without autograd
                 with torch.no_grad():
@@ -54,14 +58,16 @@ def main() -> int:
             opt.step()
             opt.zero_grad()
     model.eval()
-    tensors = {n: p.detach().clone() for n, p in params.items()}
+    # the patch holds what the method stores (a trained reparametrization folded into what it produces)
+    tensors = spec.method.fold(model, spec, {n: p.detach().clone() for n, p in params.items()})
     manifest = Manifest(method=a.method, hyper=spec.hyper(), label_names=["0", "1"], base_fingerprint=base.fingerprint,
                         base_precision=a.variant, tensors_sha256="", task="sst2", seq_len=ids.shape[1])  # fmt: skip
     patch = Path(a.work) / "sst2.patch"
     nbytes = save_patch(patch, tensors, manifest, dtype=torch.float16)
     with torch.no_grad():  # evaluate the patch as stored (fp16-rounded deltas)
-        for p in params.values():
-            p.copy_(p.half().float())
+        for n, p in model.named_parameters():
+            if n in tensors:
+                p.copy_(p.half().float())
     logits = []
     with torch.inference_mode():
         for i in range(0, len(arrays["dev_labels"]), 64):

@@ -1,4 +1,5 @@
-"""Peer: Hugging Face transformers + PEFT on the fp32 model (head, BitFit, LoRA r8), and PEFT LoRA on a
+"""Peer: Hugging Face transformers + PEFT on the fp32 model (head, BitFit, LoRA r8, and PEFT's own IA3,
+prefix tuning, prompt tuning and P-tuning; full fine-tuning with plain transformers), and PEFT LoRA on a
 bitsandbytes 8-bit or NF4 4-bit base (`--variant bnb8|bnb4`). One row per process."""
 
 from __future__ import annotations
@@ -39,11 +40,44 @@ def build(a):
         cfg = LoraConfig(r=protocol.LORA_RANK, lora_alpha=protocol.LORA_ALPHA, target_modules=["query", "value"],
                          modules_to_save=["classifier"])  # fmt: skip
         model = get_peft_model(model, cfg)
-    else:
+    elif a.method in PEFT_CONFIGS:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PEFT_CONFIGS[a.method]())
+    else:  # head, bitfit, full: plain transformers
         for n, p in model.named_parameters():
             head = n.startswith("classifier.")
-            p.requires_grad_(head or (a.method == "bitfit" and n.endswith(".bias")))
+            p.requires_grad_(head or a.method == "full" or (a.method == "bitfit" and n.endswith(".bias")))
     return model
+
+
+def _ia3():
+    from peft import IA3Config
+
+    return IA3Config(task_type="SEQ_CLS")  # PEFT's BERT placement: key, value, and the FFN's output dense
+
+
+def _prefix():
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=protocol.PROMPT_TOKENS,
+                              prefix_projection=True, encoder_hidden_size=protocol.REPARAM)  # fmt: skip
+
+
+def _prompt():
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=protocol.PROMPT_TOKENS)
+
+
+def _ptuning():
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=protocol.PROMPT_TOKENS,
+                               encoder_hidden_size=protocol.REPARAM)  # fmt: skip
+
+
+PEFT_CONFIGS = {"ia3": _ia3, "prefix": _prefix, "prompt": _prompt, "ptuning": _ptuning}
 
 
 def main() -> int:
@@ -53,15 +87,21 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     arrays = protocol.load_arrays(a.arrays)
     model = build(a)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=protocol.LR[a.method], weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    head = [p for n, p in named if "classifier" in n]
+    rest = [p for n, p in named if "classifier" not in n]
+    # the new head at HEAD_LR where the method's own lr is for pretrained weights (full), as edge_tune does
+    head_scale = protocol.HEAD_LR / protocol.LR[a.method] if a.method == "full" else 1.0
+    groups = [{"params": rest, "scale": 1.0}, {"params": head, "scale": head_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=protocol.LR[a.method], weight_decay=0.0)
     total = len(arrays["train_labels"]) // a.batch
     timer = protocol.StepTimer()
     model.train()
     for step, (ids, mask, y) in enumerate(protocol.batches(arrays, a.batch)):
         with timer:
             for g in opt.param_groups:
-                g["lr"] = protocol.lr_at(a.method, step, total)
+                g["lr"] = protocol.lr_at(a.method, step, total) * g["scale"]
             out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                         labels=torch.from_numpy(y))  # fmt: skip
             out.loss.backward()
@@ -81,8 +121,8 @@ def main() -> int:
 
     acc = protocol.accuracy(np.concatenate(logits), arrays["dev_labels"])
     out = Path(a.work) / "adapter"
-    if a.method == "lora":
-        model.save_pretrained(out)  # adapter_model.safetensors: LoRA factors + the saved classifier
+    if a.method == "lora" or a.method in PEFT_CONFIGS:
+        model.save_pretrained(out)  # adapter_model.safetensors: the method's tensors + the saved classifier
         adapter = out / "adapter_model.safetensors"
     else:
         from safetensors.torch import save_file

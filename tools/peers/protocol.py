@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 2e-3}  # per method, the same for every runtime
+# per method, the same for every runtime (edge_tune's defaults); full fine-tuning trains its new head at HEAD_LR
+LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 2e-3, "ia3": 1e-2, "adapter": 2e-3, "prefix": 1e-2, "prompt": 3e-2,
+      "ptuning": 1e-2, "partial": 5e-5, "full": 5e-5}  # fmt: skip
+HEAD_LR = 2e-3
+PROMPT_TOKENS, REPARAM = 16, 128  # prefix / prompt / P-tuning virtual tokens; their MLP's hidden width
 WARMUP = 0.06  # fraction of steps with a linear warmup, then linear decay to 0
 MAX_GRAD_NORM = 1.0  # where the runtime can clip (PEFT, edge_tune); ONNX Runtime and ExecuTorch cannot
 LORA_RANK, LORA_ALPHA = 8, 16.0  # on the attention query and value projections

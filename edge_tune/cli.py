@@ -264,6 +264,9 @@ def cmd_doctor(args) -> int:
     for op, where in kernel_paths(list(ALL_OPS)).items():
         print(f"  edge_tune::{op:24} {where}")
     print(f"tensor cache     {tensor_cache_summary()}")
+    print("methods")
+    for m in METHODS.values():
+        print(f"  {m.name:10} {m.runs_on}")
     return 0
 
 

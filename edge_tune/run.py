@@ -153,6 +153,9 @@ def plan_run(data: str | Path, req: RunRequest, *, checkpointing: bool = False) 
     train_ds, dev_ds = load_task(data, seed=req.seed)
     if req.per_class is not None:
         train_ds = take_per_class(train_ds, req.per_class, req.seed)
+    if req.label_text and len(req.label_text) != len(train_ds.label_names):
+        raise EdgeTuneError(f"{len(req.label_text)} label descriptions for {len(train_ds.label_names)} labels "
+                            f"({', '.join(train_ds.label_names)})", None, "give one --label-text per label")  # fmt: skip
     model_cfg = read_config(default_model_dir())
     spec = method_spec(req, used["rank"], model_cfg.num_hidden_layers)
     precision = req.precision or prof.precision
@@ -266,9 +269,6 @@ def _fit(base, data, train_ds: Dataset, dev_ds: Dataset, spec: MethodSpec, cfg: 
     from .rss import peak_rss_mb
 
     descriptions = list(label_text) or label_descriptions(data, train_ds.label_names)
-    if len(descriptions) != len(train_ds.label_names):
-        raise EdgeTuneError(f"{len(descriptions)} label descriptions for {len(train_ds.label_names)} labels "
-                            f"({', '.join(train_ds.label_names)})", None, "give one --label-text per label")  # fmt: skip
     base.model.reset_head(len(train_ds.label_names), cfg.seed)
     params = apply_method(base.model, spec, cfg.seed)
     spec.method.fit(base, train_ds, spec, cfg.seq_len, descriptions)

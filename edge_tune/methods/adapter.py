@@ -82,6 +82,7 @@ METHOD = Method(
     detach=detach_adapter,
     slot_shapes=adapter_shapes,
     saved_floats_per_token=adapter_saved_floats_per_token,
+    runs_on="the base's ops; the bottlenecks through torch's fp32 linear",
 )
 
 REGISTER = (METHOD,)

@@ -55,6 +55,8 @@ class Method:
     trainable: Callable[[str, MethodSpec], bool]  # the trainable-parameter rule, over parameter names
     default_lr: float  # at batch 32
     default_steps: int
+    # how its passes run, for `edge-tune doctor`: which kernels serve it, where torch's own ops stand in
+    runs_on: str = "the base's ops (int8 / int4 kernels where loaded)"
     # the MethodSpec fields it uses: stored in the patch manifest, validated there
     hyper: tuple[str, ...] = ()
     check: Callable[[MethodSpec], list[str]] = _no_problems  # one line per bad hyper-parameter

@@ -98,6 +98,7 @@ PARTIAL = Method(
     slot_shapes=partial_shapes,
     saved_floats_per_token=dense_saved_floats_per_token,
     trained_layers=lambda cfg, spec: max(0, cfg.num_hidden_layers - spec.train_from),
+    runs_on="the frozen layers on the base's ops; the trained layers' linears through torch's fp32 linear (MKL)",
 )
 
 FULL = Method(
@@ -114,6 +115,7 @@ FULL = Method(
     detach=detach_dense,
     slot_shapes=full_shapes,
     saved_floats_per_token=dense_saved_floats_per_token,
+    runs_on="every linear and the embeddings through torch's fp32 ops (MKL); attention and LayerNorm kernels stay",
 )
 
 REGISTER = (PARTIAL, FULL)

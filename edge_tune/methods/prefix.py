@@ -142,6 +142,7 @@ METHOD = Method(
     fold=fold_prefix,
     reparam_values=prefix_reparam_values,
     saved_floats_per_sentence=prefix_saved_floats_per_sentence,
+    runs_on="the base's ops; attention kernels with P zero query rows in front (they take q, k, v of one shape)",
 )
 
 REGISTER = (METHOD,)

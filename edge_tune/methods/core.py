@@ -210,6 +210,18 @@ def at_least_one(spec: MethodSpec, *fields: str) -> list[str]:
             for f in fields if getattr(spec, f) < 1]  # fmt: skip
 
 
+def run_reparam(module: nn.Module, tensors: dict, prefix: str) -> tuple:
+    """Fold a trained reparametrization: load `module`'s trained values from `tensors` (the names under
+    `prefix`), run it without autograd; returns (its output, `tensors` less its own)."""
+    import torch
+
+    own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    with torch.no_grad():
+        module.load_state_dict(own)
+        out = module().detach().clone()
+    return out, {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+
+
 def detach_all(model: Classifier) -> None:
     """Remove every method's slots: the bare base with its own biases, LayerNorms and head."""
     for m in METHODS.values():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..model import Classifier
-from .core import Method, MethodSpec, at_least_one
+from .core import Method, MethodSpec, at_least_one, run_reparam
 from .head import head_trainable
 from .prompt import MAX_TOKENS, vocabulary_init
 
@@ -94,17 +94,8 @@ def fold_prefix(model: Classifier, spec: MethodSpec, tensors: dict) -> dict:
     enc = model.encoder
     if enc.prefix_encoder is None:
         return tensors
-    with torch.no_grad():
-        enc.prefix_encoder.load_state_dict(
-            {
-                k.removeprefix("encoder.prefix_encoder."): v
-                for k, v in tensors.items()
-                if k.startswith("encoder.prefix_encoder.")
-            }  # fmt: skip
-        )
-        prefixes = enc.prefix_encoder().detach().clone()
+    prefixes, folded = run_reparam(enc.prefix_encoder, tensors, "encoder.prefix_encoder.")
     enc.prefix_encoder = None
-    folded = {k: v for k, v in tensors.items() if not k.startswith("encoder.prefix_encoder.")}
     for i, (layer, p) in enumerate(zip(enc.layers, prefixes, strict=True)):
         layer.prefix = nn.Parameter(p.clone(), requires_grad=False)
         folded[f"encoder.layers.{i}.prefix"] = p.clone()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..model import Classifier
-from .core import Method, MethodSpec, at_least_one
+from .core import Method, MethodSpec, at_least_one, run_reparam
 from .head import head_trainable
 
 MAX_TOKENS = 128  # prompt tokens at most: positions are shared with the sentence (512 in all)
@@ -89,20 +89,12 @@ def prompt_shapes(model: Classifier, spec: MethodSpec) -> dict[str, tuple[int, .
 def fold_ptuning(model: Classifier, spec: MethodSpec, tensors: dict) -> dict:
     """The trained prompt encoder -> the prompt it produces; the model is left holding that prompt."""
     enc = model.encoder
-    with torch.no_grad():
-        if enc.prompt_encoder is not None:
-            enc.prompt_encoder.load_state_dict(
-                {
-                    k.removeprefix("encoder.prompt_encoder."): v
-                    for k, v in tensors.items()
-                    if k.startswith("encoder.prompt_encoder.")
-                }  # fmt: skip
-            )
-            prompt = enc.prompt_encoder().detach().clone()
-            enc.prompt_encoder = None
-            enc.prompt = nn.Parameter(prompt, requires_grad=False)
-    folded = {k: v for k, v in tensors.items() if not k.startswith("encoder.prompt_encoder.")}
-    return folded | {"encoder.prompt": enc.prompt.detach().clone()}
+    if enc.prompt_encoder is None:
+        return tensors
+    prompt, folded = run_reparam(enc.prompt_encoder, tensors, "encoder.prompt_encoder.")
+    enc.prompt_encoder = None
+    enc.prompt = nn.Parameter(prompt, requires_grad=False)
+    return folded | {"encoder.prompt": prompt.clone()}
 
 
 def ptuning_reparam_values(cfg, spec: MethodSpec) -> int:

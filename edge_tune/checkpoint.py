@@ -13,7 +13,7 @@ import torch
 
 from .errors import EdgeTuneError
 from .optim import AdamW
-from .patch import atomic_write
+from .patch import save_tensors
 from .tensorfile import parse_header
 
 CKPT_VERSION = 1
@@ -42,8 +42,6 @@ def save_checkpoint(
     opt: AdamW,
     rng: random.Random,
 ) -> None:
-    from safetensors.torch import save
-
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
     tensors |= {f"best/{n}": t.contiguous() for n, t in best.items()}
     adam_steps = {}
@@ -65,7 +63,7 @@ def save_checkpoint(
         "adam_steps": adam_steps,
         "py_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
     }
-    atomic_write(path, save(tensors, metadata={CKPT_KEY: json.dumps(meta)}))
+    save_tensors(path, tensors, {CKPT_KEY: json.dumps(meta)})
 
 
 def load_checkpoint(

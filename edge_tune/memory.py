@@ -31,7 +31,7 @@ class MemoryPlan:
     base_weights_mb: float  # frozen encoder tensors as stored
     data_mb: float  # texts and token ids of the train and dev sets
     trainable_mb: float
-    gradients_mb: float
+    gradients_mb: float  # beyond the saved activations they replace in backward
     optimizer_mb: float  # AdamW moments (2 per parameter) + the best-so-far copy
     activations_mb: float  # saved for backward, all layers
     activations_per_layer_mb: float
@@ -162,7 +162,9 @@ def plan_memory(
         base_weights_mb=base_weight_bytes(cfg, precision) / MB,
         data_mb=data_bytes / MB,
         trainable_mb=params * FP32 / MB,
-        gradients_mb=params * FP32 / MB,
+        # Gradients appear in backward as the activations it has used are freed, and are dropped after the
+        # optimizer step (zero_grad(set_to_none)): the peak holds the larger of the two, not both.
+        gradients_mb=max(0, params * FP32 - saved) / MB,
         optimizer_mb=3 * params * FP32 / MB,
         activations_mb=saved / MB,
         activations_per_layer_mb=per_layer / MB,

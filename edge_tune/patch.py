@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -109,16 +111,21 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part:
-    temp file in the same folder, fsync, rename. On failure the temp file is removed."""
+    temp file in the same folder, fsync, rename. `data` is bytes, or a function that writes the temp file
+    (safetensors' save_file streams tensors to it: no copy of them in memory). On failure the temp file is
+    removed."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(tmp)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
@@ -134,20 +141,34 @@ def atomic_write(path: Path, data: bytes) -> None:
         ) from None
 
 
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
+    """Write a safetensors file atomically, streaming the tensors (a 90 MB full fine-tune or a 300 MB
+    checkpoint costs no second copy in memory); returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as e:  # safetensors reports I/O errors as its own type, "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+
+    atomic_write(path, write)
+    return os.path.getsize(path)
+
+
 def save_patch(
     path: str | Path, tensors: dict[str, Tensor], manifest: Manifest, dtype: torch.dtype = torch.float32
 ) -> int:
     """Write a patch atomically, its tensors stored as `dtype` (float32, or float16 for half the bytes);
     returns its size in bytes. `manifest.tensors_sha256` (over the stored bytes) is filled in here."""
-    from safetensors.torch import save
-
     if dtype not in STORED_DTYPES.values():
         raise PatchError(f"patches store float32 or float16, not {dtype}")
     tensors = {n: t.detach().to("cpu", dtype).contiguous() for n, t in tensors.items()}
     manifest = Manifest(**{**asdict(manifest), "tensors_sha256": tensors_sha256(tensors)})
-    blob = save(tensors, metadata={MANIFEST_KEY: json.dumps(asdict(manifest), sort_keys=True)})
-    atomic_write(Path(path), blob)
-    return len(blob)
+    return save_tensors(Path(path), tensors, {MANIFEST_KEY: json.dumps(asdict(manifest), sort_keys=True)})
 
 
 @dataclass

@@ -102,3 +102,50 @@ def test_bad_specs():
     with pytest.raises(EdgeTuneError, match="ptuning reparam must be at least 1"):
         MethodSpec("ptuning", reparam=0)
     MethodSpec("bitfit", targets=("qq",))  # not LoRA: its targets mean nothing to BitFit
+
+
+TOY = '''"""LayerNorm tuning: every LayerNorm's gain and bias, and the head."""
+
+from edge_tune.methods.core import Method
+from edge_tune.methods.head import head_trainable
+
+
+def ln_trainable(name, spec=None):
+    return ".ln" in name or "emb_ln" in name or head_trainable(name)
+
+
+REGISTER = (Method(name="lntune", summary="LayerNorm gains and biases, and the head", trainable=ln_trainable,
+                   default_lr=1e-2, default_steps=300),)
+'''
+
+
+def test_a_new_method_is_one_file(tmp_path, monkeypatch, base_int8, ids_mask):
+    """A toy method written as one module in the package's folder is found by the registry and runs through
+    the planner, training and a bank swap with no other edit."""
+    import copy
+
+    from edge_tune import methods
+    from edge_tune.bank import PatchBank
+    from edge_tune.memory import plan_memory
+    from edge_tune.methods import core
+    from edge_tune.patch import Manifest, save_patch
+
+    (tmp_path / "lntune.py").write_text(TOY)
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    monkeypatch.setattr(core, "_REGISTRY", {})
+    assert "lntune" in METHODS and MethodSpec("lntune").method.summary.startswith("LayerNorm")
+    spec = MethodSpec("lntune")
+    b = copy.deepcopy(base_int8)
+    params = apply_method(b.model, spec)
+    assert set(params) == set(delta_shapes(b.model, spec, 2)) and len(params) == 2 * 13 + 2
+    plan = plan_memory(b.config, spec, "int8", 16, 64)
+    assert plan.trainable_mb > 0 and plan.activations_mb > 0
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01)
+    tensors = {n: p.detach().clone() for n, p in params.items()}
+    m = Manifest("lntune", spec.hyper(), ["0", "1"], b.fingerprint, "int8", "", task="toy", seq_len=64)
+    save_patch(tmp_path / "toy.patch", tensors, m)
+    bank = PatchBank(copy.deepcopy(base_int8))
+    bank.activate(bank.load(tmp_path / "toy.patch"))
+    assert torch.equal(logits(bank.base, ids_mask), logits(b, ids_mask))

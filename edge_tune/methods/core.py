@@ -104,16 +104,25 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def _registry() -> dict[str, Method]:
+    """Every module of this package that defines `REGISTER` (a tuple of Methods) contributes them, modules
+    in name order: adding a method is adding a file."""
     if not _REGISTRY:
-        from . import adapter, bitfit, head, ia3, lora, partial, prefix, prompt, shots
+        import importlib
+        import pkgutil
 
-        for module in (head, bitfit, lora, ia3, adapter, prefix, prompt, partial, shots):
-            _REGISTRY.update({m.name: m for m in module.REGISTER})
+        from .. import methods
+
+        for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda i: i.name):
+            module = importlib.import_module(f"{methods.__name__}.{info.name}")
+            for m in getattr(module, "REGISTER", ()):
+                if m.name in _REGISTRY:
+                    raise EdgeTuneError(f"two methods named {m.name!r} ({info.name}.py and another module)")
+                _REGISTRY[m.name] = m
     return _REGISTRY
 
 
 class _Methods:
-    """METHODS: the registry, read-only, in the order the methods are listed in --help."""
+    """METHODS: the registry, read-only (modules in name order, each module's methods in its order)."""
 
     def __getitem__(self, name: str) -> Method:
         return _registry()[name]

@@ -85,6 +85,7 @@ PARTIAL = Method(
     name="partial",
     summary="the top layers trained in fp32 (--layers k), the rest quantized and frozen, and the head",
     trainable=partial_trainable,
+    # SST-2 dev, int8 base, batch 32, 300 steps, top 2 layers: lr 5e-5 (head 2e-3) 0.8234 (one run)
     default_lr=5e-5,
     default_steps=1200,
     head_lr_default=True,

@@ -120,6 +120,7 @@ METHOD = Method(
     summary="trained keys and values in front of every layer's attention (P-tuning v2; --tokens, --reparam) "
     "and the head",
     trainable=prefix_trainable,
+    # SST-2 dev, int8 base, batch 32, 300 steps, 16 tokens, MLP 128: lr 1e-2 0.8177 (one run)
     default_lr=1e-2,
     default_steps=1200,
     hyper=("tokens", "reparam"),

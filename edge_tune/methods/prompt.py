@@ -108,6 +108,7 @@ PROMPT = Method(
     name="prompt",
     summary="soft prompt tokens in front of every sentence (--tokens) and the head",
     trainable=prompt_trainable,
+    # SST-2 dev, int8 base, batch 32, 300 steps, 16 tokens: lr 3e-2 0.8142 (one run)
     default_lr=3e-2,
     default_steps=1200,
     hyper=("tokens",),
@@ -124,6 +125,7 @@ PTUNING = Method(
     name="ptuning",
     summary="soft prompt made by a trained MLP prompt encoder (--tokens, --reparam hidden width), and the head",
     trainable=ptuning_trainable,
+    # SST-2 dev, int8 base, batch 32, 300 steps, 16 tokens, MLP 128: lr 1e-2 0.8119 (one run)
     default_lr=1e-2,
     default_steps=1200,
     hyper=("tokens", "reparam"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 # per method, the same for every runtime (edge_tune's defaults); full fine-tuning trains its new head at HEAD_LR
-LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 2e-3, "ia3": 1e-2, "adapter": 2e-3, "prefix": 1e-2, "prompt": 3e-2,
+LR = {"head": 2e-3, "bitfit": 1e-2, "lora": 2e-3, "ia3": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2,
       "ptuning": 1e-2, "partial": 5e-5, "full": 5e-5}  # fmt: skip
 HEAD_LR = 2e-3
 PROMPT_TOKENS, REPARAM = 16, 128  # prefix / prompt / P-tuning virtual tokens; their MLP's hidden width

@@ -1,15 +1,13 @@
-"""`edge-tune`: thin verbs over the library. Errors print one line (`error: ...`) and exit 2;
---debug shows the traceback."""
+"""`edge-tune`: the flags of every verb (verbs.py does the work, thin over the library). Errors print one
+line (`error: ...`) and exit 2; --debug shows the traceback."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
-from pathlib import Path
 
+from . import verbs
 from .errors import EdgeTuneError
 from .methods import METHODS
 
@@ -219,225 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _request(args, **override):
-    """The RunRequest the flags ask for: each RunRequest field from the flag of the same name, where the verb
-    has it."""
-    import dataclasses
-
-    from .run import RunRequest
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunRequest) if hasattr(args, f.name)}
-    for name in ("targets", "label_text"):
-        if isinstance(given.get(name), str):
-            given[name] = tuple(t.strip() for t in given[name].split(",") if t.strip())
-    if given.get("label_text") is None:
-        given.pop("label_text", None)
-    return RunRequest(**(given | override))
-
-
-def cmd_doctor(args) -> int:
-    import platform
-    import shutil
-
-    import torch
-
-    from .kernels import KERNELS_ENV, kernel_paths
-    from .ops import ALL_OPS
-    from .rss import tensor_cache_summary
-
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next(
-            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), ""
-        )
-    simd = [
-        f
-        for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
-        if f" {f}" in flags
-    ]
-    print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"cpu features     {', '.join(simd) or 'unknown'}")
-    print(f"compiler         {shutil.which(os.environ.get('CXX', 'c++')) or 'none'}; ninja {shutil.which('ninja') or 'none'}; "
-          f"nvcc {shutil.which('nvcc') or 'none'}; CUDA available: {torch.cuda.is_available()}")  # fmt: skip
-    print(f"kernels          {KERNELS_ENV}={os.environ.get(KERNELS_ENV, '1')}")
-    for op, where in kernel_paths(list(ALL_OPS)).items():
-        print(f"  edge_tune::{op:24} {where}")
-    print(f"tensor cache     {tensor_cache_summary()}")
-    print("methods")
-    for m in METHODS.values():
-        print(f"  {m.name:10} {m.runs_on}")
-    return 0
-
-
-def cmd_profile(args) -> int:
-    from .methods import MethodSpec
-    from .profiles import PRECISIONS, load_profile
-    from .profiling import best_row, pareto_front, profile_grid, table
-
-    prof = load_profile(args.profile)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = list(METHODS) if methods == ["all"] else methods
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    for m in methods:
-        MethodSpec(m)  # one-line error for an unknown method, before any run
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad or not methods or not precisions or args.steps < 1:
-        raise EdgeTuneError(f"bad grid (precisions {bad}, steps {args.steps})", None,
-                            f"precisions among {', '.join(PRECISIONS)}, at least one method, --steps >= 1")  # fmt: skip
-    rows = profile_grid(prof.name if args.profile is None else args.profile, methods, precisions, args.steps,
-                        Path(args.out), progress=sys.stderr.isatty())  # fmt: skip
-    print(
-        f"profile {prof.name}: budget {prof.memory_budget_mb} MB, {args.steps} steps each, fresh process each"
-    )
-    print(table(rows))
-    best = best_row(rows)
-    if best is not None:
-        print(f"best under {prof.name}: {best['method']} on {best['precision']} (dev {best['dev_accuracy']:.4f}, "
-              f"peak {best['peak_rss_mb']:.0f} MB, patch {best['patch_kb']:.1f} KB)")  # fmt: skip
-    for cost, unit in (("peak_rss_mb", "MB"), ("patch_kb", "KB")):
-        front = ", ".join(f"{r['method']}/{r['precision']}" for r in pareto_front(rows, cost))
-        print(f"Pareto front, accuracy vs {cost.split('_')[0]} {unit}: {front}")
-    print(f"wrote {Path(args.out) / 'profile.json'} and {Path(args.out) / 'profile.png'}")
-    return 0 if all("error" not in r for r in rows) else 1
-
-
-def cmd_plan(args) -> int:
-    from .run import plan_run
-
-    run = plan_run(args.data, _request(args, batch_size=args.batch), checkpointing=args.checkpointing)
-    for w in run.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    plan, budget = run.asked, run.profile.memory_budget_mb
-    print(f"{args.method} on a {run.precision} base, micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
-          f"checkpointing {'on' if plan.checkpointing else 'off'}, profile {run.profile.name}:")  # fmt: skip
-    print(plan.table(budget))
-    if plan.fits(budget):
-        return 0
-    if run.memory is None:
-        raise run.refusal
-    fit = run.memory
-    print(f"`edge-tune train` would run: micro-batch {fit.micro_batch} x {fit.grad_accum} accumulation, "
-          f"checkpointing {'on' if fit.checkpointing else 'off'}, eval batch {fit.eval_batch}: {fit.total_mb:.0f} MB")  # fmt: skip
-    return 1
-
-
-def cmd_train(args) -> int:
-    from .run import adapt
-
-    r = adapt(args.data, args.out, _request(args))
-    t = r.train
-    print(
-        f"wrote {r.patch_path} ({r.patch_bytes / 1024:.1f} KB): {args.method}, dev accuracy {t.dev_accuracy:.4f} "
-        f"(best at step {t.best_step}/{t.steps}), peak RSS {t.peak_rss_mb:.0f} MB of {r.profile.memory_budget_mb} MB "
-        f"budget, {r.seconds:.0f} s"
-    )
-    return 0
-
-
-def cmd_demo(args) -> int:
-    import time
-
-    from .bank import PatchBank
-    from .rss import peak_rss_mb
-    from .run import adapt
-
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EdgeTuneError(f"cannot create the output folder ({e.strerror or e})", out.parent) from None
-    r = adapt("sst2", out, method=args.method, profile=args.profile, steps=args.steps)
-    bank = PatchBank(precision=r.profile.precision, max_rank=r.profile.max_rank)
-    name = bank.load(out)
-    swaps = []
-    for _ in range(200):
-        bank.deactivate()
-        t0 = time.perf_counter()
-        bank.activate(name)
-        swaps.append((time.perf_counter() - t0) * 1e6)
-    swaps.sort()
-    sentences = [
-        "a gorgeous , witty , seductive movie .",
-        "the plot is nothing but boilerplate clichés from start to finish .",
-        "an engrossing and surprisingly moving portrait of a family .",
-        "it 's a dull , lifeless mess .",
-    ]
-    for s, p in zip(sentences, bank.predict(sentences), strict=True):
-        print(f"  {p.label} ({'positive' if p.label == '1' else 'negative'}, p={p.probability:.3f})  {s}")
-    peak = max(peak_rss_mb(), r.train.peak_rss_mb)
-    budget = r.profile.memory_budget_mb
-    print(f"profile          {r.profile.name} ({r.threads} threads, base {r.profile.precision})")
-    print(
-        f"SST-2 dev acc    {r.train.dev_accuracy:.4f}  ({args.method}, patch as stored; steps {r.train.steps}, "
-        f"best at {r.train.best_step})"
-    )
-    print(f"patch            {out}  {r.patch_bytes / 1024:.1f} KB")
-    print(f"swap (activate)  p50 {swaps[len(swaps) // 2]:.1f} us, p99 {swaps[int(len(swaps) * 0.99)]:.1f} us")
-    print(f"peak RSS         {peak:.0f} MB of {budget} MB budget ({'within' if peak <= budget else 'OVER'})")
-    print(f"time             {r.seconds:.0f} s (load + train + export)")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from .bank import PatchBank
-    from .data import load_task, read_tsv
-    from .patch import load_patch
-
-    patch = load_patch(args.patch)
-    bank = PatchBank(precision=patch.manifest.base_precision)
-    name = bank.load(args.patch)
-    p = Path(args.data)
-    if p.is_file():
-        ds = read_tsv(p, patch.manifest.label_names)
-    else:
-        ds = load_task(args.data)[1]
-        if ds.label_names != patch.manifest.label_names:
-            ds = read_tsv(Path(ds.source).parent / "dev.tsv", patch.manifest.label_names)
-    preds = bank.predict(ds.texts, patch=name)
-    acc = sum(pr.label == ds.label_names[y] for pr, y in zip(preds, ds.labels, strict=True)) / len(ds)
-    print(f"accuracy {acc:.4f} on {len(ds)} rows of {ds.source} ({name}, {patch.manifest.method})")
-    return 0
-
-
-def cmd_predict(args) -> int:
-    from .bank import PatchBank
-    from .patch import load_patch
-
-    first = load_patch(args.patch[0])
-    bank = PatchBank(precision=first.manifest.base_precision)
-    names = [bank.load(p) for p in args.patch]
-    for name in names:
-        for text, p in zip(args.texts, bank.predict(args.texts, patch=name), strict=True):
-            print(f"{name}\t{p.label}\t{p.probability:.4f}\t{text}")
-    return 0
-
-
-def cmd_profiles(args) -> int:
-    from .profiles import DEFAULT_PROFILE, list_profile_names, load_profile
-
-    rows = [load_profile(n) for n in list_profile_names()]
-    head = ("profile", "budget_mb", "threads", "max_batch", "max_rank", "max_seq_len", "precision", "backend")
-    table = [head] + [
-        (p.name + (" *" if p.name == DEFAULT_PROFILE else ""), p.memory_budget_mb, p.threads, p.max_batch_size,
-         p.max_rank, p.max_seq_len, p.precision, p.backend) for p in rows
-    ]  # fmt: skip
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
-    for r in table:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    print("* default")
-    return 0
-
-
 VERBS = {
-    "demo": cmd_demo,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "predict": cmd_predict,
-    "profiles": cmd_profiles,
-    "plan": cmd_plan,
-    "doctor": cmd_doctor,
-    "profile": cmd_profile,
+    "demo": verbs.cmd_demo,
+    "train": verbs.cmd_train,
+    "eval": verbs.cmd_eval,
+    "predict": verbs.cmd_predict,
+    "profiles": verbs.cmd_profiles,
+    "plan": verbs.cmd_plan,
+    "doctor": verbs.cmd_doctor,
+    "profile": verbs.cmd_profile,
 }
 
 

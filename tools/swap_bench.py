@@ -1,11 +1,11 @@
 """Patch serving benchmark: edge_tune's PatchBank against Hugging Face PEFT, each in its own process.
 
 Measures, on 2 threads:
-  - swap latency (µs, p50/p99 over --swaps swaps between two loaded patches): edge_tune BitFit and LoRA r8
-    (reference switch, the shipped mechanism) and BitFit by copying biases into the live tensors (the
+  - swap latency (µs, p50/p99 over --swaps swaps between two loaded patches): edge_tune, every registered
+    method (reference switch, the shipped mechanism), and BitFit by copying biases into the live tensors (the
     alternative the issue asked to compare); PEFT `set_adapter` between two loaded LoRA r8 adapters and
     `hotswap_adapter_from_state_dict` (in-memory weight swap);
-  - cold load from disk (ms, p50): edge_tune `PatchBank.load` (validation included) per patch; PEFT
+  - cold load from disk (ms, p50): edge_tune `PatchBank.load` (validation included), every method; PEFT
     `load_adapter` and `hotswap_adapter` from a saved adapter folder;
   - mixed batch of 4 tasks x 8 sentences: one pass with per-row patches vs 4 per-task passes (activate +
     predict), sentences/s; PEFT's `adapter_names=` mixed batch vs 4 `set_adapter` passes.
@@ -59,7 +59,7 @@ def edge_worker(args, out: dict) -> None:
 
     from edge_tune.bank import PatchBank
     from edge_tune.base import load_base
-    from edge_tune.methods import MethodSpec, delta_shapes
+    from edge_tune.methods import METHODS, MethodSpec, delta_shapes
     from edge_tune.patch import Manifest, load_patch, save_patch
     from edge_tune.rss import apply_process_settings
 
@@ -67,10 +67,8 @@ def edge_worker(args, out: dict) -> None:
     apply_process_settings()  # before the base loads, as PatchBank(precision=...) does
     base = load_base(precision="int8")
     work = Path(tempfile.mkdtemp(prefix="swap_bench_"))
-    specs = {
-        "bitfit": MethodSpec("bitfit"),
-        "lora": MethodSpec("lora", rank=8, alpha=16.0, targets=("q", "v")),
-    }
+    # every registered method at its defaults (LoRA r8 on q, v); BitFit and LoRA serve the mixed batch too
+    specs = {m: MethodSpec(m, rank=8, alpha=16.0, targets=("q", "v")) for m in METHODS}
     defaults = dict(base.model.named_parameters())
 
     def make(task: str, method: str, seed: int) -> Path:
@@ -90,7 +88,8 @@ def edge_worker(args, out: dict) -> None:
         save_patch(work / f"{task}_{method}.patch", tensors, m)
         return work / f"{task}_{method}.patch"
 
-    paths = {(t, m): make(t, m, i) for i, (t, m) in enumerate((t, m) for t in TASKS for m in specs)}
+    pairs = [(t, m) for m in specs for t in (TASKS if m in ("bitfit", "lora") else TASKS[:2])]
+    paths = {(t, m): make(t, m, i) for i, (t, m) in enumerate(pairs)}
     out["patch_source"] = (
         "trained"
         if args.patches and all(p.parent == Path(args.patches) for p in paths.values())

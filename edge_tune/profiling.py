@@ -48,7 +48,7 @@ def run_one(profile: str | None, method: str, precision: str, steps: int, out: P
 
     step = statistics.median(r.train.step_seconds) if r.train.step_seconds else float("nan")
     return {
-        "method": method, "precision": precision, "trainable": sum(t.numel() for t in r.train.tensors.values()),
+        "method": method, "precision": precision, "trainable": r.train.trained_values or sum(t.numel() for t in r.train.tensors.values()),
         "patch_kb": r.patch_bytes / 1024, "peak_rss_mb": peak_rss_mb(), "budget_mb": r.profile.memory_budget_mb,
         "step_ms": step * 1e3, "train_sent_s": min(32, r.profile.max_batch_size) / step,
         "lat1_ms": median_ms(dev[:1], 20), "lat32_ms": median_ms(dev[:32], 5), "dev_accuracy": r.train.dev_accuracy,

@@ -65,9 +65,9 @@ class TrainResult:
     peak_rss_mb: float
     history: list[dict] = field(default_factory=list)
     stop_reason: str = ""  # why it ended before cfg.steps, if it did
-    step_seconds: list[float] = field(
-        default_factory=list
-    )  # wall time of each optimizer step, evals excluded
+    # wall time of each optimizer step, evals excluded
+    step_seconds: list[float] = field(default_factory=list)
+    trained_values: int = 0  # values the optimizer stepped (a folded reparametrization's included)
 
 
 def set_threads(profile: DeviceProfile) -> int:
@@ -324,4 +324,5 @@ def train(
         state.history,
         stop_reason,
         step_seconds,
+        sum(p.numel() for p in params.values()),
     )

@@ -50,16 +50,22 @@ def description_head(base, descriptions: list[str], seq_len: int = 64) -> tuple[
     return e / norm * scale, torch.zeros(len(descriptions))
 
 
-def prototype_head(base, texts: list[str], labels: list[int], num_labels: int, seq_len: int = 64):
+def prototype_head(
+    base, texts: list[str], labels: list[int], num_labels: int, seq_len: int = 64, chunk: int = 4096
+):
     """Few-shot: nearest class mean. Weight mu_c, bias -|mu_c|^2 / 2: argmax_c of w_c x + b_c is the class
-    whose mean embedding is nearest to x (Euclidean). A class with no examples gets -inf-like bias."""
-    e = embed(base, texts, seq_len)
-    y = torch.tensor(labels)
-    weight = torch.zeros(num_labels, e.shape[1])
-    bias = torch.full((num_labels,), -1e4)
+    whose mean embedding is nearest to x (Euclidean). A class with no examples gets a -1e4 bias. Embeds
+    `chunk` texts at a time and keeps only per-class sums, so all of SST-2 costs no (N, D) matrix."""
+    D = base.model.encoder.cfg.hidden_size
+    sums, counts = torch.zeros(num_labels, D), torch.zeros(num_labels)
+    for s in range(0, len(texts), chunk):
+        y = torch.tensor(labels[s : s + chunk])
+        sums.index_add_(0, y, embed(base, texts[s : s + chunk], seq_len))
+        counts += torch.bincount(y, minlength=num_labels).float()
+    weight, bias = torch.zeros(num_labels, D), torch.full((num_labels,), -1e4)
     for c in range(num_labels):
-        if (y == c).any():
-            mu = e[y == c].mean(0)
+        if counts[c]:
+            mu = sums[c] / counts[c]
             weight[c], bias[c] = mu, -0.5 * mu.dot(mu)
     return weight, bias
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .rss import trim_resident_memory
 
-FLOOR_CACHE_VERSION = 6
+FLOOR_CACHE_VERSION = 7
 
 
 def _floor_cache_path() -> Path:
@@ -33,15 +33,13 @@ def _floor_key() -> str:
             f"{sys.prefix}|kernels={kernels}")  # fmt: skip
 
 
-def runtime_floor_mb(refresh: bool = False, dense: bool = False) -> float:
+def runtime_floor_mb(refresh: bool = False) -> float:
     """Peak RSS (MB) of the training phase of a fresh process with no work to do: interpreter, torch,
     edge_tune, the tokenizer, and the code pages a training and an evaluation step run, after
     trim_resident_memory has dropped the rest (train() trims before its first step). Measured in a subprocess
     that runs tiny training and evaluation steps through every code path, minus the tiny model; once per
-    machine and Python environment (~5 s), cached in ~/.cache/edge_tune. `dense`: the floor of methods that
-    train fp32 copies of the base's weights (Method.dense), whose weight gradients page in ~30 MB more of
-    MKL's GEMM code and buffers; measured after the others, in the same child."""
-    return _floor_values(refresh)["dense_floor" if dense else "floor"]
+    machine and Python environment (~5 s), cached in ~/.cache/edge_tune."""
+    return _floor_values(refresh)["floor"]
 
 
 def startup_peak_mb(refresh: bool = False) -> float:
@@ -55,7 +53,7 @@ def _floor_values(refresh: bool = False) -> dict[str, float]:
     if not refresh:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             v = json.loads(path.read_text())[key]
-            return {k: float(v[k]) for k in ("floor", "dense_floor", "startup")}
+            return {"floor": float(v["floor"]), "startup": float(v["startup"])}
     import subprocess
 
     # A page this process maps too cannot be trimmed in the child (MADV_PAGEOUT skips shared pages): measured

@@ -38,32 +38,28 @@ def measure_floor() -> dict[str, float]:
         read_config(model_dir), num_hidden_layers=1, vocab_size=64, max_position_embeddings=32
     )
     trim_resident_memory()
-    tiny_bytes, floors = 0, {}
-    # The light methods first, then the dense ones (fp32 weight copies, a higher floor): peak RSS only grows,
-    # so each group's floor is read after it.
-    for group in (False, True):
-        for precision in ("int8", "int4"):
-            model = skeleton(cfg, precision)
-            tiny_bytes = max(tiny_bytes, quant.tensor_bytes(model))
-            # 64 rows: past the kernels' few-row paths (16 rows), so the blocked int8 GEMM and MKL's sgemm
-            # code that a real batch runs is resident too
-            ids, mask = torch.randint(0, 64, (4, 16)), torch.ones(4, 16, dtype=torch.long)
-            for method in [m for m in METHODS if METHODS[m].trains_encoder and METHODS[m].dense == group]:
-                for ck in (False, True):
-                    model.encoder.checkpointing = ck
-                    spec = MethodSpec(
-                        method, rank=4, targets=("q", "v", "o", "ff1", "ff2"), tokens=4, train_from=0
-                    )
-                    params = apply_method(model, spec)
-                    opt = AdamW(params.values())
-                    F.cross_entropy(model(ids, mask), torch.zeros(4, dtype=torch.long)).backward()
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-                    opt.step()
-                    detach_all(model)
-            with torch.inference_mode():
-                model.eval()(ids, mask)
-        floors["dense_floor" if group else "floor"] = peak_rss_mb() - tiny_bytes / MB
-    return floors | {"startup": startup}
+    tiny_bytes = 0
+    for precision in ("int8", "int4"):
+        model = skeleton(cfg, precision)
+        tiny_bytes = max(tiny_bytes, quant.tensor_bytes(model))
+        # 64 rows: past the kernels' few-row paths (16 rows), so the blocked int8 GEMM and MKL's sgemm code
+        # that a real batch runs is resident too
+        ids, mask = torch.randint(0, 64, (4, 16)), torch.ones(4, 16, dtype=torch.long)
+        # Not the dense methods (partial, full): their fp32 linears are the code the adapters' and LoRA's
+        # already page in; run here they added 28 MB that their real runs do not hold (plan_accuracy).
+        for method in [m for m in METHODS if METHODS[m].trains_encoder and not METHODS[m].dense]:
+            for ck in (False, True):
+                model.encoder.checkpointing = ck
+                spec = MethodSpec(method, rank=4, targets=("q", "v", "o", "ff1", "ff2"), tokens=4)
+                params = apply_method(model, spec)
+                opt = AdamW(params.values())
+                F.cross_entropy(model(ids, mask), torch.zeros(4, dtype=torch.long)).backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                opt.step()
+                detach_all(model)
+        with torch.inference_mode():
+            model.eval()(ids, mask)
+    return {"floor": peak_rss_mb() - tiny_bytes / MB, "startup": startup}
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def plan_memory(
     return MemoryPlan(
         spec.name, precision, micro_batch, grad_accum, seq_len, spec.rank if "rank" in spec.method.hyper else 0,
         checkpointing, eval_batch,
-        runtime_floor_mb=runtime_floor_mb(dense=spec.method.dense),
+        runtime_floor_mb=runtime_floor_mb(),
         base_weights_mb=base_weight_bytes(cfg, precision) / MB,
         data_mb=data_bytes / MB,
         trainable_mb=params * FP32 / MB,

@@ -68,7 +68,7 @@ class Method:
     trains_encoder: bool = True
     # attached and untrained, it changes no logit (False: soft prompts, fp32 weight copies)
     starts_as_base: bool = True
-    # trains fp32 copies of base weights: its runs page in more of MKL (floor.runtime_floor_mb's `dense`)
+    # trains fp32 copies of the base's weights (partial, full): the floor probe leaves it out
     dense: bool = False
     row_mixable: bool = False  # PatchBank can run its patches with others' in one pass, row by row
     slots: tuple[str, ...] = ()  # suffixes of the parameters it adds to the model (not the base's own)

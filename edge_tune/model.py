@@ -126,17 +126,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: BertConfig, q, k, v, o, ln1, ff1, ff2, ln2):
         super().__init__()
         self.heads = cfg.num_attention_heads
-        self.q, self.k, self.v, self.o, self.ln1, self.ff1, self.ff2, self.ln2 = (
-            q,
-            k,
-            v,
-            o,
-            ln1,
-            ff1,
-            ff2,
-            ln2,
-        )
-
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.ln1, self.ff1, self.ff2, self.ln2 = ln1, ff1, ff2, ln2
         self.register_parameter("prefix", None)  # (2, P, D): P extra keys and values (prefix tuning)
 
     def forward(self, x: Tensor, attn_mask: Tensor, prefix: Tensor | None = None) -> Tensor:

@@ -97,12 +97,16 @@ def read_tsv(path: str | Path, label_names: list[str] | None = None) -> Dataset:
     return Dataset(texts, [index[x] for x in raw_labels], list(label_names), str(path))
 
 
+def task_path(data: str | Path) -> Path:
+    """A built-in task's folder for its name (unless a file of that name exists here), else the path."""
+    path = Path(data)
+    return DATA_DIR / str(data) if str(data) in TASKS and not path.exists() else path
+
+
 def load_task(data: str | Path, dev_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Train and dev sets from a built-in task name, a folder with train.tsv (+ dev.tsv), or one TSV
     (its dev set is a seeded `dev_fraction` split of its rows)."""
-    path = Path(data)
-    if str(data) in TASKS and not path.exists():
-        path = DATA_DIR / str(data)
+    path = task_path(data)
     if path.is_dir():
         train = read_tsv(path / "train.tsv")
         if (path / "dev.tsv").is_file():
@@ -150,9 +154,7 @@ def take_per_class(ds: Dataset, n: int, seed: int) -> Dataset:
 def label_descriptions(data: str | Path, label_names: list[str]) -> list[str]:
     """A sentence describing each label, for zero-shot heads: a task folder's `labels.tsv`
     (label<TAB>description, with header) where there is one, else the label names themselves."""
-    path = Path(data)
-    if str(data) in TASKS and not path.exists():
-        path = DATA_DIR / str(data)
+    path = task_path(data)
     table = path / "labels.tsv" if path.is_dir() else path.with_name("labels.tsv")
     if not table.is_file():
         return list(label_names)

@@ -346,20 +346,22 @@ class Classifier(nn.Module):
 
     @torch.inference_mode()
     def predict_proba(self, rows: list, batch_size: int = 64) -> Tensor:
-        """rows: token-id arrays -> class probabilities (N, num_labels), in eval mode. Rows are run in
-        length order, in passes of at most `batch_size` cut where padding would cost most
-        (data.length_buckets), and returned in the order given."""
+        """rows: token-id arrays -> class probabilities (N, num_labels), in eval mode, in the order given."""
+        return self.by_length(rows, batch_size, lambda ids, mask: self(ids, mask).softmax(-1))
+
+    @torch.inference_mode()
+    def by_length(self, rows: list, batch_size: int, fn) -> Tensor:
+        """fn(ids, mask) over token-id arrays `rows`, in eval mode, run in length order in passes of at most
+        `batch_size` cut where padding costs most (data.length_buckets); rows returned in the order given."""
         from .data import collate, length_buckets
 
-        was_training = self.training
+        was_training, order, parts = self.training, sorted(range(len(rows)), key=lambda i: len(rows[i])), []
         self.eval()
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        out = torch.empty(len(rows), self.head.weight.shape[0])
         for s, e in length_buckets([len(rows[i]) for i in order], batch_size):
-            idx = order[s:e]
-            out[idx] = self(*collate([rows[i] for i in idx])).softmax(-1)
+            parts.append(fn(*collate([rows[i] for i in order[s:e]])))
         self.train(was_training)
-        return out
+        out = torch.cat(parts) if parts else torch.empty(0, self.head.weight.shape[0])
+        return out[torch.argsort(torch.tensor(order, dtype=torch.long))] if parts else out
 
 
 def layer_of(name: str) -> int | None:

@@ -19,10 +19,10 @@ from .base import default_model_dir, load_base, read_config
 from .data import Dataset, label_descriptions, load_task, take_per_class
 from .errors import BudgetError, EdgeTuneError, PatchError
 from .memory import MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
-from .methods import MethodSpec, get_method
+from .methods import MethodSpec, apply_method, get_method
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
-from .rss import apply_process_settings, set_tensor_cache_slack, trim_resident_memory
+from .rss import apply_process_settings, peak_rss_mb, set_tensor_cache_slack, trim_resident_memory
 from .trainer import SCHEDULES, TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")
@@ -265,9 +265,6 @@ def output_lock(out: Path):
 def _fit(base, data, train_ds: Dataset, dev_ds: Dataset, spec: MethodSpec, cfg: TrainConfig,
          label_text: tuple[str, ...]) -> TrainResult:  # fmt: skip
     """A method made without backprop (Method.fit): its head from the base's embeddings, then evaluated."""
-    from .methods import apply_method
-    from .rss import peak_rss_mb
-
     descriptions = list(label_text) or label_descriptions(data, train_ds.label_names)
     base.model.reset_head(len(train_ds.label_names), cfg.seed)
     params = apply_method(base.model, spec, cfg.seed)

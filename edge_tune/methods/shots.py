@@ -15,22 +15,10 @@ from .head import head_trainable
 ZEROSHOT_TEMPERATURE = 0.05  # cosine similarity / temperature -> logits (sentence-embedding practice)
 
 
-@torch.inference_mode()
 def embed(base, texts: list[str], seq_len: int = 64, batch_size: int = 64) -> torch.Tensor:
     """(N, D) mean-pooled sentence embeddings of `texts` from the base (eval mode, current deltas)."""
-    model, was_training = base.model, base.model.training
-    model.eval()
-    from ..data import collate, length_buckets
-
     tokens = encode(base.tokenizer, list(texts), seq_len)
-    rows = [tokens[i] for i in range(len(tokens))]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows), model.encoder.cfg.hidden_size)
-    for s, e in length_buckets([len(rows[i]) for i in order], batch_size):
-        idx = order[s:e]
-        out[idx] = model.pool(*collate([rows[i] for i in idx]))
-    model.train(was_training)
-    return out
+    return base.model.by_length([tokens[i] for i in range(len(tokens))], batch_size, base.model.pool)
 
 
 def set_head(model, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -50,6 +50,8 @@ def save_checkpoint(
         if st:
             tensors[f"adam_m/{n}"] = st["exp_avg"].contiguous()
             tensors[f"adam_v/{n}"] = st["exp_avg_sq"].contiguous()
+            if "rows" in st:  # row-sparse moments (optim.AdamW): the rows they belong to
+                tensors[f"adam_rows/{n}"] = st["rows"].contiguous()
             adam_steps[n] = float(st["step"])
     tensors["torch_rng"] = torch.get_rng_state()
     flat = [i for b in state.batches for i in b]
@@ -111,6 +113,8 @@ def load_checkpoint(
                 "exp_avg": tensors[f"adam_m/{n}"].clone(),
                 "exp_avg_sq": tensors[f"adam_v/{n}"].clone(),
             }
+            if f"adam_rows/{n}" in tensors:
+                opt.state[p]["rows"] = tensors[f"adam_rows/{n}"].clone()
     torch.set_rng_state(tensors["torch_rng"])
     v, internal, gauss = meta["py_rng"]
     rng.setstate((v, tuple(internal), gauss))

@@ -98,7 +98,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     g.add_argument(
         "--label-text",
         default=None,
-        help="zeroshot: one description per label, comma-separated, in label order "
+        help="zeroshot, fewshot: one description per label, comma-separated, in label order "
         "(default: the task's labels.tsv, else the label names)",
     )
     g.add_argument(
@@ -129,7 +129,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         help="gradual unfreezing: one more layer, top-down, every N steps (default 0: off)",
     )
     g.add_argument("--head-init", default="random",
-                   help="random | prototypes: start the head at the class means (default random)")  # fmt: skip
+                   help="random | prototypes: start the head at the class prototypes (default random)")  # fmt: skip
     p.add_argument(
         "--allow-shorter-seq",
         action="store_true",

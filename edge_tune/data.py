@@ -203,6 +203,12 @@ def encode(tokenizer, texts: list[str], max_len: int, chunk: int = 2048) -> Toke
     )
 
 
+def token_rows(ids: TokenizedTexts, pad_id: int = 0) -> np.ndarray:
+    """The distinct token ids of `ids` and the padding id (int64, sorted): the rows of the word table that
+    training on them can touch."""
+    return np.unique(np.append(ids.flat, pad_id)).astype(np.int64)
+
+
 def collate(rows: list[np.ndarray], pad_id: int = 0, length: int | None = None) -> tuple[Tensor, Tensor]:
     """Pad id rows to the longest (or to `length` tokens) -> ids (B, T) int64, mask (B, T) int64 (1 = real
     token)."""

@@ -32,7 +32,7 @@ class MemoryPlan:
     data_mb: float  # texts and token ids of the train and dev sets
     trainable_mb: float
     gradients_mb: float  # beyond the saved activations they replace in backward
-    optimizer_mb: float  # AdamW moments (2 per parameter) + the best-so-far copy
+    optimizer_mb: float  # AdamW moments (2 per parameter, a word table's touched rows only) + the best copy
     activations_mb: float  # saved for backward, all layers
     activations_per_layer_mb: float
     workspace_mb: float  # transient buffers of the largest op of a training step
@@ -72,6 +72,9 @@ PLAN_PARTS = ("runtime_floor_mb", "base_weights_mb", "data_mb", "trainable_mb", 
               "activations_mb", "workspace_mb", "eval_extra_mb", "tensor_cache_mb")  # fmt: skip
 
 
+WORD_TABLE = "encoder.word.weight_full"  # the trainable word embeddings (model.QuantEmbedding), where a method has them
+
+
 def base_weight_bytes(cfg, precision: str) -> int:
     """Bytes of the frozen encoder as load_base stores it (quantized linears and word embeddings,
     fp32 biases, LayerNorms, position and type-0 embeddings)."""
@@ -92,8 +95,8 @@ def base_weight_bytes(cfg, precision: str) -> int:
 def saved_floats_per_token(cfg, spec) -> int:
     """fp32 values per token one trained encoder layer saves for backward under `spec`. The frozen quantized
     linears save nothing (ops.py: input gradient from the frozen weight alone); what is saved is the
-    attention's q, k and v (fp16: half a float each, model._AttentionHalfSaved), both LayerNorms' inputs
-    (fp16) and statistics (model._LayerNormHalfSaved), GELU's input (fp16, model._GeluHalfSaved), and
+    attention's q, k and v (fp16: half a float each, half_saved._AttentionHalfSaved), both LayerNorms' inputs
+    (fp16) and statistics (half_saved._LayerNormHalfSaved), GELU's input (fp16, half_saved._GeluHalfSaved), and
     the method's own term (Method.saved_floats_per_token: LoRA's adapted inputs and rank-r projections)."""
     if not spec.method.trains_encoder:
         return 0  # the encoder runs without autograd
@@ -143,13 +146,21 @@ def plan_memory(
     grad_accum: int = 1,
     num_labels: int = 2,
     data_bytes: int = 0,
+    table_rows: int | None = None,
 ) -> MemoryPlan:
     """Predict the peak RSS of training `spec` on a `precision` base with `micro_batch` sentences of up
     to `seq_len` tokens. `cfg` is the model's BertConfig; `data_bytes` what the loaded datasets hold
-    (see dataset_bytes)."""
+    (see dataset_bytes); `table_rows` the distinct token ids of the training data (data.distinct_tokens),
+    where the method trains the word table (default: every row of it)."""
     D, F = cfg.hidden_size, cfg.intermediate_size
     params = _trainable_count(cfg, spec, num_labels)
     tokens = micro_batch * (seq_len + spec.method.extra_tokens(spec))
+    # A trained word table gets a sparse gradient (a row per token looked up, kept twice while coalesced)
+    # and AdamW moments only for the rows the data can touch (optim.AdamW); its best copy stays whole.
+    table = cfg.vocab_size * D if spec.method.trainable(WORD_TABLE, spec) else 0
+    rows = cfg.vocab_size if table_rows is None else min(table_rows, cfg.vocab_size)
+    grads = params - table + (2 * tokens * grad_accum * D if table else 0)
+    moments = 2 * (params - table + (rows * D if table else 0))
     saved, per_layer = saved_activation_bytes(cfg, spec, micro_batch, seq_len, checkpointing)
     dequant = F * D * FP32 if precision != "fp32" else 0  # the reference ops dequantize one weight at a time
     train_ws = workspace_floats_per_token(cfg) * tokens * FP32 + 2 * dequant
@@ -164,8 +175,8 @@ def plan_memory(
         trainable_mb=params * FP32 / MB,
         # Gradients appear in backward as the activations it has used are freed, and are dropped after the
         # optimizer step (zero_grad(set_to_none)): the peak holds the larger of the two, not both.
-        gradients_mb=max(0, params * FP32 - saved) / MB,
-        optimizer_mb=3 * params * FP32 / MB,
+        gradients_mb=max(0, grads * FP32 - saved) / MB,
+        optimizer_mb=(moments + params) * FP32 / MB,
         activations_mb=saved / MB,
         activations_per_layer_mb=per_layer / MB,
         workspace_mb=train_ws / MB,
@@ -211,6 +222,7 @@ def plan_batch_size(
     data_bytes: int = 0,
     num_labels: int = 2,
     allow_shorter_seq: bool = False,
+    table_rows: int | None = None,
 ) -> tuple[MemoryPlan, list[str]]:
     """The plan for the largest micro-batch that fits `budget_mb`, keeping the effective `batch_size`
     through gradient accumulation, and the one-line announcements of what it changed. Order of
@@ -231,7 +243,8 @@ def plan_batch_size(
                     continue  # the trainer splits a batch into `accum` near-equal parts; skip duplicates
                 for ev in (e for e in EVAL_BATCHES if e <= max(micro, 16)):
                     plan = plan_memory(cfg, spec, precision, micro, seq, checkpointing=ck, eval_batch=ev,
-                                       grad_accum=accum, num_labels=num_labels, data_bytes=data_bytes)  # fmt: skip
+                                       grad_accum=accum, num_labels=num_labels, data_bytes=data_bytes,
+                                       table_rows=table_rows)  # fmt: skip
                     if plan.fits(budget_mb):
                         if micro < (micro_batch or batch_size):
                             notes.append(f"memory plan: micro-batch {micro} x {accum} accumulation steps keeps the "
@@ -246,7 +259,7 @@ def plan_batch_size(
                             )
                         return with_tensor_cache(plan, budget_mb), notes
     need = plan_memory(cfg, spec, precision, 1, seqs[-1], checkpointing=True, eval_batch=1, num_labels=num_labels,
-                       data_bytes=data_bytes).total_mb  # fmt: skip
+                       data_bytes=data_bytes, table_rows=table_rows).total_mb  # fmt: skip
     raise BudgetError(
         f"{spec.name} on a {precision} base cannot fit {budget_mb:.0f} MB even at micro-batch 1 with checkpointing "
         f"(needs {need:.0f} MB)",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .half_saved import attention, dense_linear, gelu, layer_norm
 
 # How the int8 and int4 bases treat activations: "dynamic" quantizes them per token to 7 bits and
 # multiplies in integers (ops.int8_linear_dynamic / lora_linear / int4_linear_dynamic, the fast path); "fp32"
@@ -65,7 +66,7 @@ class QuantLinear(nn.Module):
             x = x * self.in_scale
         lora_done = False
         if self.weight_full is not None:
-            y = F.linear(x, self.weight_full, self.bias)
+            y = dense_linear(x, self.weight_full, self.bias)
         elif self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
             if self.lora_A is not None:
                 y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
@@ -114,7 +115,8 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.weight_full is not None:
-            return F.embedding(ids, self.weight_full)
+            # sparse: the gradient holds the looked-up rows only, not a (vocab, D) table (optim.AdamW)
+            return F.embedding(ids, self.weight_full, sparse=True)
         if self.precision == "int8":
             return ops.int8_embedding(ids, self.w_q, self.scale)
         if self.precision == "int4":
@@ -143,8 +145,7 @@ class EncoderLayer(nn.Module):
             a = _attention_with_prefix(self.q(x), self.k(x), self.v(x), attn_mask, prefix, self.heads)
         x = layer_norm(self.ln1, x + self.o(a.transpose(1, 2).reshape(B, T, D)))
         h = self.ff1(x)
-        h = _GeluHalfSaved.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.gelu(h)
-        return layer_norm(self.ln2, x + self.ff2(h))
+        return layer_norm(self.ln2, x + self.ff2(gelu(h)))
 
 
 def _attention_with_prefix(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, prefix: Tensor, heads: int):
@@ -159,85 +160,6 @@ def _attention_with_prefix(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, p
     mask = torch.cat([attn_mask.new_ones(B, 1, 1, P), attn_mask], -1)
     split = lambda t: t.view(B, T + P, heads, D // heads).transpose(1, 2)  # noqa: E731
     return attention(split(q), split(k), split(v), mask)[:, :, P:]
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
-    """Scaled dot-product attention. On CPU through ops.attention (cpp_ext/cpu_attention.cpp with the
-    kernels), with autograd or without alike, so that training, inference and checkpointing's no-grad pass
-    give the same bits; while training, through _AttentionHalfSaved."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    key_mask = attn_mask[:, 0, 0, :]  # (B, T)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionHalfSaved.apply(q, k, v, key_mask)
-    return ops.attention(q, k, v, key_mask)
-
-
-class _AttentionHalfSaved(torch.autograd.Function):
-    """Self-attention that keeps only q, k and v for backward, in fp16. torch's SDPA keeps q, k, v, the output
-    and the log-sum-exp in fp32 (4 x 384 floats a token and layer); this keeps 1.5 x 384, ~24 MB less at
-    batch 16 x 64 tokens. ops.attention_backward recomputes the probabilities from q and k, and needs
-    neither the output nor the log-sum-exp (so does its reference, with the kernels off). The gradients
-    are those at the fp16-rounded q, k, v (relative error ~4e-4 against SDPA's), which moves them far less
-    than the int8 weights already do. (Saving the output and log-sum-exp of torch's flash kernels instead of
-    rerunning them, tried: the gradients came out 2-5x more sensitive to last-bit input changes, as a
-    flipped fp16 rounding of q or k no longer matched the saved log-sum-exp.)"""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
-        ctx.save_for_backward(ops.half_saturated(q), ops.half_saturated(k), ops.half_saturated(v), key_mask)
-        return ops.attention(q, k, v, key_mask)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        q16, k16, v16, key_mask = ctx.saved_tensors
-        dq, dk, dv = ops.attention_backward(grad, q16, k16, v16, key_mask)
-        return dq, dk, dv, None
-
-
-def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
-    """`ln(x)`; while training, through _LayerNormHalfSaved."""
-    if torch.is_grad_enabled() and (x.requires_grad or ln.weight.requires_grad or ln.bias.requires_grad):
-        return _LayerNormHalfSaved.apply(x, ln.weight, ln.bias, ln.eps)
-    return ln(x)
-
-
-class _LayerNormHalfSaved(torch.autograd.Function):
-    """LayerNorm that keeps its input for backward in fp16 (with its per-token mean and 1/std in fp32):
-    384 bytes a token less per LayerNorm, ~9 MB over the encoder at batch 16 x 64 tokens. Backward is
-    torch's own, at the fp16-rounded input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        out, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
-        ctx.save_for_backward(ops.half_saturated(x), mean, rstd, weight, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x16, mean, rstd, weight, bias = ctx.saved_tensors
-        x = x16.float()
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            grad, x, x.shape[-1:], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3])
-        )
-        return dx, dw, db, None
-
-
-class _GeluHalfSaved(torch.autograd.Function):
-    """Exact GELU that keeps its input for backward in fp16: the FFN hidden (1536 values a token) is the
-    largest activation a layer saves, and half its bytes is ~18 MB at batch 16 x 64 tokens. The derivative
-    is taken at the fp16-rounded input (relative error <= 2^-11 in x), which moves the gradient far less
-    than the int8 weights already do."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:
-        ctx.save_for_backward(ops.half_saturated(h))
-        return F.gelu(h)  # torch's, as inference and checkpointing's no-grad pass: the same bits
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (h16,) = ctx.saved_tensors
-        return ops.gelu_backward_half(grad, h16)
 
 
 class _Recompute(torch.autograd.Function):

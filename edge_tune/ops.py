@@ -232,13 +232,13 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
         lora_linear_backward_ref,
     ),
-    # self-attention (model.attention; model._AttentionHalfSaved owns the autograd and runs the backward)
+    # self-attention (half_saved.attention; half_saved._AttentionHalfSaved owns the autograd and runs the backward)
     "attention": ("(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor", attention_ref),
     "attention_backward": (
         "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor key_mask) -> (Tensor, Tensor, Tensor)",
         attention_backward_ref,
     ),
-    # the activations training keeps in fp16 (model.py's *HalfSaved functions, which own the autograd)
+    # the activations training keeps in fp16 (half_saved.py's functions, which own the autograd)
     "half_saturated": ("(Tensor x) -> Tensor", half_saturated_ref),
     "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
 }

@@ -23,7 +23,7 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     """q: (rows, cols) int8, scale: (rows,) fp32 -> (rows, cols) fp32."""
-    return q.float() * scale[:, None]
+    return q.float().mul_(scale[:, None])  # in place: one (rows, cols) fp32 tensor made, not two
 
 
 def pack_int4(q: Tensor) -> Tensor:

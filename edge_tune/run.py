@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .base import default_model_dir, load_base, read_config
-from .data import Dataset, label_descriptions, load_task, take_per_class
+from .base import default_model_dir, load_base, load_tokenizer, read_config
+from .data import Dataset, encode, label_descriptions, load_task, take_per_class, token_rows
 from .errors import BudgetError, EdgeTuneError, PatchError
-from .memory import MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
+from .memory import WORD_TABLE, MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
 from .methods import MethodSpec, apply_method, get_method
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
@@ -162,15 +162,19 @@ def plan_run(data: str | Path, req: RunRequest, *, checkpointing: bool = False) 
     batch, seq = used["batch_size"], used["seq_len"]
     data_bytes = _data_bytes(train_ds, dev_ds, seq)
     labels = len(train_ds.label_names)
+    rows = None
+    if spec.method.trainable(WORD_TABLE, spec):  # its optimizer state is per row the data touches
+        rows = len(token_rows(encode(load_tokenizer(default_model_dir()), train_ds.texts, seq)))
     asked = plan_memory(model_cfg, spec, precision, batch, seq, checkpointing=checkpointing,
-                        eval_batch=min(64, max(16, batch)), num_labels=labels, data_bytes=data_bytes)  # fmt: skip
+                        eval_batch=min(64, max(16, batch)), num_labels=labels, data_bytes=data_bytes,
+                        table_rows=rows)  # fmt: skip
     if asked.fits(prof.memory_budget_mb):
         asked = with_tensor_cache(asked, prof.memory_budget_mb)  # spare budget buys tensor-cache slack
     memory, notes, refusal = None, [], None
     try:
         memory, notes = plan_batch_size(
             model_cfg, spec, precision, prof.memory_budget_mb, batch, seq, micro_batch=-(-batch // req.grad_accum),
-            data_bytes=data_bytes, num_labels=labels, allow_shorter_seq=req.allow_shorter_seq,
+            data_bytes=data_bytes, num_labels=labels, allow_shorter_seq=req.allow_shorter_seq, table_rows=rows,
         )  # fmt: skip
     except BudgetError as e:
         refusal = e

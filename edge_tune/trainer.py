@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from .base import Base
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
-from .data import Dataset, collate, encode, length_grouped_batches, per_class_rows
+from .data import Dataset, collate, encode, length_grouped_batches, per_class_rows, token_rows
 from .errors import EdgeTuneError
 from .methods import MethodSpec, apply_method
 from .model import layer_of
-from .optim import AdamW
+from .optim import AdamW, clip_grad_norm
 from .profiles import DeviceProfile
 from .rss import apply_process_settings, peak_rss_mb, trim_resident_memory
 
@@ -45,7 +45,7 @@ class TrainConfig:
     layer_lr_decay: float = 1.0  # encoder layer i trains at lr x decay^(L-1-i), embeddings at decay^L
     head_lr: float | None = None  # the head's (new parameters') lr; None: lr
     unfreeze_every: int = 0  # gradual unfreezing: one more layer, top-down, every N steps (0: all at once)
-    head_init: str = "random"  # random | prototypes (class means of up to 256 training sentences a class)
+    head_init: str = "random"  # random | prototypes (of up to 256 training sentences a class)
     max_grad_norm: float | None = 1.0  # clip the global gradient norm of the deltas (None: no clipping)
     eval_every: int = 100  # optimizer steps between dev evaluations
     patience: int = 5  # evaluations without improvement before stopping early
@@ -209,6 +209,11 @@ def train(
                                         len(train_ds.label_names), cfg.seq_len))  # fmt: skip
     opt = AdamW(param_groups(params, cfg, num_layers), lr=cfg.lr)
     ids = encode(base.tokenizer, train_ds.texts, cfg.seq_len)
+    word = model.encoder.word.weight_full
+    if word is not None and word.requires_grad:
+        # A trained word table gets sparse gradients: AdamW keeps moments for the rows the data can touch
+        # (its token ids and the padding id), 11.6 k of 30.5 k rows for SST-2.
+        opt.rows_hint[word] = torch.from_numpy(token_rows(ids))
     labels = torch.tensor(train_ds.labels)
     micro = -(-cfg.batch_size // cfg.grad_accum)
     # With only the head trainable, the encoder runs without autograd: no activations kept, no backward.
@@ -260,9 +265,7 @@ def train(
             loss.backward()
             loss_sum += loss.item()
         grads = [p for p in params.values() if p.grad is not None]
-        norm = (
-            torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm or math.inf) if grads else torch.zeros(())
-        )
+        norm = clip_grad_norm(grads, cfg.max_grad_norm or math.inf) if grads else torch.zeros(())
         finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
         if finite:
             opt.step()
@@ -306,6 +309,7 @@ def train(
         if checkpoint is not None and state.step % checkpoint_every == 0 and state.step < cfg.steps:
             save_checkpoint(checkpoint, identity, state, params, best, opt, rng)
     bar.close()
+    opt.state.clear()  # the moments are done with: free them before the best copy is restored and folded
     if not best:
         raise EdgeTuneError(f"training produced no usable delta ({stop_reason or 'no evaluation ran'})")
     with torch.no_grad():

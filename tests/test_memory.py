@@ -64,25 +64,42 @@ from edge_tune.memory import (  # noqa: E402
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_plan_parts_match_what_the_run_holds(base_int8, method):
-    """The parameter-sized parts against the deltas the method really attaches to a loaded base (not the
-    plan's own counting rule): trainable, their gradients, AdamW's two moments plus the best copy; the base
-    part against the loaded base's tensors; the head method saves no activations."""
+    """The parameter-sized parts against what a real step holds (not the plan's own counting rule): the
+    deltas the method attaches, the gradients one backward makes (a trained word table's sparse, before
+    and after coalescing), the moments AdamW allocates (a word table's for the rows the data touches) plus
+    the best copy; the base part against the loaded base's tensors; the head method saves no activations."""
     from edge_tune.memory import MB
+    from edge_tune.optim import AdamW, clip_grad_norm
     from edge_tune.quant import tensor_bytes
 
     b = copy.deepcopy(base_int8)
     b.model.reset_head(2, seed=0)
     spec = MethodSpec(method, rank=8)
-    n = sum(p.numel() for p in apply_method(b.model, spec).values())
-    plan = plan_memory(base_int8.config, spec, "int8", 16, 64)
+    params = apply_method(b.model, spec)
+    n = sum(p.numel() for p in params.values())
+    ids = torch.randint(1000, 1400, (16, 64), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([torch.zeros(1, dtype=torch.long), ids.unique()])  # the data's rows and the padding id
+    plan = plan_memory(base_int8.config, spec, "int8", 16, 64, table_rows=len(rows))
+    opt = AdamW(params.values())
+    word = b.model.encoder.word.weight_full
+    if word is not None:
+        opt.rows_hint[word] = rows
+    b.model(ids, torch.ones_like(ids)).sum().backward()
+    grads = sum(p.grad.nbytes if not p.grad.is_sparse else p.grad._values().nbytes for p in params.values())
+    clip_grad_norm(params.values(), 1.0)  # coalesces a sparse gradient: a second copy of its rows
+    grads += sum(p.grad.values().nbytes for p in params.values() if p.grad.is_sparse)
+    opt.step()
+    moments = sum(st["exp_avg"].nbytes + st["exp_avg_sq"].nbytes for st in opt.state.values())
     assert plan.trainable_mb == pytest.approx(n * 4 / MB)
-    assert plan.gradients_mb == pytest.approx(max(0.0, plan.trainable_mb - plan.activations_mb))
-    assert plan.optimizer_mb == pytest.approx(3 * n * 4 / MB)
+    assert plan.gradients_mb == pytest.approx(max(0.0, grads / MB - plan.activations_mb), abs=0.2)
+    assert plan.optimizer_mb == pytest.approx((moments + n * 4) / MB)
     assert plan.base_weights_mb == pytest.approx(tensor_bytes(base_int8.model.encoder) / MB)
     assert (
         plan.startup_peak_mb > 100 and plan.runtime_floor_mb > 100 and plan.total_mb >= plan.startup_peak_mb
     )
     assert (plan.activations_mb == 0) == (not METHODS[method].trains_encoder)
+    if word is not None:  # the table's moments: only its touched rows
+        assert opt.state[word]["exp_avg"].shape[0] == len(rows) < word.shape[0]
 
 
 def test_base_weight_bytes_match_the_loaded_base(base_int8):

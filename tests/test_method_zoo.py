@@ -77,18 +77,36 @@ def test_full_fine_tuning_is_refused_where_the_budget_cannot_hold_it(tsv):
     assert fits.memory is not None and fits.memory.trainable_mb > 80  # 22 M fp32 values
 
 
-def test_fewshot_head_is_the_nearest_class_mean(fresh_base):
-    """The prototype head's argmax is the nearest class mean (Euclidean), computed independently."""
-    from edge_tune.methods.shots import embed, prototype_head, set_head
+def test_fewshot_head_is_the_nearest_prototype_by_cosine(fresh_base):
+    """The prototype head's argmax is the class whose summed unit embeddings (plus its description's, as
+    PRIOR_EXAMPLES examples) point nearest the input, computed independently."""
+    from edge_tune.methods.shots import PRIOR_EXAMPLES, embed, prototype_head, set_head
 
     texts, labels = [s for _, s in SENTENCES], [int(y) for y, _ in SENTENCES]
-    set_head(fresh_base.model, *prototype_head(fresh_base, texts[:6], labels[:6], 2))
-    e = embed(fresh_base, texts)
-    means = torch.stack([embed(fresh_base, [t for t, y in zip(texts[:6], labels[:6], strict=True) if y == c]).mean(0)
-                         for c in (0, 1)])  # fmt: skip
-    nearest = torch.cdist(e, means).argmin(1)
-    with torch.no_grad():
-        assert torch.equal(fresh_base.model.head(e).argmax(1), nearest)
+    descriptions = ["a negative review", "a positive review"]
+    e = F.normalize(embed(fresh_base, texts), dim=1)
+    d = F.normalize(embed(fresh_base, descriptions), dim=1)
+    for prior in (None, descriptions):
+        set_head(fresh_base.model, *prototype_head(fresh_base, texts[:6], labels[:6], 2, descriptions=prior))
+        sums = torch.stack([e[:6][torch.tensor(labels[:6]) == c].sum(0) for c in (0, 1)])
+        protos = F.normalize(sums + (PRIOR_EXAMPLES * d if prior else 0), dim=1)
+        torch.testing.assert_close(
+            F.normalize(fresh_base.model.head.weight, dim=1), protos, atol=1e-5, rtol=0
+        )
+        with torch.no_grad():
+            assert torch.equal(
+                fresh_base.model.head(embed(fresh_base, texts)).argmax(1), (e @ protos.T).argmax(1)
+            )
+
+
+def test_fewshot_prior_skips_bare_label_numbers():
+    from edge_tune.methods.shots import informative
+
+    assert (
+        not informative(["0", "1", "-1"])
+        and informative(["negative", "positive"])
+        and informative(["0", "bad"])
+    )
 
 
 def test_zeroshot_head_is_the_nearest_description_by_cosine(fresh_base):

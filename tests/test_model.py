@@ -80,7 +80,7 @@ def test_half_saved_attention_gradients_match_sdpa(layout):
 
 
 def test_half_saved_gelu_gradient_matches_gelu():
-    from edge_tune.model import _GeluHalfSaved
+    from edge_tune.half_saved import _GeluHalfSaved
 
     h = (torch.randn(64, 96, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
     ref = torch.autograd.grad(torch.nn.functional.gelu(h).sum(), h)[0]
@@ -88,8 +88,33 @@ def test_half_saved_gelu_gradient_matches_gelu():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-3
 
 
+def test_half_saved_dense_linear_matches_linear_and_saves_a_shared_input_once():
+    """A trained fp32 weight's linear: forward bit for bit F.linear's, input gradient exact, weight gradient
+    at the fp16-rounded input; q, k and v (one input, three weights) keep one fp16 copy of it."""
+    from edge_tune.half_saved import dense_linear
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 9, 32, generator=g) * 2).requires_grad_()
+    ws = [torch.randn(24, 32, generator=g).requires_grad_() for _ in range(3)]
+    b = torch.randn(24, generator=g).requires_grad_()
+    up = torch.randn(4, 9, 24, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [dense_linear(x, w, b) for w in ws]
+    for o, w in zip(outs, ws, strict=True):
+        assert torch.equal(o, torch.nn.functional.linear(x, w, b))
+    halves = {t.data_ptr() for t in saved if t.dtype == torch.float16}
+    assert len(halves) == 1 and not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    got = torch.autograd.grad(sum((o * up).sum() for o in outs), [x, *ws, b])
+    ref = torch.autograd.grad(sum((torch.nn.functional.linear(x, w, b) * up).sum() for w in ws), [x, *ws, b])
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-5)  # input gradient: the same math
+    torch.testing.assert_close(got[-1], ref[-1], rtol=1e-6, atol=1e-5)
+    for a, r in zip(got[1:4], ref[1:4], strict=True):
+        assert 0 < ((a - r).norm() / r.norm()).item() < 1e-3  # at the fp16-rounded input
+
+
 def test_half_saved_layer_norm_gradients_match_layer_norm():
-    from edge_tune.model import layer_norm
+    from edge_tune.half_saved import layer_norm
 
     g = torch.Generator().manual_seed(2)
     ln = torch.nn.LayerNorm(48, eps=1e-12)

@@ -236,6 +236,7 @@ RESUMABLE = {  # methods with their own state beyond plain deltas, and the sched
     "adapter, exponential schedule": dict(
         method=MethodSpec("adapter", adapter_size=8), schedule="exponential"
     ),
+    "full, row-sparse word-table moments": dict(method=MethodSpec("full"), lr=1e-4),
 }
 
 

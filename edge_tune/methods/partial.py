@@ -29,7 +29,13 @@ def full_trainable(name: str, spec: MethodSpec | None = None) -> bool:
 
 
 def _dense(buffers_of: nn.Module) -> nn.Parameter:
-    return nn.Parameter(dequantize(dict(buffers_of.named_buffers())).float().clone())
+    buffers = dict(buffers_of.named_buffers())
+    w = dequantize(buffers).float()
+    # A quantized base's dequantized weight is a new tensor already: a clone would only add a transient
+    # copy (47 MB for the word table); an fp32 base's is the frozen buffer itself, which must not train.
+    if any(w.data_ptr() == b.data_ptr() for b in buffers.values()):
+        w = w.clone()
+    return nn.Parameter(w)
 
 
 def _linears(model: Classifier, first: int) -> dict[str, QuantLinear]:
@@ -76,9 +82,10 @@ def partial_check(spec: MethodSpec) -> list[str]:
 
 
 def dense_saved_floats_per_token(cfg, spec: MethodSpec) -> int:
-    """A trained layer's fp32 linears keep their inputs for the weight gradients: the layer input (q, k and
-    v share it), the attention output, the FFN input and the GELU output."""
-    return 3 * cfg.hidden_size + cfg.intermediate_size
+    """A trained layer's fp32 linears keep their inputs for the weight gradients, in fp16
+    (half_saved.dense_linear): the layer input (q, k and v share it), the attention output, the FFN input
+    and the GELU output."""
+    return (3 * cfg.hidden_size + cfg.intermediate_size) // 2
 
 
 PARTIAL = Method(

@@ -1,7 +1,7 @@
 """Patches made without backprop, from the base's own sentence embeddings (mean-pooled, as MiniLM was
 trained to be used): `zeroshot` builds the head from embeddings of label descriptions (no labelled
-examples), `fewshot` from class prototypes (the mean embedding of each class's labelled examples: a
-nearest-centroid classifier). Both patches are a head only, so they load, swap and mix like `head`
+examples), `fewshot` from class prototypes (the mean direction of each class's labelled examples, with the
+label description as a prior: a nearest-centroid classifier by cosine). Both patches are a head only, so they load, swap and mix like `head`
 patches. `prototype_head` also gives any trained method a head to start from (`--head-init prototypes`)."""
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from .core import Method, MethodSpec
 from .head import head_trainable
 
 ZEROSHOT_TEMPERATURE = 0.05  # cosine similarity / temperature -> logits (sentence-embedding practice)
+# A label description weighs as this many labelled examples in a few-shot prototype: on SST-2 dev, mean of
+# 30 draws, 16 a class: 0.666 without it, 0.684 at 4, 0.689 at 8, 0.684 at 16; at 256 a class it moves
+# accuracy by under 0.5 points.
+PRIOR_EXAMPLES = 8
 
 
 def embed(base, texts: list[str], seq_len: int = 64, batch_size: int = 64) -> torch.Tensor:
@@ -39,23 +43,41 @@ def description_head(base, descriptions: list[str], seq_len: int = 64) -> tuple[
 
 
 def prototype_head(
-    base, texts: list[str], labels: list[int], num_labels: int, seq_len: int = 64, chunk: int = 4096
-):
-    """Few-shot: nearest class mean. Weight mu_c, bias -|mu_c|^2 / 2: argmax_c of w_c x + b_c is the class
-    whose mean embedding is nearest to x (Euclidean). A class with no examples gets a -1e4 bias. Embeds
-    `chunk` texts at a time and keeps only per-class sums, so all of SST-2 costs no (N, D) matrix."""
+    base,
+    texts: list[str],
+    labels: list[int],
+    num_labels: int,
+    seq_len: int = 64,
+    descriptions: list[str] | None = None,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few-shot: nearest class prototype by cosine. A class's prototype is the direction of the sum of its
+    examples' unit embeddings plus, where `descriptions` are given, its description's unit embedding
+    counted as PRIOR_EXAMPLES examples (a prior that matters at 8-16 labels a class and fades as labels
+    grow). A class with neither gets a -1e4 bias. Embeds `chunk` texts at a time and keeps only per-class
+    sums, so all of SST-2 costs no (N, D) matrix."""
     D = base.model.encoder.cfg.hidden_size
-    sums, counts = torch.zeros(num_labels, D), torch.zeros(num_labels)
+    sums, norm_sum = torch.zeros(num_labels, D), 0.0
     for s in range(0, len(texts), chunk):
-        y = torch.tensor(labels[s : s + chunk])
-        sums.index_add_(0, y, embed(base, texts[s : s + chunk], seq_len))
-        counts += torch.bincount(y, minlength=num_labels).float()
-    weight, bias = torch.zeros(num_labels, D), torch.full((num_labels,), -1e4)
-    for c in range(num_labels):
-        if counts[c]:
-            mu = sums[c] / counts[c]
-            weight[c], bias[c] = mu, -0.5 * mu.dot(mu)
+        e = embed(base, texts[s : s + chunk], seq_len)
+        norms = e.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        sums.index_add_(0, torch.tensor(labels[s : s + chunk]), e / norms)
+        norm_sum += float(norms.sum())
+    if descriptions is not None:
+        d = embed(base, descriptions, seq_len)
+        sums += PRIOR_EXAMPLES * d / d.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    length = sums.norm(dim=1, keepdim=True)
+    # Logits are cosine / temperature: the pooled input is not unit length, so scale by its mean length.
+    scale = 1.0 / (ZEROSHOT_TEMPERATURE * max(norm_sum / max(len(texts), 1), 1e-6))
+    weight = torch.where(length > 0, sums / length.clamp_min(1e-12) * scale, torch.zeros_like(sums))
+    bias = torch.where(length.squeeze(1) > 0, 0.0, -1e4)
     return weight, bias
+
+
+def informative(descriptions: list[str]) -> bool:
+    """Whether label descriptions say anything: bare numbers ('0', '1': a TSV's labels with no labels.tsv)
+    would pull every prototype toward the embedding of a digit."""
+    return not all(d.strip().lstrip("-").isdigit() for d in descriptions)
 
 
 def fit_zeroshot(base, train_ds, spec: MethodSpec, seq_len: int, descriptions: list[str]) -> None:
@@ -63,8 +85,8 @@ def fit_zeroshot(base, train_ds, spec: MethodSpec, seq_len: int, descriptions: l
 
 
 def fit_fewshot(base, train_ds, spec: MethodSpec, seq_len: int, descriptions: list[str]) -> None:
-    n = len(train_ds.label_names)
-    set_head(base.model, *prototype_head(base, train_ds.texts, train_ds.labels, n, seq_len))
+    n, prior = len(train_ds.label_names), descriptions if informative(descriptions) else None
+    set_head(base.model, *prototype_head(base, train_ds.texts, train_ds.labels, n, seq_len, prior))
 
 
 ZEROSHOT = Method(

@@ -21,7 +21,7 @@ def main() -> int:
 
     from edge_tune.base import load_base
     from edge_tune.methods import MethodSpec, apply_method
-    from edge_tune.optim import AdamW
+    from edge_tune.optim import AdamW, clip_grad_norm
     from edge_tune.patch import Manifest, save_patch
     from edge_tune.rss import apply_process_settings
 
@@ -38,6 +38,9 @@ def main() -> int:
     groups = [{"params": [p for n, p in params.items() if not n.startswith("head.")], "scale": 1.0},
               {"params": [p for n, p in params.items() if n.startswith("head.")], "scale": head_scale}]  # fmt: skip
     opt = AdamW([g for g in groups if g["params"]], lr=protocol.LR[a.method])
+    word = model.encoder.word.weight_full
+    if word is not None:  # as the trainer does: moments for the rows the training data can touch
+        opt.rows_hint[word] = torch.from_numpy(np.unique(arrays["train_ids"]))
     total = len(arrays["train_labels"]) // a.batch
     frozen_encoder = a.method == "head"
     timer = protocol.StepTimer()
@@ -54,9 +57,10 @@ def main() -> int:
             else:
                 logits = model(x, m)
             F.cross_entropy(logits, torch.from_numpy(y)).backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), protocol.MAX_GRAD_NORM)
+            clip_grad_norm(list(params.values()), protocol.MAX_GRAD_NORM)
             opt.step()
             opt.zero_grad()
+    opt.state.clear()  # as the trainer does: the moments are freed before the patch is made
     model.eval()
     # the patch holds what the method stores (a trained reparametrization folded into what it produces)
     tensors = spec.method.fold(model, spec, {n: p.detach().clone() for n, p in params.items()})

@@ -11,11 +11,13 @@ from .methods import MethodSpec
 from .patch import Manifest, Patch, load_patch, save_patch
 from .profiles import DeviceProfile, load_profile
 from .run import AdaptResult, RunPlan, RunRequest, adapt, plan_run
+from .search import TuneRequest, TuneResult, tune
 from .trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "AdaptResult", "Base", "BudgetError", "DataError", "DeviceProfile", "EdgeTuneError", "Manifest", "MethodSpec",
     "Patch", "PatchBank", "PatchError", "Prediction", "ProfileError", "RunPlan", "RunRequest", "TrainConfig",
-    "TrainResult", "adapt", "load_base", "load_patch", "load_profile", "plan_run", "save_patch", "train",
+    "TrainResult", "TuneRequest", "TuneResult", "adapt", "load_base", "load_patch", "load_profile", "plan_run",
+    "save_patch", "train", "tune",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -108,10 +108,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
         help="labelled training sentences a class at most, drawn with --seed (default: all)",
     )
     g = p.add_argument_group("schedule and regularisation")
+    g.add_argument("--warmup", type=float, default=0.06,
+                   help="fraction of the steps with a linear lr warmup (default 0.06)")  # fmt: skip
     g.add_argument(
         "--schedule",
         default="linear",
-        help="lr after warmup (6%% of steps): linear | cosine | exponential (to 1%%) | constant (default linear)",
+        help="lr after warmup: linear | cosine | exponential (to 1%%) | constant (default linear)",
     )
     g.add_argument(
         "--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)"
@@ -214,6 +216,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, help="base precision fp32|int8|int4 (default: the profile's)")
     p.add_argument("--checkpointing", action="store_true", help="plan with activation checkpointing")
     p.add_argument("--data", default="sst2", help="task or TSV whose size the plan counts (default sst2)")
+
+    p = sub.add_parser("tune", help="search method and hyper-parameters with Optuna under the memory budget")
+    p.add_argument("--data", default="sst2", help="built-in task or labelled TSV (default sst2)")
+    p.add_argument(
+        "--profile", default=None, help="device profile name or .toml (default: raspberry-pi-4-4gb)"
+    )
+    p.add_argument("--methods", default="bitfit,lora,ia3,adapter",
+                   help="comma-separated methods searched (default bitfit,lora,ia3,adapter)")  # fmt: skip
+    p.add_argument("--trials", type=int, default=20,
+                   help="trials to finish, a resumed study's included (default 20)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
+    p.add_argument("--storage", default=None,
+                   help="an Optuna RDB storage URL (default: sqlite:///OUT/study.db)")  # fmt: skip
+    p.add_argument("--study", default="edge_tune", help="study name within the storage (default edge_tune)")
+    p.add_argument("--sampler", default="tpe",
+                   help="tpe | random | grid (method x batch x steps at default settings) (default tpe)")  # fmt: skip
+    p.add_argument("--pruner", default="median", help="median | hyperband | none (default median)")
+    p.add_argument("--objectives", default="acc",
+                   help="acc (dev accuracy) or acc,rss (and peak RSS MB: a Pareto front) (default acc)")  # fmt: skip
+    p.add_argument(
+        "--steps", default="300,600", help="optimizer step counts a trial draws from (default 300,600)"
+    )
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="steps between dev evaluations, where the pruner may stop a trial (default 100)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="sampler and training seed (default 0)")
+    p.add_argument(
+        "--out", default="out/tune", help="folder for study.db, best.patch, trials.csv/json, plots"
+    )
     return ap
 
 
@@ -226,6 +256,7 @@ VERBS = {
     "plan": verbs.cmd_plan,
     "doctor": verbs.cmd_doctor,
     "profile": verbs.cmd_profile,
+    "tune": verbs.cmd_tune,
 }
 
 

@@ -23,4 +23,9 @@ class PatchError(EdgeTuneError):
 
 
 class BudgetError(EdgeTuneError):
-    """A configuration cannot fit the device profile's memory budget."""
+    """A configuration cannot fit the device profile's memory budget; `need_mb`: the smallest budget that
+    would hold it, where known."""
+
+    def __init__(self, what: str, where: object = None, fix: str | None = None, need_mb: float | None = None):
+        super().__init__(what, where, fix)
+        self.need_mb = need_mb

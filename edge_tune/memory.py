@@ -265,6 +265,7 @@ def plan_batch_size(
         f"(needs {need:.0f} MB)",
         None,
         "use a profile with a larger budget, a smaller rank or sequence length, or --allow-shorter-seq",
+        need_mb=need,
     )
 
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class RunRequest:
         128  # ptuning / prefix: hidden width of the MLP that makes them while training (prefix: 0 none)
     )
     layers: int = 2  # partial: the top layers trained
+    warmup: float = 0.06  # fraction of the steps with a linear lr warmup
     schedule: str = "linear"  # lr after warmup: linear | cosine | exponential | constant
     weight_decay: float = 0.0
     layer_lr_decay: float = 1.0  # each layer down trains at this times the lr of the one above
@@ -122,6 +124,8 @@ def check_request(req: RunRequest) -> tuple[DeviceProfile, dict, list[str]]:
     problems += [f"{k} must be at least 1, got {v}" for k, v in checks.items() if v is not None and v < 1]
     if req.lr is not None and not (math.isfinite(req.lr) and req.lr > 0):
         problems.append(f"--lr must be a positive number, got {req.lr}")
+    if not (math.isfinite(req.warmup) and 0 <= req.warmup < 1):
+        problems.append(f"--warmup must be a fraction of the steps in [0, 1), got {req.warmup}")
     if req.schedule not in SCHEDULES:
         problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {req.schedule!r}")
     if req.head_init not in ("random", "prototypes"):
@@ -201,6 +205,7 @@ def adapt(
     *,
     progress: bool | None = None,
     resume: bool = False,
+    on_eval: Callable[[int, float], bool] | None = None,
     **fields,
 ) -> AdaptResult:
     """Train a patch on `data` as `request` asks (or RunRequest's defaults with `fields` set: `adapt("sst2",
@@ -208,8 +213,9 @@ def adapt(
     stored as `patch_dtype` (fp16: half the bytes; the reported accuracy is the stored patch's). The memory
     plan (plan_run) picks the micro-batch (with accumulation), activation checkpointing and evaluation batch
     that fit the profile's budget. The run checkpoints to `<out>.ckpt` every `checkpoint_every` steps;
-    `resume` continues from there. Holds an exclusive lock on `out` for the whole run, so a second writer
-    fails fast."""
+    `resume` continues from there. `on_eval(step, dev_accuracy)` is called after each evaluation; True
+    stops the run there (a search's pruner). Holds an exclusive lock on `out` for the whole run, so a
+    second writer fails fast."""
     t0 = time.perf_counter()
     req = dataclasses.replace(request or RunRequest(), **fields)
     apply_process_settings()
@@ -226,7 +232,7 @@ def adapt(
             "warning: profile %r asks for CUDA, which this machine lacks; training on the CPU", prof.name
         )
     with output_lock(out):
-        return _adapt_locked(data, out, req, prof, progress, resume, t0)
+        return _adapt_locked(data, out, req, prof, progress, resume, t0, on_eval)
 
 
 @contextlib.contextmanager
@@ -286,7 +292,7 @@ def _data_bytes(train_ds, dev_ds, seq_len: int) -> int:
 
 
 def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progress, resume: bool,
-                  t0: float) -> AdaptResult:  # fmt: skip
+                  t0: float, on_eval=None) -> AdaptResult:  # fmt: skip
     threads = set_threads(prof)
     trim_resident_memory()  # the imports' unused code pages: data and base then load under the training floor
     # The plan comes before the base is loaded: a run that cannot fit is refused before any heavy work.
@@ -314,6 +320,7 @@ def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progres
         eval_every=req.eval_every,
         patience=req.patience,
         seed=req.seed,
+        warmup=req.warmup,
         schedule=req.schedule,
         weight_decay=req.weight_decay,
         layer_lr_decay=req.layer_lr_decay,
@@ -334,7 +341,7 @@ def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progres
     if run.spec.method.fit is not None:
         result = _fit(base, data, train_ds, dev_ds, run.spec, cfg, req.label_text)
     else:
-        result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, req.checkpoint_every)
+        result = train(base, train_ds, dev_ds, cfg, progress, ckpt, resume, req.checkpoint_every, on_eval)
     if result.stop_reason:
         log.warning("warning: %s", result.stop_reason)
     dtype = PATCH_DTYPES[req.patch_dtype]

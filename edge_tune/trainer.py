@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,6 +189,7 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     checkpoint_every: int = 50,
+    on_eval: Callable[[int, float], bool] | None = None,
 ) -> TrainResult:
     """Train `cfg.method`'s deltas on `train_ds`, keep the best dev checkpoint, leave the model holding it.
     With `checkpoint`, the full state is saved there atomically every `checkpoint_every` steps, and with
@@ -295,6 +297,12 @@ def train(
             state.history.append(
                 {"step": state.step, "loss": loss_sum, "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
             )
+            if on_eval is not None and on_eval(state.step, acc):  # a search's pruner (tune.py) stops the run
+                stop_reason = f"stopped at step {state.step} by the caller (dev accuracy {acc:.4f})"
+                if acc > state.best_acc:
+                    state.best_acc, state.best_step = acc, state.step
+                    best = {n: p.detach().clone() for n, p in params.items()}
+                break
             if acc > state.best_acc:
                 state.best_acc, state.best_step, state.bad_evals = acc, state.step, 0
                 best = {n: p.detach().clone() for n, p in params.items()}

@@ -223,3 +223,33 @@ def cmd_profiles(args) -> int:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     print("* default")
     return 0
+
+
+def cmd_tune(args) -> int:
+    from .search import TuneRequest, tune
+
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    try:
+        steps = tuple(int(x) for x in split(args.steps))
+    except ValueError:
+        raise EdgeTuneError(f"--steps must be comma-separated step counts, got {args.steps!r}") from None
+    req = TuneRequest(data=args.data, out=args.out, profile=args.profile, methods=split(args.methods),
+                      trials=args.trials, timeout_s=args.timeout, storage=args.storage, study=args.study,
+                      sampler=args.sampler, pruner=args.pruner, objectives=split(args.objectives), steps=steps,
+                      eval_every=args.eval_every, seed=args.seed)  # fmt: skip
+    r = tune(req)
+    states = {}
+    for row in r.rows:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    print(f"study {req.study}: {len(r.rows)} trials ({', '.join(f'{n} {k.lower()}' for k, n in states.items())}), "
+          f"{r.infeasible} pruned by the plan before training")  # fmt: skip
+    if r.best is None:
+        print("no trial completed within the budget")
+        return 1
+    b = r.best
+    params = ", ".join(
+        f"{k}={v}" for k, v in b.items() if k not in ("number", "state", "infeasible", "patch")
+    )
+    print(f"best: trial {b['number'] + 1}: {params}")
+    print(f"wrote {r.best_patch}, {Path(args.out) / 'trials.csv'}, {Path(args.out) / 'trials.json'}")
+    return 0

@@ -60,7 +60,9 @@ def worker(a) -> dict:
     del data
     base = load_base(precision=a.precision)
     spec = MethodSpec(a.method, rank=a.rank, alpha=2.0 * a.rank, targets=("q", "v"))
-    cfg = TrainConfig(spec, batch_size=a.batch, seq_len=a.seq_len, steps=STEPS, eval_every=STEPS,
+    # An evaluation after every step: from the first one on, a real run holds its best-so-far copy while it
+    # trains (a whole fine-tune's: 85 MB), so the steps after it are the ones the plan describes.
+    cfg = TrainConfig(spec, batch_size=a.batch, seq_len=a.seq_len, steps=STEPS, eval_every=1,
                       checkpointing=a.checkpointing, eval_batch_size=a.eval_batch)  # fmt: skip
     train(base, train_ds, dev_ds, cfg, progress=False)
     return {"peak_rss_mb": peak_rss_mb()}
@@ -91,7 +93,8 @@ def main() -> int:
 
     from tqdm import tqdm
 
-    from edge_tune.base import default_model_dir, read_config
+    from edge_tune.base import default_model_dir, load_tokenizer, read_config
+    from edge_tune.data import encode, token_rows
     from edge_tune.floor import runtime_floor_mb, startup_peak_mb
     from edge_tune.memory import dataset_bytes, plan_memory
     from edge_tune.methods import METHODS, MethodSpec
@@ -114,12 +117,13 @@ def main() -> int:
         data_files[t].write_text(json.dumps({"train": tr, "train_labels": trl, "dev": dv, "dev_labels": dvl}))
         tokens = (TRAIN_ROWS + DEV_ROWS) * t  # truncated to t tokens each
         data_files[t, "bytes"] = dataset_bytes(TRAIN_ROWS + DEV_ROWS, sum(map(len, tr + dv)), tokens)
+        data_files[t, "rows"] = len(token_rows(encode(load_tokenizer(default_model_dir()), tr, t)))
     # This driver imported torch: drop its code pages, which each worker could not trim while shared.
     trim_resident_memory()
     for m, b, t, p in tqdm(cells, desc="grid", unit="cell", file=sys.stderr):
         spec = MethodSpec(m, rank=a.rank, alpha=2.0 * a.rank, targets=("q", "v"))
         plan = plan_memory(cfg, spec, p, b, t, checkpointing=a.checkpointing, eval_batch=a.eval_batch,
-                           data_bytes=data_files[t, "bytes"])  # fmt: skip
+                           data_bytes=data_files[t, "bytes"], table_rows=data_files[t, "rows"])  # fmt: skip
         res = work / "result.json"
         cmd = [sys.executable, __file__, "--worker", "--method", m, "--precision", p, "--data", str(data_files[t]),
                "--batch", str(b), "--seq-len", str(t), "--rank", str(a.rank), "--eval-batch", str(a.eval_batch),

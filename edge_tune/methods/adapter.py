@@ -76,6 +76,7 @@ METHOD = Method(
     default_lr=5e-3,
     default_steps=1200,
     hyper=("adapter_size", "placement"),
+    search=(("adapter_size", 8, 64),),
     check=adapter_check,
     slots=tuple(f".{s}" for s in SLOTS),
     attach=attach_adapter,

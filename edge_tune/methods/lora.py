@@ -91,6 +91,7 @@ METHOD = Method(
     default_lr=2e-3,
     default_steps=1200,
     hyper=("rank", "alpha", "targets"),
+    search=(("rank", 2, 16), ("alpha", 4.0, 64.0)),
     check=lora_check,
     row_mixable=True,
     slots=(".lora_A", ".lora_B"),

@@ -97,6 +97,7 @@ PARTIAL = Method(
     default_steps=1200,
     head_lr_default=True,
     hyper=("train_from",),
+    search=(("layers", 1, 4),),
     check=partial_check,
     starts_as_base=False,
     dense=True,

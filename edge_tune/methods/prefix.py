@@ -124,6 +124,7 @@ METHOD = Method(
     default_lr=1e-2,
     default_steps=1200,
     hyper=("tokens", "reparam"),
+    search=(("tokens", 4, 32),),
     check=prefix_check,
     starts_as_base=False,
     slots=(".prefix",),

@@ -251,6 +251,7 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
     """Draw, plan and (where it fits) train one trial, and tell the study how it ended."""
     import optuna
 
+    from .rss import trim_resident_memory
     from .run import RunRequest, check_request, plan_run
 
     trial.set_user_attr("host", os.uname().nodename)
@@ -267,6 +268,9 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
         _line(study, trial.number, req, f"infeasible: plan {need:.0f} MB > {prof.memory_budget_mb} MB")
         return
     trial.set_user_attr("planned_mb", round(run.memory.total_mb, 1))
+    # This process imported torch: drop its code pages, which the trial process (same files) could not
+    # trim while they are shared, or its peak would read ~50 MB over a training run's (rss.py).
+    trim_resident_memory()
     result = _run_trial(study, trial, req, fields, out / "trials" / f"trial_{trial.number}.patch")
     _finish(study, trial, req, result, prof.memory_budget_mb)
 
@@ -312,8 +316,9 @@ def _finish(study, trial, req: TuneRequest, r: dict, budget_mb: float) -> None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         _line(study, trial.number, req, f"failed: {r['error']}")
         return
-    for k in ("peak_rss_mb", "dev_accuracy", "steps", "patch_kb", "seconds"):
+    for k in ("peak_rss_mb", "dev_accuracy", "patch_kb", "seconds"):
         trial.set_user_attr(k, r[k])
+    trial.set_user_attr("steps_run", r["steps"])  # `steps` is the drawn parameter; a pruned trial ran fewer
     trial.set_user_attr("patch", r["patch"])
     over = round(r["peak_rss_mb"] - budget_mb, 1)
     trial.set_user_attr("over_budget_mb", over)
@@ -343,7 +348,7 @@ def trial_rows(study) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "infeasible": bool(t.user_attrs.get("infeasible"))}
         row |= {k.split(".")[-1]: v for k, v in t.params.items()}
-        for k in ("planned_mb", "peak_rss_mb", "over_budget_mb", "dev_accuracy", "steps", "patch_kb", "seconds",
+        for k in ("planned_mb", "peak_rss_mb", "over_budget_mb", "dev_accuracy", "steps_run", "patch_kb", "seconds",
                   "patch", "error"):  # fmt: skip
             if k in t.user_attrs:
                 row[k] = t.user_attrs[k]

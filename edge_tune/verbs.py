@@ -247,9 +247,8 @@ def cmd_tune(args) -> int:
         print("no trial completed within the budget")
         return 1
     b = r.best
-    params = ", ".join(
-        f"{k}={v}" for k, v in b.items() if k not in ("number", "state", "infeasible", "patch")
-    )
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.items()
+                       if k not in ("number", "state", "infeasible", "patch", "over_budget_mb"))  # fmt: skip
     print(f"best: trial {b['number'] + 1}: {params}")
     print(f"wrote {r.best_patch}, {Path(args.out) / 'trials.csv'}, {Path(args.out) / 'trials.json'}")
     return 0

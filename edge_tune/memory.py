@@ -150,7 +150,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """Predict the peak RSS of training `spec` on a `precision` base with `micro_batch` sentences of up
     to `seq_len` tokens. `cfg` is the model's BertConfig; `data_bytes` what the loaded datasets hold
-    (see dataset_bytes); `table_rows` the distinct token ids of the training data (data.distinct_tokens),
+    (see dataset_bytes); `table_rows` the distinct token ids of the training data (data.token_rows),
     where the method trains the word table (default: every row of it)."""
     D, F = cfg.hidden_size, cfg.intermediate_size
     params = _trainable_count(cfg, spec, num_labels)

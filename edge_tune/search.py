@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -253,6 +251,7 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
 
     from .rss import trim_resident_memory
     from .run import RunRequest, check_request, plan_run
+    from .trial import run_trial
 
     trial.set_user_attr("host", os.uname().nodename)
     trial.set_user_attr("pid", os.getpid())
@@ -271,41 +270,14 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
     # This process imported torch: drop its code pages, which the trial process (same files) could not
     # trim while they are shared, or its peak would read ~50 MB over a training run's (rss.py).
     trim_resident_memory()
-    result = _run_trial(study, trial, req, fields, out / "trials" / f"trial_{trial.number}.patch")
+
+    def prune(step: int, acc: float) -> bool:
+        trial.report(acc, step)
+        return trial.should_prune()
+
+    patch = out / "trials" / f"trial_{trial.number}.patch"
+    result = run_trial(fields, req.data, patch, req.profile, req.eval_every, req.seed, prune)
     _finish(study, trial, req, result, prof.memory_budget_mb)
-
-
-def _run_trial(study, trial, req: TuneRequest, fields: dict, patch: Path) -> dict:
-    """Train one trial in a fresh process (trial.py), answering its evaluations with the pruner's verdict;
-    its JSON result, or {'error': one line}. Its stderr goes to trial_N.log beside the patch."""
-    result, log_path = patch.with_suffix(".json"), patch.with_suffix(".log")
-    cmd = [sys.executable, "-m", "edge_tune.trial", json.dumps(fields), str(req.data), str(patch), str(result),
-           str(req.profile or ""), str(req.eval_every), str(req.seed)]  # fmt: skip
-    with open(log_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
-        for line in proc.stdout:
-            if line.startswith("EVAL "):
-                ev = json.loads(line[5:])
-                trial.report(ev["dev_accuracy"], ev["step"])
-                proc.stdin.write("prune\n" if trial.should_prune() else "go\n")
-                proc.stdin.flush()
-        proc.wait()
-    if proc.returncode != 0 or not result.is_file():
-        lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-        return {"error": lines[-1] if lines else f"trial process exited {proc.returncode}"}
-    return json.loads(result.read_text())
-
-
-def _die_with_parent() -> None:
-    """In the trial process: be killed when the study process dies (kill -9 included), so no trial trains
-    on unseen (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _finish(study, trial, req: TuneRequest, r: dict, budget_mb: float) -> None:

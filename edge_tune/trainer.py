@@ -297,12 +297,6 @@ def train(
             state.history.append(
                 {"step": state.step, "loss": loss_sum, "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
             )
-            if on_eval is not None and on_eval(state.step, acc):  # a search's pruner (tune.py) stops the run
-                stop_reason = f"stopped at step {state.step} by the caller (dev accuracy {acc:.4f})"
-                if acc > state.best_acc:
-                    state.best_acc, state.best_step = acc, state.step
-                    best = {n: p.detach().clone() for n, p in params.items()}
-                break
             if acc > state.best_acc:
                 state.best_acc, state.best_step, state.bad_evals = acc, state.step, 0
                 best = {n: p.detach().clone() for n, p in params.items()}
@@ -312,6 +306,11 @@ def train(
                     stop_reason = f"early stop at step {state.step}: no dev improvement in {state.bad_evals} evaluations"
                     log.info("%s", stop_reason)
                     break
+            if on_eval is not None and on_eval(
+                state.step, acc
+            ):  # a search's pruner (search.py) stops the run
+                stop_reason = f"stopped at step {state.step} by the caller (dev accuracy {acc:.4f})"
+                break
             if over_budget:
                 break
         if checkpoint is not None and state.step % checkpoint_every == 0 and state.step < cfg.steps:

@@ -60,7 +60,7 @@ class Method:
     # the MethodSpec fields it uses: stored in the patch manifest, validated there
     hyper: tuple[str, ...] = ()
     check: Callable[[MethodSpec], list[str]] = _no_problems  # one line per bad hyper-parameter
-    # what a search (tune.py) draws: (train flag / RunRequest field, low, high), log-uniform; int bounds
+    # what a search (search.py) draws: (train flag / RunRequest field, low, high), log-uniform; int bounds
     # draw integers. The lr and the shared training options are drawn for every method.
     search: tuple[tuple[str, float, float], ...] = ()
     # the head (new, randomly initialised) trains at head's default lr, not this method's own (which suits

@@ -1,8 +1,8 @@
 """Patches made without backprop, from the base's own sentence embeddings (mean-pooled, as MiniLM was
 trained to be used): `zeroshot` builds the head from embeddings of label descriptions (no labelled
 examples), `fewshot` from class prototypes (the mean direction of each class's labelled examples, with the
-label description as a prior: a nearest-centroid classifier by cosine). Both patches are a head only, so they load, swap and mix like `head`
-patches. `prototype_head` also gives any trained method a head to start from (`--head-init prototypes`)."""
+label description as a prior: a nearest-centroid classifier by cosine). Both patches are a head only, so
+they load, swap and mix like `head` patches. `prototype_head` also gives any trained method a head to start from (`--head-init prototypes`)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Base, load_base
-from .data import collate, encode, length_buckets
+from .data import Dataset, collate, encode, length_buckets
 from .errors import PatchError
 from .methods import MethodSpec
 from .model import QuantLinear
@@ -157,6 +157,11 @@ class PatchBank:
             p = self.base.model.predict_proba([tokens[i] for i in range(len(tokens))], batch_size)
             return self._to_predictions(p, m.label_names, self.active)
 
+    def accuracy(self, ds: Dataset, patch: str | None = None) -> float:
+        """Fraction of `ds` labelled right under `patch` (default: the active one); labels compared by name."""
+        preds = self.predict(ds.texts, patch=patch)
+        return sum(p.label == ds.label_names[y] for p, y in zip(preds, ds.labels, strict=True)) / len(ds)
+
     @staticmethod
     def _to_predictions(probs: Tensor, label_names: list[str], name: str) -> list[Prediction]:
         conf, idx = probs.max(-1)
@@ -236,3 +241,9 @@ class PatchBank:
             ).items():
                 found.setdefault(lin, []).append((u, a, b, scale))
         return found
+
+
+def patch_accuracy(path: str | Path, ds: Dataset) -> float:
+    """Accuracy of the patch file at `path` on `ds`, on a fresh base of the patch's precision."""
+    bank = PatchBank(precision=load_patch(path).manifest.base_precision)
+    return bank.accuracy(ds, bank.load(path))

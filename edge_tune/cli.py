@@ -63,6 +63,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--precision", default=None, help="base precision fp32|int8|int4 (default: the profile's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads at most (default: the profile's; never more than it allows)")  # fmt: skip
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -225,10 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="bitfit,lora,ia3,adapter",
                    help="comma-separated methods searched (default bitfit,lora,ia3,adapter)")  # fmt: skip
     p.add_argument("--trials", type=int, default=20,
-                   help="trials to finish, a resumed study's included (default 20)")  # fmt: skip
+                   help="trials to finish, a resumed study's included; one a killed run left is failed "
+                        "and run again (default 20)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1,
+                   help="trials at once, each in its own process with the profile's threads split between "
+                        "them; each needs the budget (default 1)")  # fmt: skip
+    p.add_argument("--no-holdout", dest="holdout", action="store_false",
+                   help="evaluate trials on the data's dev set (default: on a validation split of train, "
+                        "the dev set held out for the final report)")  # fmt: skip
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not start from `edge-tune train`'s default configuration as the first trial")  # fmt: skip
     p.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
     p.add_argument("--storage", default=None,
-                   help="an Optuna RDB storage URL (default: sqlite:///OUT/study.db)")  # fmt: skip
+                   help="an Optuna RDB storage URL, e.g. postgresql://user@host/db to share the study with "
+                        "workers on other hosts (default: sqlite:///OUT/study.db)")  # fmt: skip
     p.add_argument("--study", default="edge_tune", help="study name within the storage (default edge_tune)")
     p.add_argument("--sampler", default="tpe",
                    help="tpe | random | grid (method x batch x steps at default settings) (default tpe)")  # fmt: skip
@@ -236,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default="acc",
                    help="acc (dev accuracy) or acc,rss (and peak RSS MB: a Pareto front) (default acc)")  # fmt: skip
     p.add_argument(
-        "--steps", default="300,600", help="optimizer step counts a trial draws from (default 300,600)"
+        "--steps",
+        default="300,600,1200",
+        help="optimizer step counts a trial draws from (default 300,600,1200)",
     )
     p.add_argument("--eval-every", type=int, default=100,
                    help="steps between dev evaluations, where the pruner may stop a trial (default 100)")  # fmt: skip

@@ -75,6 +75,7 @@ class RunRequest:
     head_init: str = "random"  # random | prototypes
     per_class: int | None = None  # labelled training examples a class at most (None: all)
     label_text: tuple[str, ...] = ()  # zeroshot: one description per label (default: the task's labels.tsv)
+    threads: int | None = None  # compute threads at most (None: the profile's; never more than it allows)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def check_request(req: RunRequest) -> tuple[DeviceProfile, dict, list[str]]:
             f"--grad-accum must be between 1 and the batch size ({used['batch_size']}), got {req.grad_accum}"
         )
     checks = {"--steps": req.steps, "--eval-every": req.eval_every, "--patience": req.patience,
-              "--checkpoint-every": req.checkpoint_every}  # fmt: skip
+              "--checkpoint-every": req.checkpoint_every, "--threads": req.threads}  # fmt: skip
     problems += [f"{k} must be at least 1, got {v}" for k, v in checks.items() if v is not None and v < 1]
     if req.lr is not None and not (math.isfinite(req.lr) and req.lr > 0):
         problems.append(f"--lr must be a positive number, got {req.lr}")
@@ -293,7 +294,7 @@ def _data_bytes(train_ds, dev_ds, seq_len: int) -> int:
 
 def _adapt_locked(data, out: Path, req: RunRequest, prof: DeviceProfile, progress, resume: bool,
                   t0: float, on_eval=None) -> AdaptResult:  # fmt: skip
-    threads = set_threads(prof)
+    threads = set_threads(prof, req.threads)
     trim_resident_memory()  # the imports' unused code pages: data and base then load under the training floor
     # The plan comes before the base is loaded: a run that cannot fit is refused before any heavy work.
     run = plan_run(data, req)

@@ -2,38 +2,39 @@
 
 Budget first: every trial is planned (run.plan_run) before anything loads; a configuration the plan says
 cannot fit is pruned before any training and recorded as infeasible with its planned MB. A feasible trial
-trains in a fresh process (trial.py), so its peak RSS is its own; it reports dev
-accuracy at every evaluation and the pruner may stop it there. A measured peak over the budget is a
-violated constraint (the samplers' constraints_func), never a crash. The study lives in an SQLite file in
-the output folder by default: running the same command again continues it, and a trial a killed run left
-running is marked failed, not lost.
+trains in a fresh process (trial.py), so its peak RSS is its own; it reports accuracy at every evaluation
+and the pruner may stop it there. A measured peak over the budget is a violated constraint (the samplers'
+constraints_func), never a crash. The study (study.py) lives in an SQLite file in the output folder by
+default: running the same command again continues it, and a trial a killed run left running is marked
+failed and run again. `--workers J` runs J search processes on one study; a PostgreSQL URL lets workers on
+other hosts join it. Trials evaluate on a validation split of train; the data's dev set is held out for
+the final report (best against baseline), so the gain is not the search's own noise.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EdgeTuneError
 from .methods import METHODS
+from .search_space import baseline_params, grid, suggest
+from .study import ask_lock, best_row, counted, fail_abandoned, open_study, trial_rows, write_outputs
 
 log = logging.getLogger("edge_tune")
 
-STUDY_FILE = "study.db"
+SEARCH_DATA = "search_data"  # the trials' train / validation split when the dev set is held out
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("acc", "rss")  # dev accuracy (maximised), peak RSS MB (minimised)
-BATCHES = (8, 16, 32, 64)  # sentences per step a trial may draw, at most the profile's cap
-LR_SPAN = 10.0  # a method's lr is drawn log-uniformly within its default / LR_SPAN .. x LR_SPAN
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,12 @@ class TuneRequest:
     sampler: str = "tpe"
     pruner: str = "median"
     objectives: tuple[str, ...] = ("acc",)
-    steps: tuple[int, ...] = (300, 600)  # the step counts a trial may draw
+    steps: tuple[int, ...] = (300, 600, 1200)  # the step counts a trial may draw
     eval_every: int = 100
     seed: int = 0
+    workers: int = 1  # trials at once, each its own process with threads / workers threads
+    holdout: bool = True  # search on a split of train; keep the data's dev set for the final report
+    baseline: bool = True  # the first trial is `edge-tune train`'s default configuration (where in the space)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class TuneResult:
     best: dict | None  # the best trial's row (multi-objective: the most accurate on the Pareto front)
     rows: list[dict] = field(default_factory=list)
     infeasible: int = 0  # trials pruned by the plan before any training
+    holdout: dict = field(default_factory=dict)  # {"best": acc, "baseline": acc} on the held-out dev set
 
 
 def check_tune_request(req: TuneRequest) -> None:
@@ -80,134 +85,17 @@ def check_tune_request(req: TuneRequest) -> None:
         (req.trials < 1, f"--trials must be >= 1, got {req.trials}"),
         (not req.steps or min(req.steps) < 1, f"--steps must be positive step counts, got {req.steps}"),
         (req.eval_every < 1, f"--eval-every must be >= 1, got {req.eval_every}"),
+        (req.workers < 1, f"--workers must be >= 1, got {req.workers}"),
     ]  # fmt: skip
     for bad, line in problems:
         if bad:
             raise EdgeTuneError(line)
 
 
-def _batches(max_batch: int) -> list[int]:
-    return [b for b in BATCHES if b <= max_batch] or [max_batch]
-
-
-def grid(req: TuneRequest, max_batch: int) -> dict[str, list]:
-    """The grid sampler's space: method x batch x steps, everything else at the method's defaults."""
-    return {"method": list(req.methods), "batch_size": _batches(max_batch), "steps": list(req.steps)}
-
-
-def suggest(trial, req: TuneRequest, max_batch: int) -> dict:
-    """A RunRequest's fields drawn for `trial`: the method, its own hyper-parameters (Method.search), its lr
-    around its default, and the training options every method shares (the grid: see `grid`)."""
-    from .trainer import SCHEDULES
-
-    method = trial.suggest_categorical("method", list(req.methods))
-    m = METHODS[method]
-    fields = {"method": method}
-    if req.sampler == "grid":
-        fields["batch_size"] = trial.suggest_categorical("batch_size", _batches(max_batch))
-        fields["steps"] = trial.suggest_categorical("steps", list(req.steps))
-        return fields
-    for name, low, high in m.search:
-        if isinstance(low, int) and isinstance(high, int):
-            fields[name] = trial.suggest_int(f"{method}.{name}", low, high, log=low > 0)
-        else:
-            fields[name] = trial.suggest_float(f"{method}.{name}", low, high, log=low > 0)
-    fields["lr"] = trial.suggest_float(
-        f"{method}.lr", m.default_lr / LR_SPAN, m.default_lr * LR_SPAN, log=True
-    )
-    fields["batch_size"] = trial.suggest_categorical("batch_size", _batches(max_batch))
-    fields["warmup"] = trial.suggest_float("warmup", 0.0, 0.2)
-    fields["weight_decay"] = trial.suggest_float("weight_decay", 0.0, 0.1)
-    fields["schedule"] = trial.suggest_categorical("schedule", list(SCHEDULES))
-    fields["steps"] = trial.suggest_categorical("steps", list(req.steps))
-    return fields
-
-
-def _identity(req: TuneRequest) -> dict:
-    """What a study is bound to: rerunning with another base, data, profile or search space is refused. The
-    base by its weights file's sha256 (the same on every host a shared study's workers run on)."""
-    import hashlib
-
-    from .base import default_model_dir
-    from .profiles import load_profile
-
-    h = hashlib.sha256()
-    with open(default_model_dir() / "model.safetensors", "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    # The choices a categorical parameter draws from are fixed for a study's life (Optuna refuses a change)
-    return {"data": str(req.data), "profile": load_profile(req.profile).name, "base": h.hexdigest()[:16],
-            "objectives": ",".join(req.objectives), "methods": ",".join(req.methods),
-            "steps": ",".join(map(str, req.steps)), "sampler": req.sampler}  # fmt: skip
-
-
-def storage_url(req: TuneRequest) -> str:
-    return req.storage or f"sqlite:///{Path(req.out).resolve() / STUDY_FILE}"
-
-
-def open_study(req: TuneRequest, max_batch: int = 64):
-    """The study in `req.storage` (default: sqlite in `req.out`), created or continued. A study made for
-    another base, data, profile or objectives is refused before it is touched."""
-    import optuna
-
-    url = storage_url(req)
-    if req.storage is None:
-        Path(req.out).mkdir(parents=True, exist_ok=True)
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as e:  # sqlalchemy's errors name the driver and host: keep their first line
-        raise EdgeTuneError(f"cannot open storage: {str(e).splitlines()[0]}", url.split("@")[-1]) from None
-    multi = len(req.objectives) > 1
-
-    # TPE reads each trial's constraints (Trial.set_constraint: measured peak MB over the budget, <= 0 fits)
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=req.seed),
-               "random": lambda: optuna.samplers.RandomSampler(seed=req.seed),
-               "grid": lambda: optuna.samplers.GridSampler(grid(req, max_batch), seed=req.seed)}[req.sampler]()  # fmt: skip
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-              "hyperband": optuna.pruners.HyperbandPruner(min_resource=req.eval_every),
-              "none": optuna.pruners.NopPruner()}[req.pruner]  # fmt: skip
-    identity = _identity(req)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if req.study in existing:
-        made_for = existing[req.study].user_attrs.get("identity", {})
-        diff = sorted(k for k in identity.keys() | made_for.keys() if identity.get(k) != made_for.get(k))
-        if diff:
-            raise EdgeTuneError(f"study {req.study!r} was made with another {', '.join(diff)}", url.split("@")[-1],
-                                "use another --study or --out, or the flags it was made with")  # fmt: skip
-    study = optuna.create_study(study_name=req.study, storage=storage, sampler=sampler, pruner=pruner,
-                                directions=["maximize", "minimize"] if multi else ["maximize"],
-                                load_if_exists=True)  # fmt: skip
-    study.set_user_attr("identity", identity)
-    return study
-
-
-def fail_abandoned(study) -> int:
-    """Mark failed the trials a killed run on this host left running (their process is gone); returns how
-    many. Another host's running trials are left to it."""
-    import optuna
-
-    host, n = os.uname().nodename, 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and (pid is None or not _alive(pid)):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-            n += 1
-    return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user
-        pass
-    return True
-
-
 def tune(req: TuneRequest) -> TuneResult:
     """Run the search until `req.trials` trials have finished (a resumed study's count) or the timeout;
-    write the best patch, trials.csv / trials.json and plots to `req.out`."""
+    write the best patch, trials.csv / trials.json and plots to `req.out`; with `req.holdout`, report the
+    best and the baseline trial's accuracy on the data's dev set, which no trial saw."""
     import optuna
 
     from .data import load_task
@@ -215,37 +103,119 @@ def tune(req: TuneRequest) -> TuneResult:
 
     check_tune_request(req)
     prof = load_profile(req.profile)
-    load_task(req.data)  # unknown or malformed data: one line before a study is opened
+    train_ds, dev_ds = load_task(req.data, seed=req.seed)  # unknown or malformed data: one line, no study
     out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trials").mkdir(exist_ok=True)
+    (out / "trials").mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(req, prof.max_batch_size)
     if failed := fail_abandoned(study):
-        log.warning("warning: %d trial(s) a killed run left running marked failed", failed)
-    t0 = time.monotonic()
-    done = lambda: len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])  # noqa: E731
-    trials = req.trials
-    if req.sampler == "grid":  # each point once
-        trials = min(trials, math.prod(len(v) for v in grid(req, prof.max_batch_size).values()))
-    while done() < trials and (req.timeout_s is None or time.monotonic() - t0 < req.timeout_s):
-        trial = study.ask()
-        try:
-            _one_trial(study, trial, req, prof, out)
-        except BaseException:  # never leave a trial running behind an error or Ctrl-C
-            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-            raise
+        log.warning("warning: %d trial(s) a killed run left running marked failed; they run again", failed)
+    if req.holdout:
+        write_search_split(train_ds, dev_ds, out / SEARCH_DATA, req.seed)
+    if req.baseline and not study.trials and (params := baseline_params(req, prof.max_batch_size)):
+        study.enqueue_trial(params, user_attrs={"baseline": True})
+    if req.workers == 1:
+        search(study, req, prof)
+    else:
+        run_workers(req, prof)
     rows = trial_rows(study)
-    best = _best(study, rows)
+    best = best_row(study, rows)
     best_patch = None
     if best is not None and best.get("patch"):
         best_patch = out / "best.patch"
         shutil.copyfile(best["patch"], best_patch)
+    held = {}
+    if req.holdout and best_patch is not None:
+        from .bank import patch_accuracy
+
+        baseline = next((r for r in rows if r.get("baseline") and r.get("patch")), None)
+        held = {"rows": len(dev_ds), "best": patch_accuracy(best_patch, dev_ds)}
+        if baseline is not None:
+            held["baseline"] = patch_accuracy(baseline["patch"], dev_ds)
+        (out / "holdout.json").write_text(json.dumps(held, indent=1))
     write_outputs(study, rows, out)
-    return TuneResult(best_patch, best, rows, sum(1 for r in rows if r.get("infeasible")))
+    return TuneResult(best_patch, best, rows, sum(1 for r in rows if r.get("infeasible")), held)
 
 
-def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
+def search(study, req: TuneRequest, prof, threads: int | None = None) -> None:
+    """Ask, plan and train trials until the study has `req.trials` counted ones or the timeout passes.
+    Several processes may run this on one study: asking is locked per output folder, so no two ask past
+    the count."""
+    import optuna
+
+    t0 = time.monotonic()
+    target = req.trials
+    if req.sampler == "grid":  # each point once
+        target = min(target, math.prod(len(v) for v in grid(req, prof.max_batch_size).values()))
+    while req.timeout_s is None or time.monotonic() - t0 < req.timeout_s:
+        with ask_lock(Path(req.out)):
+            if counted(study) >= target:
+                return
+            trial = study.ask()
+        try:
+            _one_trial(study, trial, req, prof, threads)
+        except BaseException:  # never leave a trial running behind an error or Ctrl-C
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            raise
+
+
+def run_workers(req: TuneRequest, prof) -> None:
+    """`req.workers` processes searching one study, the profile's threads split between them."""
+    from .trial import _die_with_parent
+
+    threads = max(1, min(prof.threads, os.cpu_count() or 1) // req.workers)
+    spec = json.dumps(asdict(req))
+    main = "import sys; from edge_tune.search import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", main, spec, str(threads), str(i)],
+                              preexec_fn=_die_with_parent) for i in range(req.workers)]  # fmt: skip
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    if any(codes):
+        raise EdgeTuneError(f"a search worker exited {max(codes, key=abs)}", req.out, "see its lines above")
+
+
+def worker_main(argv: list[str]) -> int:
+    """A worker process of run_workers (REQUEST_JSON THREADS INDEX): the study exists (tune opened it);
+    search it, sampling with its own seed so that workers do not draw the same points."""
+    import optuna
+
+    from .profiles import load_profile
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fields = json.loads(argv[0])
+    req = TuneRequest(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    prof = load_profile(req.profile)
+    try:
+        study = open_study(req, prof.max_batch_size, sampler_seed=req.seed + int(argv[2]))
+        search(study, req, prof, int(argv[1]))
+    except EdgeTuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_search_split(train, dev, folder: Path, seed: int) -> None:
+    """The trials' data: train less a seeded validation split the size of dev (at most a tenth of train),
+    which they evaluate on; `dev` itself stays unseen. Written the same on every run with the same seed."""
+    from .data import split_dev
+
+    fit, val = split_dev(train, min(len(dev), len(train) // 10) / len(train), seed)
+    folder.mkdir(exist_ok=True)
+    for name, ds in (("train.tsv", fit), ("dev.tsv", val)):
+        body = "".join(f"{ds.label_names[y]}\t{t}\n" for t, y in zip(ds.texts, ds.labels, strict=True))
+        tmp = folder / (name + ".tmp")
+        tmp.write_text("label\tsentence\n" + body, encoding="utf-8")
+        tmp.replace(folder / name)
+    descriptions = Path(train.source).with_name("labels.tsv")  # label_descriptions reads it beside train.tsv
+    if descriptions.is_file():
+        shutil.copyfile(descriptions, folder / "labels.tsv")
+
+
+def _one_trial(study, trial, req: TuneRequest, prof, threads: int | None) -> None:
     """Draw, plan and (where it fits) train one trial, and tell the study how it ended."""
     import optuna
 
@@ -255,10 +225,12 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
 
     trial.set_user_attr("host", os.uname().nodename)
     trial.set_user_attr("pid", os.getpid())
-    fields = suggest(trial, req, prof.max_batch_size)
+    fields = suggest(trial, req, prof.max_batch_size) | ({"threads": threads} if threads else {})
     rreq = RunRequest(profile=req.profile, eval_every=req.eval_every, seed=req.seed, **fields)
     check_request(rreq)
-    run = plan_run(req.data, rreq)
+    out = Path(req.out)
+    data = str(out / SEARCH_DATA) if req.holdout else req.data
+    run = plan_run(data, rreq)
     if run.memory is None:  # the plan says it cannot fit: pruned before any training
         need = getattr(run.refusal, "need_mb", None) or float("nan")
         trial.set_user_attr("infeasible", True)
@@ -276,7 +248,7 @@ def _one_trial(study, trial, req: TuneRequest, prof, out: Path) -> None:
         return trial.should_prune()
 
     patch = out / "trials" / f"trial_{trial.number}.patch"
-    result = run_trial(fields, req.data, patch, req.profile, req.eval_every, req.seed, prune)
+    result = run_trial(fields, data, patch, req.profile, req.eval_every, req.seed, prune)
     _finish(study, trial, req, result, prof.memory_budget_mb)
 
 
@@ -288,7 +260,7 @@ def _finish(study, trial, req: TuneRequest, r: dict, budget_mb: float) -> None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         _line(study, trial.number, req, f"failed: {r['error']}")
         return
-    for k in ("peak_rss_mb", "dev_accuracy", "patch_kb", "seconds"):
+    for k in ("peak_rss_mb", "dev_accuracy", "patch_kb", "seconds", "threads"):
         trial.set_user_attr(k, r[k])
     trial.set_user_attr("steps_run", r["steps"])  # `steps` is the drawn parameter; a pruned trial ran fewer
     trial.set_user_attr("patch", r["patch"])
@@ -310,76 +282,5 @@ def _line(study, number: int, req: TuneRequest, what: str) -> None:
     t = study.get_trials(deepcopy=False)[number]
     params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                        for k, v in t.params.items() if k != "method")  # fmt: skip
-    print(f"trial {number + 1}/{req.trials} {t.params.get('method')}: {what} ({params})", file=sys.stderr,
-          flush=True)  # fmt: skip
-
-
-def trial_rows(study) -> list[dict]:
-    """Every trial as a flat row: number, state, parameters, planned and measured MB, accuracy."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row = {"number": t.number, "state": t.state.name, "infeasible": bool(t.user_attrs.get("infeasible"))}
-        row |= {k.split(".")[-1]: v for k, v in t.params.items()}
-        for k in ("planned_mb", "peak_rss_mb", "over_budget_mb", "dev_accuracy", "steps_run", "patch_kb", "seconds",
-                  "patch", "error"):  # fmt: skip
-            if k in t.user_attrs:
-                row[k] = t.user_attrs[k]
-        rows.append(row)
-    return rows
-
-
-def _best(study, rows: list[dict]) -> dict | None:
-    """The most accurate complete trial within the budget (multi-objective: on the Pareto front)."""
-    ok = [r for r in rows if r["state"] == "COMPLETE" and r.get("over_budget_mb", 0) <= 0]
-    if len(study.directions) > 1:
-        front = {t.number for t in study.best_trials}
-        ok = [r for r in ok if r["number"] in front]
-    return max(ok, key=lambda r: (r["dev_accuracy"], -r["number"]), default=None)
-
-
-def write_outputs(study, rows: list[dict], out: Path) -> None:
-    """trials.json, trials.csv and, with matplotlib, the optimisation history, parameter importances and
-    (multi-objective) the Pareto front as PNGs."""
-    (out / "trials.json").write_text(json.dumps(rows, indent=1))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "trials.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import optuna
-        from optuna.visualization import matplotlib as ov
-    except ImportError:
-        log.warning("warning: matplotlib is not installed; no plots")
-        return
-    plots = [
-        ("history.png", lambda: ov.plot_optimization_history(study, target=_acc, target_name="dev accuracy"))
-    ]
-    if len(complete) >= 2:  # fANOVA: how much of accuracy's variance each parameter explains, either way
-        fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        plots.append(("importances.png", lambda: ov.plot_param_importances(
-            study, evaluator=fanova, target=_acc, target_name="dev accuracy")))  # fmt: skip
-    if len(study.directions) > 1 and complete:
-        plots.append(
-            ("pareto.png", lambda: ov.plot_pareto_front(study, target_names=["dev accuracy", "peak MB"]))
-        )
-    for name, make in plots:
-        try:
-            with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
-                warnings.simplefilter("ignore")
-                make()
-            plt.gcf().set_size_inches(8, 5)
-            plt.savefig(out / name, dpi=100, bbox_inches="tight")
-        except (ValueError, RuntimeError) as e:  # too few trials of a kind for that plot
-            log.warning("warning: no %s: %s", name, str(e).splitlines()[0])
-        finally:
-            plt.close("all")
-
-
-def _acc(t) -> float:
-    return t.values[0]
+    print(f"trial {number + 1} [{counted(study)}/{req.trials}] {t.params.get('method')}: {what} ({params})",
+          file=sys.stderr, flush=True)  # fmt: skip

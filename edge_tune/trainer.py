@@ -71,9 +71,9 @@ class TrainResult:
     trained_values: int = 0  # values the optimizer stepped (a folded reparametrization's included)
 
 
-def set_threads(profile: DeviceProfile) -> int:
-    """Use the profile's thread count, capped by the cores this machine has."""
-    n = max(1, min(profile.threads, os.cpu_count() or 1))
+def set_threads(profile: DeviceProfile, cap: int | None = None) -> int:
+    """Use the profile's thread count (or `cap`, when lower), at most the cores this machine has."""
+    n = max(1, min(profile.threads, cap or profile.threads, os.cpu_count() or 1))
     torch.set_num_threads(n)
     return n
 

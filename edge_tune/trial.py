@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     Path(result).write_text(json.dumps({
         "dev_accuracy": r.train.dev_accuracy, "peak_rss_mb": r.train.peak_rss_mb, "steps": r.train.steps,
         "patch_kb": r.patch_bytes / 1024, "seconds": time.perf_counter() - t0, "pruned": bool(pruned),
-        "patch": str(patch),
+        "patch": str(patch), "threads": r.threads,
     }))  # fmt: skip
     return 0
 

@@ -190,8 +190,7 @@ def cmd_eval(args) -> int:
         ds = load_task(args.data)[1]
         if ds.label_names != patch.manifest.label_names:
             ds = read_tsv(Path(ds.source).parent / "dev.tsv", patch.manifest.label_names)
-    preds = bank.predict(ds.texts, patch=name)
-    acc = sum(pr.label == ds.label_names[y] for pr, y in zip(preds, ds.labels, strict=True)) / len(ds)
+    acc = bank.accuracy(ds, name)
     print(f"accuracy {acc:.4f} on {len(ds)} rows of {ds.source} ({name}, {patch.manifest.method})")
     return 0
 
@@ -236,7 +235,8 @@ def cmd_tune(args) -> int:
     req = TuneRequest(data=args.data, out=args.out, profile=args.profile, methods=split(args.methods),
                       trials=args.trials, timeout_s=args.timeout, storage=args.storage, study=args.study,
                       sampler=args.sampler, pruner=args.pruner, objectives=split(args.objectives), steps=steps,
-                      eval_every=args.eval_every, seed=args.seed)  # fmt: skip
+                      eval_every=args.eval_every, seed=args.seed, workers=args.workers, holdout=args.holdout,
+                      baseline=args.baseline)  # fmt: skip
     r = tune(req)
     states = {}
     for row in r.rows:
@@ -248,7 +248,15 @@ def cmd_tune(args) -> int:
         return 1
     b = r.best
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.items()
-                       if k not in ("number", "state", "infeasible", "patch", "over_budget_mb"))  # fmt: skip
+                       if k not in ("number", "state", "infeasible", "baseline", "patch", "over_budget_mb"))  # fmt: skip
     print(f"best: trial {b['number'] + 1}: {params}")
+    base = next((row for row in r.rows if row.get("baseline") and row["state"] == "COMPLETE"), None)
+    if base is not None:
+        print(
+            f"baseline (edge-tune train's defaults): trial {base['number'] + 1}: {base['dev_accuracy']:.4f}"
+        )
+    if r.holdout:
+        held = ", ".join(f"{k} {v:.4f}" for k, v in r.holdout.items() if k != "rows")
+        print(f"held-out dev set ({r.holdout['rows']} rows no trial saw): {held}")
     print(f"wrote {r.best_patch}, {Path(args.out) / 'trials.csv'}, {Path(args.out) / 'trials.json'}")
     return 0

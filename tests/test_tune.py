@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_a_trial_a_killed_run_left_running_is_marked_failed(tsv, tmp_path):
     trial.set_user_attr("host", os.uname().nodename)
     trial.set_user_attr("pid", gone.pid)
     r = tune(req)
-    assert [row["state"] for row in r.rows] == ["FAIL", "COMPLETE"]  # the abandoned one counts as finished
+    # the abandoned one is failed and does not count: two trials still finish
+    assert [row["state"] for row in r.rows] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 def test_kill_9_mid_trial_then_rerun_completes_the_study(tsv, tmp_path):
@@ -74,7 +76,7 @@ def test_kill_9_mid_trial_then_rerun_completes_the_study(tsv, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True)  # the same command continues the study
     assert done.returncode == 0, done.stderr
     rows = json.loads((out / "trials.json").read_text())
-    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE"]  # interrupted: failed, run again
 
 
 def _trial_processes(out) -> str:
@@ -113,10 +115,87 @@ def test_a_study_made_for_other_data_is_refused_untouched(tsv, tmp_path):
         (["--objectives", "rss"], "--objectives must be acc or acc,rss"),
         (["--steps", "ten"], "--steps must be comma-separated step counts"),
         (["--trials", "0"], "--trials must be >= 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
         (["--storage", "sqlite:////proc/nope/x.db"], "cannot open storage"),
+        (["--storage", "postgresql+psycopg2://postgres@127.0.0.1:1/none"], "cannot open storage"),
     ],
 )
 def test_bad_tune_input_is_one_line_and_exit_2(tsv, tmp_path, flags, message):
     p = subprocess.run([sys.executable, "-m", "edge_tune.cli", "tune", "--data", str(tsv), "--out",
                         str(tmp_path / "o"), *flags], capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_two_workers_share_one_study_each_trial_once_with_split_threads(tsv, tmp_path):
+    out = tmp_path / "study"
+    r = tune(TuneRequest(str(tsv), str(out), trials=4, workers=2, **QUICK))
+    assert [row["number"] for row in r.rows] == [0, 1, 2, 3]
+    assert [row["state"] for row in r.rows] == ["COMPLETE"] * 4
+    assert len({row["patch"] for row in r.rows}) == 4
+    study = open_study(TuneRequest(str(tsv), str(out), **QUICK))
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers took trials
+    assert [row["threads"] for row in r.rows] == [1] * 4  # 2 cores split between 2 workers
+
+
+def test_the_dev_set_is_held_out_and_reported_at_the_end(tmp_path):
+    from conftest import SENTENCES, write_tsv
+
+    from edge_tune.data import load_task
+
+    tsv = write_tsv(tmp_path / "unique.tsv", [(y, f"{s} {i}") for i, (y, s) in enumerate(SENTENCES * 4)])
+    out = tmp_path / "study"
+    r = tune(TuneRequest(str(tsv), str(out), trials=1, **QUICK))
+    train, dev = load_task(str(tsv))
+    fit, val = load_task(out / "search_data")
+    assert len(fit) + len(val) == len(train) and len(val) == min(len(dev), len(train) // 10)
+    assert not set(dev.texts) & (set(fit.texts) | set(val.texts))  # no trial saw the held-out rows
+    assert sorted(fit.texts + val.texts) == sorted(train.texts)
+    assert r.holdout["rows"] == len(dev) and 0 <= r.holdout["best"] <= 1
+    assert json.loads((out / "holdout.json").read_text()) == r.holdout
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora"])
+def test_the_baseline_trial_trains_exactly_the_train_defaults(tsv, tmp_path, method):
+    from edge_tune.methods import METHODS
+    from edge_tune.run import RunRequest, default_lr
+    from edge_tune.search_space import baseline_params, suggest
+
+    steps = METHODS[method].default_steps
+    req = TuneRequest(str(tsv), str(tmp_path / "o"), methods=(method, "ia3"), steps=(100, steps))
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(baseline_params(req, 32))
+    fields = suggest(study.ask(), req, 32)
+    d = RunRequest(method=method)
+    want = {"method": method, "lr": default_lr(method, d.batch_size), "batch_size": d.batch_size,
+            "warmup": d.warmup, "weight_decay": d.weight_decay, "schedule": d.schedule, "steps": steps}  # fmt: skip
+    if method == "lora":
+        want |= {"rank": d.rank, "alpha": 2.0 * d.rank}  # RunRequest's alpha None means 2r
+    assert fields == want
+    assert (
+        baseline_params(TuneRequest(str(tsv), "o", methods=(method,), steps=(100,)), 32) is None
+    )  # not in space
+
+
+@pytest.fixture
+def postgres_url():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    try:
+        from local_postgres import local_postgres, why_not
+    finally:
+        sys.path.pop(0)
+    if reason := why_not():
+        pytest.skip(f"no PostgreSQL server here: {reason}")
+    with local_postgres() as url:
+        yield url
+
+
+def test_workers_share_a_study_on_a_real_postgresql_server(tsv, tmp_path, postgres_url):
+    req = TuneRequest(str(tsv), str(tmp_path / "a"), trials=4, workers=2, storage=postgres_url, **QUICK)
+    r = tune(req)
+    assert [row["number"] for row in r.rows] == [0, 1, 2, 3]
+    assert [row["state"] for row in r.rows] == ["COMPLETE"] * 4
+    # another host's worker (another --out) joins the same study through the URL: it runs only what is left
+    more = tune(TuneRequest(str(tsv), str(tmp_path / "b"), trials=5, storage=postgres_url, **QUICK))
+    assert len(more.rows) == 5 and more.rows[:4] == r.rows
+    study = optuna.load_study(study_name="edge_tune", storage=postgres_url)
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 3  # two workers, then the joining process

@@ -3,8 +3,8 @@
 Budget first: every trial is planned (run.plan_run) before anything loads; a configuration the plan says
 cannot fit is pruned before any training and recorded as infeasible with its planned MB. A feasible trial
 trains in a fresh process (trial.py), so its peak RSS is its own; it reports accuracy at every evaluation
-and the pruner may stop it there. A measured peak over the budget is a violated constraint (the samplers'
-constraints_func), never a crash. The study (study.py) lives in an SQLite file in the output folder by
+and the pruner may stop it there. A measured peak over the budget is a violated constraint
+(Trial.set_constraint, which TPE reads to steer away), never a crash; so is a planned one. The study (study.py) lives in an SQLite file in the output folder by
 default: running the same command again continues it, and a trial a killed run left running is marked
 failed and run again. `--workers J` runs J search processes on one study; a PostgreSQL URL lets workers on
 other hosts join it. Trials evaluate on a validation split of train; the data's dev set is held out for
@@ -235,6 +235,8 @@ def _one_trial(study, trial, req: TuneRequest, prof, threads: int | None) -> Non
         need = getattr(run.refusal, "need_mb", None) or float("nan")
         trial.set_user_attr("infeasible", True)
         trial.set_user_attr("planned_mb", round(need, 1))
+        if math.isfinite(need):  # TPE ranks a violated constraint below every feasible trial
+            trial.set_constraint("peak_rss_over_budget_mb", round(need - prof.memory_budget_mb, 1))
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         _line(study, trial.number, req, f"infeasible: plan {need:.0f} MB > {prof.memory_budget_mb} MB")
         return

@@ -88,8 +88,9 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
 
 
 def fail_abandoned(study) -> int:
-    """Mark failed the trials a killed run on this host left running (their process is gone); returns how
-    many. Another host's running trials are left to it."""
+    """Mark failed the trials a killed run on this host left running (their process is gone) and queue
+    each one's parameters to run again, first (the grid sampler counts a failed point as visited, so it
+    would not); returns how many. Another host's running trials are left to it."""
     import optuna
 
     host, n = os.uname().nodename, 0
@@ -97,6 +98,9 @@ def fail_abandoned(study) -> int:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and (pid is None or not _alive(pid)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            if t.params:
+                again = {"rerun_of": t.number} | ({"baseline": True} if t.user_attrs.get("baseline") else {})
+                study.enqueue_trial(t.params, user_attrs=again)
             n += 1
     return n
 
@@ -138,7 +142,7 @@ def trial_rows(study) -> list[dict]:
                "baseline": bool(t.user_attrs.get("baseline"))}  # fmt: skip
         row |= {k.split(".")[-1]: v for k, v in t.params.items()}
         for k in ("planned_mb", "peak_rss_mb", "over_budget_mb", "dev_accuracy", "steps_run", "patch_kb", "seconds",
-                  "threads", "patch", "error"):  # fmt: skip
+                  "threads", "rerun_of", "patch", "error"):  # fmt: skip
             if k in t.user_attrs:
                 row[k] = t.user_attrs[k]
         rows.append(row)

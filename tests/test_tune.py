@@ -16,6 +16,7 @@ optuna = pytest.importorskip("optuna")
 
 from edge_tune.errors import EdgeTuneError  # noqa: E402
 from edge_tune.search import TuneRequest, open_study, tune  # noqa: E402
+from edge_tune.search_space import suggest  # noqa: E402
 
 QUICK = dict(methods=("bitfit", "lora"), steps=(2,), eval_every=1)
 
@@ -53,17 +54,20 @@ def test_a_trial_a_killed_run_left_running_is_marked_failed(tsv, tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
     trial = study.ask()
+    suggest(trial, req, 32)
     trial.set_user_attr("host", os.uname().nodename)
     trial.set_user_attr("pid", gone.pid)
     r = tune(req)
-    # the abandoned one is failed and does not count: two trials still finish
+    # the abandoned one is failed and does not count: it runs again (same parameters), and two trials finish
     assert [row["state"] for row in r.rows] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert r.rows[1]["rerun_of"] == 0 and study.trials[1].params == study.trials[0].params
 
 
-def test_kill_9_mid_trial_then_rerun_completes_the_study(tsv, tmp_path):
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_kill_9_mid_trial_then_rerun_completes_the_study(tsv, tmp_path, sampler):
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "edge_tune.cli", "tune", "--data", str(tsv), "--out", str(out), "--trials", "2",
-           "--methods", "bitfit", "--steps", "40", "--eval-every", "40"]  # fmt: skip
+           "--methods", "bitfit", "--steps", "40", "--eval-every", "40", "--sampler", sampler]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (_running(out) and _trial_processes(out)):
@@ -77,6 +81,9 @@ def test_kill_9_mid_trial_then_rerun_completes_the_study(tsv, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads((out / "trials.json").read_text())
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE"]  # interrupted: failed, run again
+    assert rows[1]["rerun_of"] == 0 and rows[1]["batch_size"] == rows[0]["batch_size"]
+    if sampler == "grid":  # two different grid points, each once
+        assert rows[1]["batch_size"] != rows[2]["batch_size"]
 
 
 def _trial_processes(out) -> str:

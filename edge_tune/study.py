@@ -51,7 +51,6 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     """The study in `req.storage` (default: sqlite in `req.out`), created or continued. A study made for
     another base, data, profile or objectives is refused before it is touched. The sampler draws with
     `sampler_seed` (default: the request's seed)."""
-    seed = req.seed if sampler_seed is None else sampler_seed
     import optuna
 
     url = storage_url(req)
@@ -64,6 +63,11 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     except Exception as e:  # sqlalchemy's errors name the driver and host: keep their first line
         raise EdgeTuneError(f"cannot open storage: {str(e).splitlines()[0]}", url.split("@")[-1]) from None
     multi = len(req.objectives) > 1
+    identity = _identity(req)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    # A continued study's sampler must not replay the draws its first run made from the same seed
+    done = existing[req.study].n_trials if req.study in existing else 0
+    seed = (req.seed if sampler_seed is None else sampler_seed) + 1009 * done
 
     # TPE reads each trial's constraints (Trial.set_constraint: measured peak MB over the budget, <= 0 fits)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
@@ -72,8 +76,6 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=req.eval_every),
               "none": optuna.pruners.NopPruner()}[req.pruner]  # fmt: skip
-    identity = _identity(req)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if req.study in existing:
         made_for = existing[req.study].user_attrs.get("identity", {})
         diff = sorted(k for k in identity.keys() | made_for.keys() if identity.get(k) != made_for.get(k))

@@ -33,6 +33,10 @@ def test_study_runs_continues_and_writes_a_loadable_best_patch(tsv, tmp_path):
         TuneRequest(str(tsv), str(out), trials=3, **QUICK)
     )  # the same study: one more trial, not three
     assert len(again.rows) == 3 and again.rows[:2] == first.rows[:2]
+    drawn = lambda row: {k: v for k, v in row.items() if "." in k or k in ("method", "batch_size", "warmup")}  # noqa: E731
+    assert drawn(again.rows[2]) != drawn(
+        first.rows[0]
+    )  # the continued sampler does not replay its first draws
     assert load_patch(again.best_patch, load_base()).manifest.method == again.best["method"]
     rows = json.loads((out / "trials.json").read_text())
     assert len(rows) == 3 and (out / "trials.csv").read_text().count("\n") == 4

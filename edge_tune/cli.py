@@ -258,6 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="out/tune", help="folder for study.db, best.patch, trials.csv/json, plots"
     )
+
+    p = sub.add_parser("serve", help="serve predictions over HTTP from a folder of patches (hot-swapped)")
+    p.add_argument("--patches", required=True, help="folder of .patch files, each loaded under its file name")
+    p.add_argument(
+        "--profile", default=None, help="device profile name or .toml (default: raspberry-pi-4-4gb)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this device only)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--window-ms", type=float, default=None,
+                   help="ms a request may wait for others to share its pass (default: the profile's)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="sentences in one pass at most (default: the profile's)")  # fmt: skip
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="one request per pass (to compare against cross-request batching)")  # fmt: skip
+    p.add_argument("--queue", type=int, default=512,
+                   help="sentences waiting at most; beyond, 503 with Retry-After (default 512)")  # fmt: skip
+    p.add_argument("--watch", type=float, default=0.0,
+                   help="seconds between scans of the patches folder for new or replaced files (default 0: off)")  # fmt: skip
+    p.add_argument("--read-timeout", type=float, default=5.0,
+                   help="seconds a client has to send its request body before a 408 (default 5)")  # fmt: skip
+    p.add_argument("--token-file", default=None,
+                   help="file holding a bearer token the patch-management endpoints require (default: none)")  # fmt: skip
     return ap
 
 
@@ -271,6 +295,7 @@ VERBS = {
     "doctor": verbs.cmd_doctor,
     "profile": verbs.cmd_profile,
     "tune": verbs.cmd_tune,
+    "serve": verbs.cmd_serve,
 }
 
 

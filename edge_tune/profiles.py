@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .errors import ProfileError
@@ -30,6 +30,9 @@ class DeviceProfile:
     max_seq_len: int  # tokens, [CLS] and [SEP] included
     precision: str  # frozen base weights: fp32 | int8 | int4
     backend: str  # cpu | cuda
+    # `edge-tune serve`: how long a request may wait for others to share its pass, and that pass's rows
+    serve_window_ms: float = 5.0
+    serve_max_batch: int = 64
 
 
 def _check_values(p: dict) -> list[str]:
@@ -40,6 +43,11 @@ def _check_values(p: dict) -> list[str]:
         v = p[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             errors.append(f"{key} must be a positive integer, got {v!r}")
+    if "serve_max_batch" in p and not (isinstance(p["serve_max_batch"], int) and p["serve_max_batch"] >= 1):
+        errors.append(f"serve_max_batch must be a positive integer, got {p['serve_max_batch']!r}")
+    w = p.get("serve_window_ms", 0.0)
+    if not (isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1000):
+        errors.append(f"serve_window_ms must be a number of ms in [0, 1000], got {w!r}")
     if isinstance(p["max_seq_len"], int) and p["max_seq_len"] > 512:
         errors.append(f"max_seq_len must be at most 512 (the model's positions), got {p['max_seq_len']}")
     if p["precision"] not in PRECISIONS:
@@ -63,12 +71,13 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
     for k in sorted(raw.keys() - set(known)):
         near = difflib.get_close_matches(k, known, n=1)
         errors.append(f"unknown key {k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    errors += [f"missing key {k!r}" for k in known if k not in raw]
+    optional = {f.name for f in fields(DeviceProfile) if f.default is not MISSING}
+    errors += [f"missing key {k!r}" for k in known if k not in raw and k not in optional]
     if not errors:
         errors = _check_values(raw)
     if errors:
         raise ProfileError("; ".join(errors), where)
-    return DeviceProfile(**{k: raw[k] for k in known})
+    return DeviceProfile(**{k: raw[k] for k in known if k in raw})
 
 
 def load_profile(name_or_path: str | os.PathLike | None = None) -> DeviceProfile:

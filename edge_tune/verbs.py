@@ -260,3 +260,19 @@ def cmd_tune(args) -> int:
         print(f"held-out dev set ({r.holdout['rows']} rows no trial saw): {held}")
     print(f"wrote {r.best_patch}, {Path(args.out) / 'trials.csv'}, {Path(args.out) / 'trials.json'}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig
+    from .serve_http import serve
+
+    for flag, v in (("--port", args.port), ("--queue", args.queue), ("--max-batch", args.max_batch)):
+        if v is not None and v < 1:
+            raise EdgeTuneError(f"{flag} must be at least 1, got {v}")
+    if args.watch < 0 or (args.window_ms is not None and args.window_ms < 0) or args.read_timeout <= 0:
+        raise EdgeTuneError("--watch and --window-ms must be 0 or more, --read-timeout more than 0")
+    serve(ServeConfig(patches=args.patches, profile=args.profile, host=args.host, port=args.port,
+                      batching=args.batching, window_ms=args.window_ms, max_batch=args.max_batch,
+                      queue_sentences=args.queue, watch_s=args.watch, token_file=args.token_file,
+                      read_timeout_s=args.read_timeout))  # fmt: skip
+    return 0

@@ -48,6 +48,9 @@ def test_shipped_profiles_load():
         (GOOD.replace("schema_version = 1", "schema_version = 9"), "schema_version is 9"),
         (GOOD.replace("max_seq_len = 64", "max_seq_len = 4096"), "at most 512"),
         (GOOD + "[[", "not valid TOML"),
+        (GOOD + "serve_window_ms = -1\n", "serve_window_ms must be a number of ms in"),
+        (GOOD + 'serve_window_ms = "5"\n', "serve_window_ms must be a number of ms in"),
+        (GOOD + "serve_max_batch = 0\n", "serve_max_batch must be a positive integer"),
     ],
 )
 def test_bad_profiles(text, match):
@@ -75,3 +78,10 @@ def test_caps_are_clamped_with_a_warning():
     assert len(warnings) == 2 and "batch_size 32 is above profile 'x'" in warnings[0]
     with pytest.raises(ProfileError, match="batch_size must be at least 1"):
         clamp_to_profile(prof, batch_size=0, rank=2, seq_len=8)
+
+
+def test_the_serving_keys_are_optional():
+    p = parse_profile(GOOD, "p.toml")
+    assert (p.serve_window_ms, p.serve_max_batch) == (5.0, 64)
+    p = parse_profile(GOOD + "serve_window_ms = 2.5\nserve_max_batch = 16\n", "p.toml")
+    assert (p.serve_window_ms, p.serve_max_batch) == (2.5, 16)

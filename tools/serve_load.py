@@ -1,0 +1,231 @@
+"""Load `edge-tune serve` on loopback: N concurrent clients, each sending 1-sentence requests for one of the
+task patches (client i asks for patch i mod P), for a bounded time, with cross-request batching on and off,
+each service in its own process (fresh, so its peak RSS is its own). While the largest load runs, one
+patch is reloaded from its file and re-activated every second, and a bad request is sent every second.
+
+Checks, per service: failed requests, answers naming a patch other than the one asked for, the reloaded
+patches' answers against a fresh process's (probes sent one at a time), peak RSS (VmHWM) against the
+profile's budget, the bad requests' latency. Prints a table and writes a PNG of throughput and p99
+latency against clients.
+
+    python tools/serve_load.py --patches DIR [--clients 1,2,4,8,16] [--seconds 60] [--sweep-seconds 10]
+                               [--profile raspberry-pi-4-4gb] [--out out/serve_load]
+
+The clients share the 2 cores with the service (one asyncio process): figures are of the pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+SST2_DEV = ROOT / "data" / "sst2" / "dev.tsv"
+BAD = [b"{not json", b'{"texts": []}', b'{"texts": ["x"], "patch": "nope"}', b'{"texts": "x"}']
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(patches: Path, profile: str, batching: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "edge_tune.cli", "serve", "--patches", str(patches), "--profile", profile,
+           "--port", str(port)] + ([] if batching else ["--no-batching"])  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit(f"error: the service exited: {proc.stdout.read().strip().splitlines()[-1]}")
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("error: the service did not start within 120 s")
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_load(url: str, names: list[str], texts: list[str], clients: int, seconds: float,
+                   churn: bool, folder: Path) -> dict:  # fmt: skip
+    lat, failed, wrong, bad_ms, reloads = [], 0, 0, [], 0
+    stop = time.monotonic() + seconds
+    conn = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(url, connector=conn) as http:
+
+        async def client(i: int) -> None:
+            nonlocal failed, wrong
+            rng, name = random.Random(i), names[i % len(names)]
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                async with http.post("/v1/predict", json={"texts": [rng.choice(texts)], "patch": name}) as r:
+                    body = await r.json()
+                if r.status != 200:
+                    failed += 1
+                    continue
+                lat.append(time.perf_counter() - t0)
+                wrong += sum(a["patch"] != name for a in body["results"])
+
+        async def churner() -> (
+            None
+        ):  # reload + re-activate a patch from its file, and one bad request, a second
+            nonlocal failed, reloads
+            k = 0
+            while time.monotonic() < stop - 1:
+                name = names[k % len(names)]
+                for path, body in (("/v1/patches", {"file": f"{name}.patch", "name": name}),
+                                   (f"/v1/patches/{name}/activate", None)):  # fmt: skip
+                    async with http.post(path, json=body) as r:
+                        failed += r.status not in (200, 201)
+                reloads += 1
+                t0 = time.perf_counter()
+                async with http.post("/v1/predict", data=BAD[k % len(BAD)]) as r:
+                    await r.read()
+                    failed += r.status < 400
+                bad_ms.append((time.perf_counter() - t0) * 1000)
+                k += 1
+                await asyncio.sleep(1.0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(i) for i in range(clients)], *([churner()] if churn else []))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "failed": failed, "wrong_patch": wrong, "reloads": reloads,
+            "bad_ms_max": max(bad_ms) if bad_ms else None}  # fmt: skip
+
+
+async def probe(url: str, names: list[str], texts: list[str]) -> list:
+    """Each probe text under each patch, one request at a time (a pass of one, the same in any process)."""
+    out = []
+    async with aiohttp.ClientSession(url) as http:
+        for name in names:
+            for t in texts:
+                async with http.post("/v1/predict", json={"texts": [t], "patch": name}) as r:
+                    a = (await r.json())["results"][0]
+                out.append((name, a["label"], a["probability"]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--patches", required=True, help="folder of task patches, each served under its file name"
+    )
+    ap.add_argument(
+        "--clients", default="1,2,4,8,16", help="concurrent clients, comma-separated (default 1,2,4,8,16)"
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=60, help="seconds of the largest load, with reloads (default 60)"
+    )
+    ap.add_argument(
+        "--sweep-seconds", type=float, default=10, help="seconds of each smaller load (default 10)"
+    )
+    ap.add_argument(
+        "--profile", default="raspberry-pi-4-4gb", help="device profile (default raspberry-pi-4-4gb)"
+    )
+    ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
+    args = ap.parse_args()
+    folder = Path(args.patches).resolve()
+    names = sorted(p.stem for p in folder.glob("*.patch"))
+    if not names:
+        sys.exit(f"error: no .patch files in {folder}")
+    counts = sorted({int(c) for c in args.clients.split(",")})
+    if not 1 <= counts[0] <= counts[-1] <= 64 or args.seconds > 600 or args.sweep_seconds > 600:
+        sys.exit("error: clients must be in 1..64 and seconds at most 600")
+    texts = [ln.split("\t", 1)[1] for ln in SST2_DEV.read_text().splitlines()[1:]]
+    from edge_tune.profiles import load_profile
+
+    budget = load_profile(args.profile).memory_budget_mb
+    results = {}
+    for batching in (False, True):
+        proc, url = start(folder, args.profile, batching)
+        try:
+            rows = []
+            for c in counts:
+                big = c == counts[-1]
+                rows.append(asyncio.run(run_load(url, names, texts, c, args.seconds if big else args.sweep_seconds,
+                                                 big, folder)))  # fmt: skip
+                print(f"batching {'on ' if batching else 'off'} {c:3d} clients: {rows[-1]['rps']:7.1f} req/s, "
+                      f"p50 {rows[-1]['p50_ms']:6.1f} ms, p99 {rows[-1]['p99_ms']:6.1f} ms", flush=True)  # fmt: skip
+            after = asyncio.run(probe(url, names, texts[:8]))
+            peak = vm_hwm_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        fresh, furl = start(folder, args.profile, batching)
+        try:
+            same = asyncio.run(probe(furl, names, texts[:8])) == after
+        finally:
+            fresh.terminate()
+            fresh.wait(30)
+        results["on" if batching else "off"] = {
+            "rows": rows,
+            "peak_rss_mb": peak,
+            "after_reload_equals_fresh": same,
+        }
+    off, on = results["off"], results["on"]
+    print(f"\n| batching | clients | req/s | p50 ms | p99 ms | failed | wrong patch |\n|{'---|' * 7}")
+    for mode in ("off", "on"):
+        for r in results[mode]["rows"]:
+            print(f"| {mode} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                  f"{r['failed']} | {r['wrong_patch']} |")  # fmt: skip
+    top_on, top_off = on["rows"][-1], off["rows"][-1]
+    print(
+        f"\n{counts[-1]} clients: throughput on / off {top_on['rps'] / top_off['rps']:.2f}x; p99 on "
+        f"{top_on['p99_ms']:.1f} ms vs 2x off's p50 at {counts[0]} client(s) {2 * off['rows'][0]['p50_ms']:.1f} ms"
+    )
+    for mode in ("off", "on"):
+        r, top = results[mode], results[mode]["rows"][-1]
+        print(f"batching {mode}: {top['reloads']} reloads, {top['failed']} failed, {top['wrong_patch']} wrong-patch, "
+              f"after reload == fresh process: {r['after_reload_equals_fresh']}, peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"of {budget} MB, bad requests <= {top['bad_ms_max']:.1f} ms")  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("off", "o--"), ("on", "s-")):
+        xs = [r["clients"] for r in results[mode]["rows"]]
+        a.plot(xs, [r["rps"] for r in results[mode]["rows"]], style, label=f"batching {mode}")
+        b.plot(xs, [r["p99_ms"] for r in results[mode]["rows"]], style, label=f"batching {mode}")
+    a.set(xlabel="concurrent clients", ylabel="requests / s", title="throughput")
+    b.set(xlabel="concurrent clients", ylabel="p99 latency, ms", title="p99 latency")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "serve_load.png", dpi=100)
+    print(f"wrote {out / 'serve_load.json'}, {out / 'serve_load.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

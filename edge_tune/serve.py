@@ -194,7 +194,11 @@ class Service:
                 rows += len(item.texts)
             self.queued -= rows
             self.pass_rows.observe(rows)
-            results = await loop.run_in_executor(self.pool, self._run, batch)
+            try:
+                results = await loop.run_in_executor(self.pool, self._run, batch)
+            except Exception as e:  # a failed pass fails its requests, never the batcher
+                log.exception("a pass failed")
+                results = [RequestError(500, f"internal error: {e.__class__.__name__}: {e}")] * len(batch)
             for item, r in zip(batch, results, strict=True):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(r, Exception) else item.future.set_result)(r)

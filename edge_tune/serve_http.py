@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from .serve import RequestError, ServeConfig, Service
 
+log = logging.getLogger("edge_tune")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a patch name: no separators, no leading dot
 SERVICE = web.AppKey("service", Service)
 
@@ -47,6 +49,13 @@ async def _json_errors(request: web.Request, handler):
             raise
         line = (e.text or e.reason or "").splitlines()[0] if (e.text or e.reason) else e.reason
         resp = _error(e.status, line.removeprefix(f"{e.status}: "))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a bug, not bad input: still one line, and logged whole
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = _error(
+            500, f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
     svc.requests[str(resp.status)] = svc.requests.get(str(resp.status), 0) + 1
     if request.path == "/v1/predict" and resp.status == 200:
         svc.latency.observe(time.perf_counter() - t0)

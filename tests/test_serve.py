@@ -307,3 +307,26 @@ def test_concurrent_swaps_never_mix_two_versions_in_one_answer(folder, base_int8
     assert not errors and len(seen) > 20
     assert all(labels in ({"0"}, {"1"}) for labels in seen), [x for x in seen if len(x) > 1][:3]
     assert {"0"} in seen and {"1"} in seen  # both versions answered
+
+
+def _passes(server) -> tuple[int, int]:
+    text = server.call("GET", "/metrics", raw=True)[1]
+    get = lambda k: int(float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(k + " "))))  # noqa: E731
+    return get("edge_tune_pass_sentences_count"), int(get("edge_tune_pass_sentences_sum"))
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_requests_share_passes_only_with_batching(folder, batching):
+    s = Server(folder, "--window-ms", "400", *([] if batching else ["--no-batching"]))
+    try:
+        names = list(TASKS)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: s.call("POST", "/v1/predict", {"texts": TEXTS[i : i + 1], "patch": names[i % 4]}), range(8)))  # fmt: skip
+        assert all(
+            st == 200 and r["results"][0]["patch"] == names[i % 4] for i, (st, r) in enumerate(answers)
+        )
+        passes, sentences = _passes(s)
+        assert sentences == 8
+        assert passes < 8 if batching else passes == 8
+    finally:
+        s.stop()

@@ -65,6 +65,15 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def import_cost_mb(module: str) -> float:
+    """Peak RSS of a fresh Python that imports `module` (and starts nothing) less a bare one's, MB."""
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork and survives exec
+    code = "{}; print([ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0])"
+    peak = [int(subprocess.run([sys.executable, "-c", code.format(imp)], capture_output=True, text=True,
+                               check=True).stdout) for imp in ("pass", f"import {module}")]  # fmt: skip
+    return (peak[1] - peak[0]) / 1024
+
+
 async def run_load(url: str, names: list[str], texts: list[str], clients: int, seconds: float,
                    churn: bool, folder: Path) -> dict:  # fmt: skip
     lat, failed, wrong, bad_ms, reloads = [], 0, 0, [], 0
@@ -200,6 +209,12 @@ def main() -> int:
         print(f"batching {mode}: {top['reloads']} reloads, {top['failed']} failed, {top['wrong_patch']} wrong-patch, "
               f"after reload == fresh process: {r['after_reload_equals_fresh']}, peak RSS {r['peak_rss_mb']:.0f} MB "
               f"of {budget} MB, bad requests <= {top['bad_ms_max']:.1f} ms")  # fmt: skip
+    cost = import_cost_mb("aiohttp.web")
+    print(
+        f"the HTTP library's RSS cost: import aiohttp.web adds {cost:.1f} MB to a bare Python "
+        f"({cost / load_profile('raspberry-pi-zero-2w').memory_budget_mb:.1%} of the Pi Zero's budget)"
+    )
+    results["aiohttp_import_mb"] = cost
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=1))

@@ -86,7 +86,8 @@ class Base:
         return quant.tensor_bytes(self.model.encoder)
 
 
-def _hf_prefix(i: int) -> dict[str, str]:
+def hf_layer_names(i: int) -> dict[str, str]:
+    """transformers' BertModel module path of each linear / LayerNorm of layer `i`, by this project's name."""
     p = f"encoder.layer.{i}."
     return {
         "q": p + "attention.self.query",
@@ -156,7 +157,7 @@ def load_base(model_dir: str | Path | None = None, precision: str = "int8", num_
         emb_ln = layer_norm("embeddings.LayerNorm")
         layers = []
         for i in range(cfg.num_hidden_layers):
-            n = _hf_prefix(i)
+            n = hf_layer_names(i)
             mods = {k: (layer_norm(v) if k.startswith("ln") else linear(v)) for k, v in n.items()}
             layers.append(EncoderLayer(cfg, **mods))
         fingerprint = r.hasher.hexdigest()

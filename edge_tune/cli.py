@@ -259,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="out/tune", help="folder for study.db, best.patch, trials.csv/json, plots"
     )
 
+    p = sub.add_parser("export", help="write a patch in another runtime's format (peft: a PEFT LoRA adapter)")
+    p.add_argument("--format", required=True, choices=["peft"],
+                   help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")  # fmt: skip
+    p.add_argument("--patch", required=True, help="the patch to export (LoRA for peft)")
+    p.add_argument("--out", required=True, help="folder to write")
+
+    p = sub.add_parser("import-peft", help="a PEFT LoRA adapter folder for this base, as a patch")
+    p.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--out", required=True, help="the patch file to write")
+    p.add_argument("--head-from", default=None,
+                   help="a patch whose head and labels to use (default: the folder's edge_tune_head.safetensors)")  # fmt: skip
+    p.add_argument("--task", default="", help="task name in the manifest (default: the folder's name)")
+
     p = sub.add_parser("serve", help="serve predictions over HTTP from a folder of patches (hot-swapped)")
     p.add_argument("--patches", required=True, help="folder of .patch files, each loaded under its file name")
     p.add_argument(
@@ -296,6 +309,8 @@ VERBS = {
     "profile": verbs.cmd_profile,
     "tune": verbs.cmd_tune,
     "serve": verbs.cmd_serve,
+    "export": verbs.cmd_export,
+    "import-peft": verbs.cmd_import_peft,
 }
 
 

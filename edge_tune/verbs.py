@@ -276,3 +276,22 @@ def cmd_serve(args) -> int:
                       queue_sentences=args.queue, watch_s=args.watch, token_file=args.token_file,
                       read_timeout_s=args.read_timeout))  # fmt: skip
     return 0
+
+
+def cmd_export(args) -> int:
+    from .peft_adapter import HEAD, export_peft
+
+    out = export_peft(args.patch, args.out)
+    print(f"wrote {out}: a PEFT LoRA adapter for transformers' BertModel of this base; the head (mean-pooled "
+          f"here, CLS-pooled by transformers' classifier, so not transferable) is {out / HEAD}")  # fmt: skip
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    from .patch import load_patch
+    from .peft_adapter import import_peft
+
+    out = import_peft(args.adapter, args.out, args.head_from, args.task)
+    m = load_patch(out).manifest
+    print(f"wrote {out}: LoRA r{m.hyper['rank']} on {','.join(m.hyper['targets'])}, labels {m.label_names}")
+    return 0

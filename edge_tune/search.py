@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import EdgeTuneError
 from .methods import METHODS
-from .search_space import baseline_params, grid, suggest
+from .search_space import TuneRequest, baseline_params, grid, suggest
 from .study import ask_lock, best_row, counted, fail_abandoned, open_study, trial_rows, write_outputs
 
 log = logging.getLogger("edge_tune")
@@ -35,29 +35,6 @@ SEARCH_DATA = "search_data"  # the trials' train / validation split when the dev
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("acc", "rss")  # dev accuracy (maximised), peak RSS MB (minimised)
-
-
-@dataclass(frozen=True)
-class TuneRequest:
-    """What `edge-tune tune` searches: one field per flag."""
-
-    data: str
-    out: str
-    profile: str | None = None  # a shipped profile's name or a .toml path (None: the default profile)
-    methods: tuple[str, ...] = ("bitfit", "lora", "ia3", "adapter")
-    trials: int = 20  # trials to finish (complete, pruned or failed), counting a resumed study's
-    timeout_s: float | None = None  # stop starting trials after this many seconds
-    storage: str | None = None  # an Optuna storage URL (None: sqlite in `out`)
-    study: str = "edge_tune"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    objectives: tuple[str, ...] = ("acc",)
-    steps: tuple[int, ...] = (300, 600, 1200)  # the step counts a trial may draw
-    eval_every: int = 100
-    seed: int = 0
-    workers: int = 1  # trials at once, each its own process with threads / workers threads
-    holdout: bool = True  # search on a split of train; keep the data's dev set for the final report
-    baseline: bool = True  # the first trial is `edge-tune train`'s default configuration (where in the space)
 
 
 @dataclass

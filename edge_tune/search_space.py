@@ -1,19 +1,39 @@
-"""What `edge-tune tune` searches: each method's own hyper-parameters (Method.search in the registry), its
-learning rate around its default, and the training options every method shares; the grid sampler's space;
-and the baseline, `edge-tune train`'s defaults, as one point of that space."""
+"""What `edge-tune tune` searches: the request (TuneRequest), each method's own hyper-parameters
+(Method.search in the registry), its learning rate around its default, and the training options every
+method shares; the grid sampler's space; and the baseline, `edge-tune train`'s defaults, as one point of
+that space."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 from .methods import METHODS
 
-if TYPE_CHECKING:  # search.py imports this module
-    from .search import TuneRequest
-
 BATCHES = (8, 16, 32, 64)  # sentences per step a trial may draw, at most the profile's cap
 LR_SPAN = 10.0  # a method's lr is drawn log-uniformly within its default / LR_SPAN .. x LR_SPAN
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What `edge-tune tune` searches: one field per flag."""
+
+    data: str
+    out: str
+    profile: str | None = None  # a shipped profile's name or a .toml path (None: the default profile)
+    methods: tuple[str, ...] = ("bitfit", "lora", "ia3", "adapter")
+    trials: int = 20  # trials to finish, a resumed study's counted; one a killed run abandoned runs again
+    timeout_s: float | None = None  # stop starting trials after this many seconds
+    storage: str | None = None  # an Optuna storage URL (None: sqlite in `out`)
+    study: str = "edge_tune"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    objectives: tuple[str, ...] = ("acc",)
+    steps: tuple[int, ...] = (300, 600, 1200)  # the step counts a trial may draw
+    eval_every: int = 100
+    seed: int = 0
+    workers: int = 1  # trials at once, each its own process with threads / workers threads
+    holdout: bool = True  # search on a split of train; keep the data's dev set for the final report
+    baseline: bool = True  # the first trial is `edge-tune train`'s default configuration (where in the space)
 
 
 def batches(max_batch: int) -> list[int]:

@@ -12,13 +12,9 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import EdgeTuneError
-from .search_space import grid
-
-if TYPE_CHECKING:  # search.py imports this module
-    from .search import TuneRequest
+from .search_space import TuneRequest, grid
 
 log = logging.getLogger("edge_tune")
 

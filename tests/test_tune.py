@@ -210,3 +210,33 @@ def test_workers_share_a_study_on_a_real_postgresql_server(tsv, tmp_path, postgr
     assert len(more.rows) == 5 and more.rows[:4] == r.rows
     study = optuna.load_study(study_name="edge_tune", storage=postgres_url)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3  # two workers, then the joining process
+
+
+def test_a_pruned_trial_stops_at_the_evaluation_that_pruned_it(tsv, tmp_path):
+    from edge_tune.trial import run_trial
+
+    asked = []
+
+    def prune(step, acc):
+        asked.append(step)
+        return step >= 20
+
+    r = run_trial(
+        {"method": "bitfit", "steps": 60, "batch_size": 8}, str(tsv), tmp_path / "t.patch", None, 10, 0, prune
+    )
+    assert (
+        asked == [10, 20] and r["pruned"] and r["steps"] == 20
+    )  # no step trained after the pruning evaluation
+    assert (tmp_path / "t.patch").is_file()  # the best so far is still a patch
+
+
+def test_the_median_pruner_waits_for_the_third_evaluation(tsv, tmp_path):
+    study = open_study(
+        TuneRequest(
+            str(tsv),
+            str(tmp_path / "s"),
+            eval_every=50,
+            **{k: v for k, v in QUICK.items() if k != "eval_every"},
+        )
+    )
+    assert study.pruner._n_warmup_steps == 100  # prunes from step 150, the third evaluation

@@ -69,8 +69,9 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                "grid": lambda: optuna.samplers.GridSampler(grid(req, max_batch), seed=seed)}[req.sampler]()  # fmt: skip
-    # Not before the third evaluation: at the first, accuracy mostly says how short a trial's warmup and
-    # schedule are (a 1200-step run that ends best is often behind a 300-step one at step 100)
+    # Never at the first evaluation (Optuna prunes from step == n_warmup_steps): there accuracy mostly says
+    # how short a trial's warmup and schedule are (a 1200-step run that ends best is often behind a
+    # 300-step one at step 100)
     warmup = 2 * req.eval_every
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=req.eval_every),

@@ -230,7 +230,7 @@ def test_a_pruned_trial_stops_at_the_evaluation_that_pruned_it(tsv, tmp_path):
     assert (tmp_path / "t.patch").is_file()  # the best so far is still a patch
 
 
-def test_the_median_pruner_waits_for_the_third_evaluation(tsv, tmp_path):
+def test_the_median_pruner_waits_past_the_first_evaluation(tsv, tmp_path):
     study = open_study(
         TuneRequest(
             str(tsv),
@@ -239,4 +239,4 @@ def test_the_median_pruner_waits_for_the_third_evaluation(tsv, tmp_path):
             **{k: v for k, v in QUICK.items() if k != "eval_every"},
         )
     )
-    assert study.pruner._n_warmup_steps == 100  # prunes from step 150, the third evaluation
+    assert study.pruner._n_warmup_steps == 100  # prunes from step 100, the second evaluation

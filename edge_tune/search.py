@@ -110,7 +110,7 @@ def tune(req: TuneRequest) -> TuneResult:
         if baseline is not None:
             held["baseline"] = patch_accuracy(baseline["patch"], dev_ds)
         (out / "holdout.json").write_text(json.dumps(held, indent=1))
-    write_outputs(study, rows, out)
+    write_outputs(study, rows, out, "validation accuracy" if req.holdout else "dev accuracy")
     return TuneResult(best_patch, best, rows, sum(1 for r in rows if r.get("infeasible")), held)
 
 
@@ -139,7 +139,7 @@ def search(study, req: TuneRequest, prof, threads: int | None = None) -> None:
 def run_workers(req: TuneRequest, prof) -> None:
     """`req.workers` processes searching one study, the profile's threads split between them."""
     from .rss import trim_resident_memory
-    from .trial import _die_with_parent
+    from .trial import die_with_parent
 
     threads = max(1, min(prof.threads, os.cpu_count() or 1) // req.workers)
     # This process imported torch; a page of it that stays mapped here cannot be trimmed by a trial process
@@ -148,7 +148,7 @@ def run_workers(req: TuneRequest, prof) -> None:
     spec = json.dumps(asdict(req))
     main = "import sys; from edge_tune.search import worker_main; sys.exit(worker_main(sys.argv[1:]))"
     procs = [subprocess.Popen([sys.executable, "-c", main, spec, str(threads), str(i)],
-                              preexec_fn=_die_with_parent) for i in range(req.workers)]  # fmt: skip
+                              preexec_fn=die_with_parent) for i in range(req.workers)]  # fmt: skip
     try:
         codes = [p.wait() for p in procs]
     except BaseException:

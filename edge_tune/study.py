@@ -160,7 +160,7 @@ def best_row(study, rows: list[dict]) -> dict | None:
     return max(ok, key=lambda r: (r["dev_accuracy"], -r["number"]), default=None)
 
 
-def write_outputs(study, rows: list[dict], out: Path) -> None:
+def write_outputs(study, rows: list[dict], out: Path, metric: str = "dev accuracy") -> None:
     """trials.json, trials.csv and, with matplotlib, the optimisation history, parameter importances and
     (multi-objective) the Pareto front as PNGs."""
     (out / "trials.json").write_text(json.dumps(rows, indent=1))
@@ -180,17 +180,13 @@ def write_outputs(study, rows: list[dict], out: Path) -> None:
     except ImportError:
         log.warning("warning: matplotlib is not installed; no plots")
         return
-    plots = [
-        ("history.png", lambda: ov.plot_optimization_history(study, target=_acc, target_name="dev accuracy"))
-    ]
+    plots = [("history.png", lambda: ov.plot_optimization_history(study, target=_acc, target_name=metric))]
     if len(complete) >= 2:  # fANOVA: how much of accuracy's variance each parameter explains, either way
         fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
         plots.append(("importances.png", lambda: ov.plot_param_importances(
-            study, evaluator=fanova, target=_acc, target_name="dev accuracy")))  # fmt: skip
+            study, evaluator=fanova, target=_acc, target_name=metric)))  # fmt: skip
     if len(study.directions) > 1 and complete:
-        plots.append(
-            ("pareto.png", lambda: ov.plot_pareto_front(study, target_names=["dev accuracy", "peak MB"]))
-        )
+        plots.append(("pareto.png", lambda: ov.plot_pareto_front(study, target_names=[metric, "peak MB"])))
     for name, make in plots:
         try:
             with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental

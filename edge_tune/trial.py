@@ -26,7 +26,7 @@ def run_trial(fields: dict, data: str, patch: Path, profile: str | None, eval_ev
            str(profile or ""), str(eval_every), str(seed)]  # fmt: skip
     with open(log_path, "w") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent)  # fmt: skip
         for line in proc.stdout:
             if line.startswith("EVAL "):
                 ev = json.loads(line[5:])
@@ -39,7 +39,7 @@ def run_trial(fields: dict, data: str, patch: Path, profile: str | None, eval_ev
     return json.loads(result.read_text())
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the trial process: be killed when the study process dies (kill -9 included), so no trial trains
     on unseen (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
     try:

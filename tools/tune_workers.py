@@ -4,7 +4,7 @@ by two one-thread workers, then the same two-worker search killed with SIGKILL m
 Each run is `edge-tune tune` in its own process on a fresh study of a throwaway local server
 (tools/local_postgres.py). Prints a table: wall time, trials, grid points covered, trials run twice, lost.
 
-    python tools/tune_workers.py [--data sst2] [--profile raspberry-pi-4-4gb] [--kill-after 60]
+    python tools/tune_workers.py [--data sst2] [--profile raspberry-pi-zero-2w] [--kill-after 60]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_postgres import local_postgres, why_not  # noqa: E402
 
-GRID = dict(methods="bitfit,lora", steps="100,200")  # x batch 16, 32 under a cap of 32: 8 points
+GRID = dict(methods="bitfit,lora", steps="100,200")  # x batch 8, 16 under the Pi Zero's cap of 16: 8 points
 
 
 def tune_cmd(args, url: str, study: str, out: Path, workers: int) -> list[str]:

@@ -55,7 +55,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="sst2", help="task or TSV (default sst2)")
     ap.add_argument(
-        "--profile", default="raspberry-pi-4-4gb", help="device profile (default raspberry-pi-4-4gb)"
+        "--profile",
+        default="raspberry-pi-zero-2w",
+        help="device profile; its batch cap must leave 2 batch sizes (default raspberry-pi-zero-2w)",
     )
     ap.add_argument("--kill-after", type=float, default=60.0,
                     help="seconds into the two-worker run at which the study process is killed (default 60)")  # fmt: skip

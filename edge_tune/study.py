@@ -68,7 +68,7 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     # TPE reads each trial's constraints (Trial.set_constraint: measured peak MB over the budget, <= 0 fits)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-               "grid": lambda: optuna.samplers.GridSampler(grid(req, max_batch), seed=seed)}[req.sampler]()  # fmt: skip
+               "grid": lambda: _grid_sampler(grid(req, max_batch), seed)}[req.sampler]()  # fmt: skip
     # Never at the first evaluation (Optuna prunes from step == n_warmup_steps): there accuracy mostly says
     # how short a trial's warmup and schedule are (a 1200-step run that ends best is often behind a
     # 300-step one at step 100)
@@ -87,6 +87,18 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
                                 load_if_exists=True)  # fmt: skip
     study.set_user_attr("identity", identity)
     return study
+
+
+def _grid_sampler(space: dict, seed: int):
+    """Optuna's grid sampler, less its study.stop() when the grid is done: that call raises outside
+    study.optimize(), and this search's own loop (search.search) stops at the grid's size."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler(space, seed=seed)
 
 
 def fail_abandoned(study) -> int:

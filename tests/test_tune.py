@@ -240,3 +240,10 @@ def test_the_median_pruner_waits_past_the_first_evaluation(tsv, tmp_path):
         )
     )
     assert study.pruner._n_warmup_steps == 100  # prunes from step 100, the second evaluation
+
+
+def test_a_grid_search_runs_every_point_once_to_the_end(tsv, tmp_path):
+    r = tune(TuneRequest(str(tsv), str(tmp_path / "g"), sampler="grid", trials=10, methods=("bitfit",), steps=(2,),
+                         eval_every=1))  # fmt: skip
+    assert [row["state"] for row in r.rows] == ["COMPLETE"] * 3  # batch 8, 16, 32 under the default cap
+    assert sorted(row["batch_size"] for row in r.rows) == [8, 16, 32]

@@ -68,7 +68,8 @@ def open_study(req: TuneRequest, max_batch: int = 64, sampler_seed: int | None =
     # TPE reads each trial's constraints (Trial.set_constraint: measured peak MB over the budget, <= 0 fits)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-               "grid": lambda: _grid_sampler(grid(req, max_batch), seed)}[req.sampler]()  # fmt: skip
+               # one grid order for every worker and every resume: a grid point's id is its index in it
+               "grid": lambda: _grid_sampler(grid(req, max_batch), req.seed)}[req.sampler]()  # fmt: skip
     # Never at the first evaluation (Optuna prunes from step == n_warmup_steps): there accuracy mostly says
     # how short a trial's warmup and schedule are (a 1200-step run that ends best is often behind a
     # 300-step one at step 100)

@@ -61,6 +61,8 @@ def main() -> int:
     )
     ap.add_argument("--kill-after", type=float, default=60.0,
                     help="seconds into the two-worker run at which the study process is killed (default 60)")  # fmt: skip
+    ap.add_argument("--runs", default="workers,kill",
+                    help="workers (one against two) and/or kill (killed and rerun) (default both)")  # fmt: skip
     args = ap.parse_args()
     if reason := why_not():
         sys.exit(f"error: no PostgreSQL server can be started here: {reason}")
@@ -68,10 +70,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge_tune_workers_"))
     rows = []
     with local_postgres() as url:
-        for name, workers in (("one worker, 2 threads", 1), ("two workers, 1 thread each", 2)):
+        runs = (
+            (("one worker, 2 threads", 1), ("two workers, 1 thread each", 2))
+            if "workers" in args.runs
+            else ()
+        )
+        for name, workers in runs:
             study = f"w{workers}"
             s = timed(tune_cmd(args, url, study, work / study, workers), work / f"{study}.log")
             rows.append((name, s, census(url, study)))
+        if "kill" not in args.runs:
+            return report(rows, None, work)
         cmd = tune_cmd(args, url, "kill", work / "kill", 2)
         with open(work / "kill.log", "w") as f:
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -82,14 +91,19 @@ def main() -> int:
         at_kill = census(url, "kill")
         s = timed(cmd, work / "kill_rerun.log")
         rows.append((f"two workers, killed at {args.kill_after:.0f} s, rerun", s, census(url, "kill")))
+    return report(rows, at_kill, work)
+
+
+def report(rows: list, at_kill: dict | None, work: Path) -> int:
     print(f"| run | wall s | trials | complete | failed | grid points (of 8) | run twice |\n|{'---|' * 7}")
     for name, s, c in rows:
-        print(
-            f"| {name} | {s:.0f} | {c['trials']} | {c['complete']} | {c['failed']} | {c['points']} | {c['twice']} |"
-        )
-    print(f"\ntwo 1-thread workers / one 2-thread worker: {rows[1][1] / rows[0][1]:.2f}x the wall time")
-    print(f"at the kill: {at_kill['complete']} complete, {at_kill['running']} running (marked failed on the rerun, "
-          f"whose wall time is the rest of the search only)")  # fmt: skip
+        print(f"| {name} | {s:.0f} | {c['trials']} | {c['complete']} | {c['failed']} | {c['points']} | "
+              f"{c['twice']} |")  # fmt: skip
+    if len(rows) >= 2 and rows[1][0].startswith("two workers, 1"):
+        print(f"\ntwo 1-thread workers / one 2-thread worker: {rows[1][1] / rows[0][1]:.2f}x the wall time")
+    if at_kill is not None:
+        print(f"at the kill: {at_kill['complete']} complete, {at_kill['running']} running (marked failed on the "
+              f"rerun, whose wall time is the rest of the search only)")  # fmt: skip
     print(f"logs in {work}")
     return 0
 

@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentences waiting at most; beyond, 503 with Retry-After (default 512)")  # fmt: skip
     p.add_argument("--watch", type=float, default=0.0,
                    help="seconds between scans of the patches folder for new or replaced files (default 0: off)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads at most (default: the profile's; never more than it allows)")  # fmt: skip
     p.add_argument("--read-timeout", type=float, default=5.0,
                    help="seconds a client has to send its request body before a 408 (default 5)")  # fmt: skip
     p.add_argument("--token-file", default=None,

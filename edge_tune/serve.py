@@ -49,6 +49,7 @@ class ServeConfig:
     read_timeout_s: float = 5.0  # a client slower than this to send its body gets 408
     watch_s: float = 0.0  # poll the patches folder every this many seconds (0: off)
     token_file: str | None = None  # bearer token the patch-management endpoints require
+    threads: int | None = None  # compute threads at most (None: the profile's)
 
 
 class RequestError(Exception):

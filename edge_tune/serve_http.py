@@ -239,7 +239,7 @@ def serve(cfg: ServeConfig) -> None:
     from .trainer import set_threads
 
     svc = Service(cfg)
-    set_threads(svc.profile)
+    set_threads(svc.profile, cfg.threads)
     print(f"serving {len(svc.bank.patches)} patch(es) from {svc.folder} on http://{cfg.host}:{cfg.port} "
           f"(active {svc.bank.active}, window {svc.window_s * 1000:g} ms, pass <= {svc.max_batch} sentences"
           f"{', batching off' if not cfg.batching else ''})", flush=True)  # fmt: skip

@@ -266,7 +266,12 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig
     from .serve_http import serve
 
-    for flag, v in (("--port", args.port), ("--queue", args.queue), ("--max-batch", args.max_batch)):
+    for flag, v in (
+        ("--port", args.port),
+        ("--queue", args.queue),
+        ("--max-batch", args.max_batch),
+        ("--threads", args.threads),
+    ):
         if v is not None and v < 1:
             raise EdgeTuneError(f"{flag} must be at least 1, got {v}")
     if args.watch < 0 or (args.window_ms is not None and args.window_ms < 0) or args.read_timeout <= 0:
@@ -274,7 +279,7 @@ def cmd_serve(args) -> int:
     serve(ServeConfig(patches=args.patches, profile=args.profile, host=args.host, port=args.port,
                       batching=args.batching, window_ms=args.window_ms, max_batch=args.max_batch,
                       queue_sentences=args.queue, watch_s=args.watch, token_file=args.token_file,
-                      read_timeout_s=args.read_timeout))  # fmt: skip
+                      read_timeout_s=args.read_timeout, threads=args.threads))  # fmt: skip
     return 0
 
 

@@ -39,10 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(patches: Path, profile: str, batching: bool) -> tuple[subprocess.Popen, str]:
+def start(
+    patches: Path, profile: str, batching: bool, threads: int | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "edge_tune.cli", "serve", "--patches", str(patches), "--profile", profile,
            "--port", str(port)] + ([] if batching else ["--no-batching"])  # fmt: skip
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -153,6 +156,9 @@ def main() -> int:
     ap.add_argument(
         "--profile", default="raspberry-pi-4-4gb", help="device profile (default raspberry-pi-4-4gb)"
     )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="the service's compute threads (default: the profile's)"
+    )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
     args = ap.parse_args()
     folder = Path(args.patches).resolve()
@@ -168,7 +174,7 @@ def main() -> int:
     budget = load_profile(args.profile).memory_budget_mb
     results = {}
     for batching in (False, True):
-        proc, url = start(folder, args.profile, batching)
+        proc, url = start(folder, args.profile, batching, args.threads)
         try:
             rows = []
             for c in counts:
@@ -182,7 +188,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        fresh, furl = start(folder, args.profile, batching)
+        fresh, furl = start(folder, args.profile, batching, args.threads)
         try:
             same = asyncio.run(probe(furl, names, texts[:8])) == after
         finally:

@@ -18,7 +18,7 @@ from edge_tune.errors import EdgeTuneError  # noqa: E402
 from edge_tune.search import TuneRequest, open_study, tune  # noqa: E402
 from edge_tune.search_space import suggest  # noqa: E402
 
-QUICK = dict(methods=("bitfit", "lora"), steps=(2,), eval_every=1)
+QUICK = dict(methods=("bitfit", "lora"), steps=(2,), eval_every=1, pruner="none")  # bookkeeping, not pruning
 
 
 def test_study_runs_continues_and_writes_a_loadable_best_patch(tsv, tmp_path):
@@ -236,7 +236,7 @@ def test_the_median_pruner_waits_past_the_first_evaluation(tsv, tmp_path):
             str(tsv),
             str(tmp_path / "s"),
             eval_every=50,
-            **{k: v for k, v in QUICK.items() if k != "eval_every"},
+            **{k: v for k, v in QUICK.items() if k not in ("eval_every", "pruner")},
         )
     )
     assert study.pruner._n_warmup_steps == 100  # prunes from step 100, the second evaluation

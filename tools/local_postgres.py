@@ -42,7 +42,8 @@ def why_not() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def local_postgres(db: str = "edge_tune") -> Iterator[str]:
     if os.geteuid() == 0:  # initdb and postgres refuse root: run them as postgres, who must own the folder
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*cmd: str) -> None:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)

@@ -29,14 +29,11 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from local_postgres import free_port  # noqa: E402
+
 SST2_DEV = ROOT / "data" / "sst2" / "dev.tsv"
 BAD = [b"{not json", b'{"texts": []}', b'{"texts": ["x"], "patch": "nope"}', b'{"texts": "x"}']
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(

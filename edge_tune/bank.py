@@ -208,10 +208,8 @@ class PatchBank:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
             for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
                 idx = torch.tensor(order[s:e])
-                for lin, per_patch in terms.items():
-                    lin.lora_rows = [
-                        (pid[idx] == u, a, b, sc) for u, a, b, sc in per_patch if (pid[idx] == u).any()
-                    ]
+                for lin, (a, b, col_patch, col_scale) in terms.items():
+                    lin.lora_rows = (a, b, ((pid[idx, None] == col_patch) * col_scale)[:, None, :])
                 feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
@@ -228,9 +226,9 @@ class PatchBank:
                 self.activate(was_active)
         return out
 
-    def _lora_terms(self, names: list[str]) -> dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]]:
-        """For every linear any of `names` adds a term to (Method.row_terms): (index in `names`, A, B, scale)
-        of each patch that does."""
+    def _lora_terms(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """For every linear any of `names` adds a term to (Method.row_terms): the patches' A stacked (R, in),
+        B stacked (out, R), and per stacked rank its patch's index in `names` (R,) and scale (R,)."""
         found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
             spec = self._specs[n]
@@ -240,7 +238,15 @@ class PatchBank:
                 self._modules, self.patches[n].tensors, spec
             ).items():
                 found.setdefault(lin, []).append((u, a, b, scale))
-        return found
+        return {
+            lin: (
+                torch.cat([a for _, a, _, _ in terms]),
+                torch.cat([b for _, _, b, _ in terms], dim=1),
+                torch.cat([torch.full((a.shape[0],), u) for u, a, _, _ in terms]),
+                torch.cat([torch.full((a.shape[0],), float(s)) for _, a, _, s in terms]),
+            )
+            for lin, terms in found.items()
+        }
 
 
 def patch_accuracy(path: str | Path, ds: Dataset) -> float:

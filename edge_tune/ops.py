@@ -81,8 +81,8 @@ def lora_linear_ref(
 def add_lora_term(y: Tensor, x: Tensor, A: Tensor, B: Tensor, lora_scale: float) -> Tensor:
     """y + lora_scale * (x @ A.T) @ B.T as one addmm over the flattened rows. The one formula of the rank-r
     term: lora_linear's kernel (cpp_ext/cpu_dynamic.cpp, the same addmm in place), its reference, the fp32 and
-    int4 bases and the bank's mixed-patch batches all use it, so a row gets the same bits from each, given the
-    same rows (BLAS's rounding may depend on the row count, so the bank runs it over the whole batch)."""
+    int4 bases all use it, so a row gets the same bits from each, given the same rows (BLAS's rounding may
+    depend on the row count)."""
     k, n = x.shape[-1], y.shape[-1]
     return torch.addmm(y.reshape(-1, n), x.reshape(-1, k) @ A.t(), B.t(), alpha=lora_scale).view(y.shape)
 

@@ -132,7 +132,10 @@ def test_mixed_batch_equals_per_patch_passes(bank):
             want = ref if grouped else [ref[i] for i in idx]
             for i, w in zip(idx, want, strict=True):
                 assert mixed[i].patch == n and mixed[i].label == w.label
-                assert mixed[i].probability == w.probability  # the one-patch pass's bits
+                if grouped:  # a pass per patch: the one-patch pass's bits
+                    assert mixed[i].probability == w.probability
+                else:  # the stacked LoRA terms sum in another order: float rounding only
+                    assert abs(mixed[i].probability - w.probability) < 1e-5
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -1,23 +1,36 @@
 """edge_tune: adapt a quantized, frozen transformer on the device it runs on, and ship tiny patches.
 
-Importing this package loads torch and registers the edge_tune:: ops; it changes nothing process-wide.
-The compiled kernels load on an op's first call (or load_base); the process settings a training or serving
-process wants (rss.apply_process_settings) are applied by adapt, train, PatchBank and the CLI."""
+Importing the package imports nothing heavy: each public name loads its module (and torch, and the
+edge_tune:: ops) on first use, so `edge_tune.runtime`, the torch-free serving path, stays torch-free. It
+changes nothing process-wide. The compiled kernels load on an op's first call (or load_base); the process
+settings a training or serving process wants (rss.apply_process_settings) are applied by adapt, train,
+PatchBank and the CLI."""
 
-from .bank import PatchBank, Prediction
-from .base import Base, load_base
-from .errors import BudgetError, DataError, EdgeTuneError, PatchError, ProfileError
-from .methods import MethodSpec
-from .patch import Manifest, Patch, load_patch, save_patch
-from .profiles import DeviceProfile, load_profile
-from .run import AdaptResult, RunPlan, RunRequest, adapt, plan_run
-from .search import TuneRequest, TuneResult, tune
-from .trainer import TrainConfig, TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "AdaptResult", "Base", "BudgetError", "DataError", "DeviceProfile", "EdgeTuneError", "Manifest", "MethodSpec",
-    "Patch", "PatchBank", "PatchError", "Prediction", "ProfileError", "RunPlan", "RunRequest", "TrainConfig",
-    "TrainResult", "TuneRequest", "TuneResult", "adapt", "load_base", "load_patch", "load_profile", "plan_run",
-    "save_patch", "train", "tune",
-]  # fmt: skip
+import importlib
+
+# public name -> the module that defines it
+_WHERE = {
+    "PatchBank": "bank", "Prediction": "bank", "Base": "base", "load_base": "base", "BudgetError": "errors",
+    "DataError": "errors", "EdgeTuneError": "errors", "PatchError": "errors", "ProfileError": "errors",
+    "MethodSpec": "methods", "Manifest": "manifest", "Patch": "patch", "load_patch": "patch",
+    "save_patch": "patch", "DeviceProfile": "profiles", "load_profile": "profiles", "AdaptResult": "run",
+    "RunPlan": "run", "RunRequest": "run", "adapt": "run", "plan_run": "run", "TuneRequest": "search_space",
+    "TuneResult": "search", "tune": "search", "TrainConfig": "trainer", "TrainResult": "trainer",
+    "train": "trainer",
+}  # fmt: skip
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'edge_tune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Base, load_base
-from .data import Dataset, collate, encode, length_buckets
+from .data import Dataset, collate
 from .errors import PatchError
 from .methods import MethodSpec
 from .model import QuantLinear
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
+from .tokens import encode, length_buckets
 
 
 @dataclass

@@ -274,7 +274,8 @@ class Classifier(nn.Module):
     def by_length(self, rows: list, batch_size: int, fn) -> Tensor:
         """fn(ids, mask) over token-id arrays `rows`, in eval mode, run in length order in passes of at most
         `batch_size` cut where padding costs most (data.length_buckets); rows returned in the order given."""
-        from .data import collate, length_buckets
+        from .data import collate
+        from .tokens import length_buckets
 
         was_training, order, parts = self.training, sorted(range(len(rows)), key=lambda i: len(rows[i])), []
         self.eval()

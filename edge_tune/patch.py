@@ -5,107 +5,30 @@ tensor is touched. Serving many patches on one base is `bank.PatchBank`'s job.""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .base import Base
-from .errors import EdgeTuneError, PatchError
-from .methods import MethodSpec, delta_shapes
-from .tensorfile import parse_header
+from .errors import PatchError
+from .manifest import MANIFEST_KEY, STORED, Manifest, check_spec, digest, read_patch_file
+from .methods import delta_shapes
 
-FORMAT = "edge_tune.patch"
-FORMAT_VERSION = 1
-MANIFEST_KEY = "edge_tune"
-MAX_PATCH_BYTES = 256 * 1024 * 1024  # a full fine-tune stored fp32 is ~90 MB
-STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16}  # safetensors dtype name -> torch dtype
+__all__ = ["MANIFEST_KEY", "Manifest", "Patch", "load_patch", "save_patch", "save_tensors", "tensors_sha256"]
 
-
-@dataclass(frozen=True)
-class Manifest:
-    """The patch manifest schema (the one place it is defined)."""
-
-    method: str  # a registered method's name (methods.METHODS)
-    hyper: dict  # the method's hyper-parameters (LoRA: rank, alpha, targets)
-    label_names: list[str]
-    base_fingerprint: str  # sha256 of the base weights this patch was trained on
-    base_precision: str  # fp32 | int8 | int4 (informational: a patch applies to any precision of its base)
-    tensors_sha256: str  # sha256 over the sorted (name, dtype, shape, bytes) of the tensors
-    task: str = ""
-    seq_len: int = 128  # tokens per text the patch was trained with
-    metrics: dict = field(default_factory=dict)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    def spec(self) -> MethodSpec:
-        return MethodSpec.from_hyper(self.method, self.hyper)
-
-
-_FIELD_TYPES = {"method": str, "hyper": dict, "label_names": list, "base_fingerprint": str, "base_precision": str,
-                "tensors_sha256": str, "task": str, "seq_len": int, "metrics": dict, "format": str,
-                "format_version": int}  # fmt: skip
-
-
-def _parse_manifest(meta: dict[str, str], where: str) -> Manifest:
-    if MANIFEST_KEY not in meta:
-        raise PatchError("no edge_tune manifest in the file's metadata", where, "not an edge_tune patch")
-    try:
-        raw = json.loads(meta[MANIFEST_KEY])
-    except json.JSONDecodeError:
-        raise PatchError("manifest is not valid JSON", where, "file corrupt") from None
-    if not isinstance(raw, dict):
-        raise PatchError("manifest is not a JSON object", where, "file corrupt")
-    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
-        raise PatchError(
-            f"format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT} v{FORMAT_VERSION}",
-            where,
-            "re-export the patch with this edge_tune",
-        )
-    known = {f.name for f in fields(Manifest)}
-    errors = [f"unknown key {k!r}" for k in sorted(raw.keys() - known)]
-    errors += [f"missing key {k!r}" for k in ("method", "hyper", "label_names", "base_fingerprint",
-                                              "base_precision", "tensors_sha256") if k not in raw]  # fmt: skip
-    errors += [
-        f"{k!r} should be {t.__name__}" for k, t in _FIELD_TYPES.items() if k in raw and type(raw[k]) is not t
-    ]
-    if not errors and (
-        len(raw["label_names"]) < 2 or not all(isinstance(x, str) for x in raw["label_names"])
-    ):
-        errors.append("label_names must be at least two strings")
-    if errors:
-        raise PatchError("manifest invalid: " + "; ".join(errors), where, "re-export the patch")
-    m = Manifest(**raw)
-    try:
-        m.spec()
-    except PatchError:
-        raise
-    except EdgeTuneError as e:  # an unknown method, a bad target: the patch's fault, so a PatchError
-        raise PatchError(f"manifest invalid: {e.what}", where, "re-export the patch") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise PatchError(f"manifest hyper-parameters invalid ({e!r})", where) from None
-    return m
-
-
-def _sha256(items) -> str:
-    """The manifest's digest over (name, torch dtype, shape, bytes) items, taken in name order."""
-    h = hashlib.sha256()
-    for name, dtype, shape, data in sorted(items, key=lambda it: it[0]):
-        h.update(f"{name}|{dtype}|{tuple(shape)}|".encode())
-        h.update(data)
-    return h.hexdigest()
+STORED_DTYPES = {k: getattr(torch, v) for k, v in STORED.items()}  # safetensors dtype name -> torch dtype
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     """tensors_sha256 of a manifest, from the tensors it describes."""
-    return _sha256(
+    return digest(
         (n, t.dtype, t.shape, t.contiguous().view(torch.uint8).numpy() if t.numel() else b"")
         for n, t in tensors.items()
     )
@@ -190,31 +113,12 @@ def load_patch(
     method, sha256 of the tensor bytes, finite values, base fingerprint and rank cap (when given)."""
     path = Path(path)
     where = str(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_PATCH_BYTES:
-            raise PatchError(
-                f"{size >> 20} MB is larger than any patch ({MAX_PATCH_BYTES >> 20} MB)", where, "wrong file?"
-            )
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise PatchError("no such patch file", where) from None
-    except IsADirectoryError:
-        raise PatchError("is a directory, not a patch file", where) from None
-    except OSError as e:
-        raise PatchError(f"cannot read ({e.strerror or e})", where) from None
-    header = parse_header(blob, len(blob), where, PatchError)
-    manifest = _parse_manifest(header.metadata, where)
-    bad = [(n, i.dtype) for n, i in header.tensors.items() if i.dtype not in STORED_DTYPES]
-    if bad:
-        raise PatchError(
-            f"tensor {bad[0][0]!r} is {bad[0][1]}, patches hold F32 or F16 only",
-            where,
-            "file corrupt or foreign",
-        )
+    pf = read_patch_file(path)
+    header, manifest = pf.header, pf.manifest
+    spec = check_spec(manifest, where)
     # parse_header checked that the tensors tile the data region exactly: one copy of it, and each tensor
     # is a view into that copy.
-    data = bytearray(blob[header.data_start :])
+    data = pf.data()
     stored = {}
     for n, i in header.tensors.items():
         dt = STORED_DTYPES[i.dtype]
@@ -226,14 +130,7 @@ def load_patch(
         )
         stored[n] = t.view(i.shape)
     # straight off the file's bytes (the same digest as tensors_sha256(stored), without a torch call per tensor)
-    view = memoryview(data)
-    digest = _sha256(
-        (n, STORED_DTYPES[i.dtype], i.shape, view[i.begin : i.end]) for n, i in header.tensors.items()
-    )
-    if digest != manifest.tensors_sha256:
-        raise PatchError(
-            "tensor bytes do not match the manifest's sha256", where, "file corrupted in transit"
-        )
+    pf.check_digest(data, where)
     dtypes = {i.dtype for i in header.tensors.values()}
     whole = (
         [torch.frombuffer(data, dtype=STORED_DTYPES[d]) for d in dtypes] if len(dtypes) == 1 and data else []
@@ -243,7 +140,6 @@ def load_patch(
         raise PatchError(f"tensor {bad_name!r} holds NaN or Inf", where, "refusing a broken patch")
     # compute is fp32: fp16-stored deltas are widened once, here
     tensors = {n: t if t.dtype == torch.float32 else t.float() for n, t in stored.items()}
-    spec = manifest.spec()
     if max_rank is not None and "rank" in spec.method.hyper and spec.rank > max_rank:
         raise PatchError(f"LoRA rank {spec.rank} is above the profile's cap {max_rank}", where)
     if base is not None:
@@ -264,4 +160,4 @@ def load_patch(
                 if ns
             )
             raise PatchError(f"tensors do not fit a {spec.name} patch for this base ({detail})", where)
-    return Patch(name or manifest.task or path.stem, manifest, tensors, where, len(blob))
+    return Patch(name or manifest.task or path.stem, manifest, tensors, where, len(pf.blob))

@@ -1,5 +1,6 @@
 """Reading safetensors files by hand: a bounds-checked header parser and row-range reads with plain file
-I/O (no mmap, so reading a 90 MB checkpoint never maps 90 MB into the process's resident set).
+I/O (no mmap, so reading a 90 MB checkpoint never maps 90 MB into the process's resident set). The header
+parser needs no torch (the torch-free runtime validates patches with it); TensorReader returns tensors.
 
 Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}
 (+ optional "__metadata__": {str: str}), then the tensor bytes, offsets relative to the end of the header.
@@ -15,21 +16,20 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import EdgeTuneError
 
+# safetensors dtype name -> (torch dtype name, bytes per value)
 DTYPES = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -150,10 +150,12 @@ class TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.header.tensors[name].shape
 
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` as a new tensor (dim 0 sliced)."""
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None):
+        """Rows [start, stop) of tensor `name` as a new torch tensor (dim 0 sliced)."""
+        import torch
+
         info = self.header.tensors[name]
-        dtype, itemsize = DTYPES[info.dtype]
+        dtype = getattr(torch, DTYPES[info.dtype][0])
         rows = info.shape[0] if info.shape else 1
         stop = rows if stop is None else stop
         row_bytes = info.nbytes // max(rows, 1)

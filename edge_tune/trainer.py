@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from .base import Base
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint
-from .data import Dataset, collate, encode, length_grouped_batches, per_class_rows, token_rows
+from .data import Dataset, collate, length_grouped_batches, per_class_rows, token_rows
 from .errors import EdgeTuneError
 from .methods import MethodSpec, apply_method
 from .model import layer_of
 from .optim import AdamW, clip_grad_norm
 from .profiles import DeviceProfile
 from .rss import apply_process_settings, peak_rss_mb, trim_resident_memory
+from .tokens import encode
 
 log = logging.getLogger("edge_tune")
 

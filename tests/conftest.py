@@ -83,7 +83,8 @@ def quick_train(base, ds, method="bitfit", steps=3, seed=0, **kw):
 
 @pytest.fixture(scope="session")
 def ids_mask(base_int8):
-    from edge_tune.data import collate, encode
+    from edge_tune.data import collate
+    from edge_tune.tokens import encode
 
     return collate(list(encode(base_int8.tokenizer, [s for _, s in SENTENCES], 64)))
 

@@ -69,7 +69,7 @@ def test_length_buckets_cover_the_rows_and_minimise_padded_tokens():
     import itertools
     import random
 
-    from edge_tune.data import length_buckets
+    from edge_tune.tokens import length_buckets
 
     def cost(spans, lengths, per_pass):
         return sum((e - s) * lengths[e - 1] + per_pass for s, e in spans)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import SENTENCES
 
-from edge_tune.data import collate, encode
+from edge_tune.data import collate
 from edge_tune.methods import METHODS, MethodSpec, apply_method
+from edge_tune.tokens import encode
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].trains_encoder])

@@ -103,10 +103,10 @@ def test_no_import_cycles():
 
 
 def test_an_op_runs_its_kernel_from_the_first_call():
-    """After `import edge_tune`, calling an op through torch.ops runs the C++ kernel (it loads on the first
+    """After `import edge_tune.ops`, calling an op through torch.ops runs the C++ kernel (it loads on the first
     call), not the fp64 reference; with EDGE_TUNE_KERNELS=0 the reference runs and one line says why."""
     code = """
-import torch, edge_tune
+import torch, edge_tune.ops
 from edge_tune.quant import quantize_int8
 q, s = quantize_int8(torch.randn(64, 32))
 x = torch.randn(3, 32)

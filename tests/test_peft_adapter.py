@@ -35,7 +35,8 @@ def lora_patch(base_int8, tmp_path_factory):
 
 def test_export_loads_in_peft_with_no_missing_or_unexpected_keys_and_same_features(lora_patch, tmp_path):
     from edge_tune.base import load_base
-    from edge_tune.data import collate, encode
+    from edge_tune.data import collate
+    from edge_tune.tokens import encode
 
     out = export_peft(lora_patch, tmp_path / "adapter")
     hf = transformers.BertModel.from_pretrained(str(_model_dir()), local_files_only=True)

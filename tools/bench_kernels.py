@@ -126,7 +126,8 @@ def write_model_inputs(path: Path) -> None:
     import numpy as np
 
     from edge_tune.base import default_model_dir, load_tokenizer
-    from edge_tune.data import collate, encode, read_tsv
+    from edge_tune.data import collate, read_tsv
+    from edge_tune.tokens import encode
 
     tok = load_tokenizer(default_model_dir())
     ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")

@@ -94,7 +94,8 @@ def make_arrays(path: Path, steps: int, batch: int, seq_len: int) -> None:
 
     sys.path.insert(0, str(ROOT))
     from edge_tune.base import default_model_dir, load_tokenizer
-    from edge_tune.data import encode, read_tsv
+    from edge_tune.data import read_tsv
+    from edge_tune.tokens import encode
 
     tok = load_tokenizer(default_model_dir())
     train = read_tsv(ROOT / "data" / "sst2" / "train.tsv")

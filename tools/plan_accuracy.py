@@ -94,11 +94,12 @@ def main() -> int:
     from tqdm import tqdm
 
     from edge_tune.base import default_model_dir, load_tokenizer, read_config
-    from edge_tune.data import encode, token_rows
+    from edge_tune.data import token_rows
     from edge_tune.floor import runtime_floor_mb, startup_peak_mb
     from edge_tune.memory import dataset_bytes, plan_memory
     from edge_tune.methods import METHODS, MethodSpec
     from edge_tune.rss import trim_resident_memory
+    from edge_tune.tokens import encode
 
     cfg = read_config(default_model_dir())
     if a.methods == "all":  # zeroshot / fewshot run no training step: nothing for the plan to predict

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import encode
+from ..tokens import encode
 from .core import Method, MethodSpec
 from .head import head_trainable
 

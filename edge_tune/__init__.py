@@ -12,7 +12,7 @@ import importlib
 
 # public name -> the module that defines it
 _WHERE = {
-    "PatchBank": "bank", "Prediction": "bank", "Base": "base", "load_base": "base", "BudgetError": "errors",
+    "PatchBank": "bank", "Prediction": "manifest", "Base": "base", "load_base": "base", "BudgetError": "errors",
     "DataError": "errors", "EdgeTuneError": "errors", "PatchError": "errors", "ProfileError": "errors",
     "MethodSpec": "methods", "Manifest": "manifest", "Patch": "patch", "load_patch": "patch",
     "save_patch": "patch", "DeviceProfile": "profiles", "load_profile": "profiles", "AdaptResult": "run",

@@ -18,7 +18,6 @@ BitFit runs one pass per patch instead (same results, more passes)."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,18 +27,12 @@ from torch import Tensor, nn
 from .base import Base, load_base
 from .data import Dataset, collate
 from .errors import PatchError
+from .manifest import Prediction
 from .methods import MethodSpec
 from .model import QuantLinear
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
 from .tokens import encode, length_buckets
-
-
-@dataclass
-class Prediction:
-    label: str
-    probability: float  # of the predicted label
-    patch: str  # the patch that computed this response
 
 
 class PatchBank:

@@ -16,6 +16,7 @@ from .errors import EdgeTuneError
 from .kernels import load_kernels
 from .model import BertConfig, Classifier, Encoder, EncoderLayer, QuantEmbedding, QuantLinear
 from .tensorfile import TensorReader
+from .tokens import load_tokenizer
 
 EMBED_CHUNK_ROWS = 2048  # word-embedding rows read and quantized at a time (~3 MB of fp32)
 
@@ -52,22 +53,6 @@ def read_config(model_dir: Path) -> BertConfig:
         raise EdgeTuneError("only gelu activations and absolute positions are supported", path)
     names = BertConfig.__dataclass_fields__
     return BertConfig(**{k: raw[k] for k in names if k in raw})
-
-
-def load_tokenizer(model_dir: Path):
-    """The `tokenizers` tokenizer from tokenizer.json, with its built-in padding/truncation turned off
-    (edge_tune truncates to the profile's max length and pads each batch to its longest row)."""
-    from tokenizers import Tokenizer
-
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise EdgeTuneError(
-            "missing", path, "the model directory needs the tokenizer.json it was trained with"
-        )
-    tok = Tokenizer.from_file(str(path))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
 
 
 @dataclass

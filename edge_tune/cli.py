@@ -259,10 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="out/tune", help="folder for study.db, best.patch, trials.csv/json, plots"
     )
 
-    p = sub.add_parser("export", help="write a patch in another runtime's format (peft: a PEFT LoRA adapter)")
-    p.add_argument("--format", required=True, choices=["peft"],
-                   help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")  # fmt: skip
-    p.add_argument("--patch", required=True, help="the patch to export (LoRA for peft)")
+    p = sub.add_parser("export", help="deploy to another runtime: the base as an ONNX graph with patches as "
+                                      "ONNX Runtime adapters, or a patch as a PEFT LoRA adapter")  # fmt: skip
+    p.add_argument("--format", required=True, choices=["onnx", "peft"],
+                   help="onnx: model.onnx (the base, exported once; int8 weights, per-token int8 activations) + "
+                        "tokenizer.json + <task>.onnx_adapter per --patch, served by edge_tune.runtime without "
+                        "torch; peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")  # fmt: skip
+    p.add_argument("--patch", action="append", default=[],
+                   help="a patch to export (repeat for several; onnx: lora, bitfit, ia3, head, prompt, prefix "
+                        "patches; peft: one LoRA patch)")  # fmt: skip
+    p.add_argument("--precision", default="int8", choices=["int8", "fp32"],
+                   help="onnx: the graph's weights (int8: 22 MB, fp32: 86 MB; default int8)")  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write")
 
     p = sub.add_parser("import-peft", help="a PEFT LoRA adapter folder for this base, as a patch")

@@ -19,12 +19,13 @@ def measure_floor() -> dict[str, float]:
     import torch.nn.functional as F
 
     from . import cli, quant, run  # noqa: F401  (what `edge-tune train` imports before its first trim)
-    from .base import default_model_dir, load_tokenizer, read_config
+    from .base import default_model_dir, read_config
     from .kernels import load_kernels
     from .methods import METHODS, MethodSpec, apply_method, detach_all
     from .model import skeleton
     from .optim import AdamW
     from .rss import apply_process_settings, peak_rss_mb, reset_peak_rss, trim_resident_memory
+    from .tokens import load_tokenizer
 
     apply_process_settings()  # as every entry point does
     load_kernels()

@@ -19,6 +19,15 @@ MAX_PATCH_BYTES = 256 * 1024 * 1024  # a full fine-tune stored fp32 is ~90 MB
 STORED = {"F32": "float32", "F16": "float16"}  # the safetensors dtypes a patch may hold
 
 
+@dataclass
+class Prediction:
+    """One answer of a patch bank (the torch one, `bank.PatchBank`, and the torch-free `runtime.PatchBank`)."""
+
+    label: str
+    probability: float  # of the predicted label
+    patch: str  # the patch that computed this response
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The patch manifest schema (the one place it is defined)."""

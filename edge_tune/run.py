@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .base import default_model_dir, load_base, load_tokenizer, read_config
+from .base import default_model_dir, load_base, read_config
 from .data import Dataset, label_descriptions, load_task, take_per_class, token_rows
 from .errors import BudgetError, EdgeTuneError, PatchError
 from .memory import WORD_TABLE, MemoryPlan, dataset_bytes, plan_batch_size, plan_memory, with_tensor_cache
@@ -24,7 +24,7 @@ from .methods import MethodSpec, apply_method, get_method
 from .patch import Manifest, save_patch
 from .profiles import DeviceProfile, clamp_to_profile, load_profile
 from .rss import apply_process_settings, peak_rss_mb, set_tensor_cache_slack, trim_resident_memory
-from .tokens import encode
+from .tokens import encode, load_tokenizer
 from .trainer import SCHEDULES, TrainConfig, TrainResult, accuracy, set_threads, train
 
 log = logging.getLogger("edge_tune")

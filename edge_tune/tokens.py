@@ -4,8 +4,11 @@ torch bank and the torch-free runtime (`runtime.py`) tokenize and cut passes by 
 from __future__ import annotations
 
 import array
+from pathlib import Path
 
 import numpy as np
+
+from .errors import EdgeTuneError
 
 
 class TokenizedTexts:
@@ -58,3 +61,19 @@ def length_buckets(lengths: list[int], max_rows: int, pass_tokens: int = 16) -> 
         spans.append((cut[j], j))
         j = cut[j]
     return spans[::-1]
+
+
+def load_tokenizer(model_dir: Path):
+    """The `tokenizers` tokenizer from tokenizer.json, with its built-in padding/truncation turned off
+    (edge_tune truncates to the profile's max length and pads each batch to its longest row)."""
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise EdgeTuneError(
+            "missing", path, "the model directory needs the tokenizer.json it was trained with"
+        )
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok

@@ -284,9 +284,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+
+        written = export_onnx(args.out, args.patch, args.precision)
+        for f in written:
+            print(f"wrote {f} ({f.stat().st_size / 2**20:.2f} MB)")
+        print(f"serve it without torch: edge_tune.runtime.PatchBank({str(args.out)!r})")
+        return 0
     from .peft_adapter import HEAD, export_peft
 
-    out = export_peft(args.patch, args.out)
+    if len(args.patch) != 1:
+        raise EdgeTuneError("--format peft exports one patch", "--patch", "pass exactly one --patch")
+    out = export_peft(args.patch[0], args.out)
     print(f"wrote {out}: a PEFT LoRA adapter for transformers' BertModel of this base; the head (mean-pooled "
           f"here, CLS-pooled by transformers' classifier, so not transferable) is {out / HEAD}")  # fmt: skip
     return 0

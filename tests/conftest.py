@@ -9,7 +9,8 @@ import torch
 
 from edge_tune.base import load_base
 from edge_tune.data import Dataset
-from edge_tune.methods import MethodSpec
+from edge_tune.methods import MethodSpec, delta_shapes
+from edge_tune.patch import Manifest, save_patch
 from edge_tune.trainer import TrainConfig, train
 
 SENTENCES = [
@@ -93,3 +94,19 @@ def logits(base, ids_mask):
     base.model.eval()
     with torch.no_grad():
         return base.model(*ids_mask)
+
+
+def synthetic_patch(base, path, task, spec, seed, labels=("0", "1")):
+    """A patch with random (non-zero) deltas of the right shapes: swap mechanics do not need training."""
+    g = torch.Generator().manual_seed(seed)
+    defaults = dict(base.model.named_parameters())
+    tensors = {}
+    for n, shape in delta_shapes(base.model, spec, len(labels)).items():
+        noise = torch.randn(shape, generator=g) * 0.05
+        keep = n in defaults and not n.startswith("head.")
+        tensors[n] = defaults[n].detach() + noise if keep else noise
+    m = Manifest(
+        spec.name, spec.hyper(), list(labels), base.fingerprint, base.precision, "", task=task, seq_len=64
+    )
+    save_patch(path, tensors, m)
+    return path

@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import SENTENCES
+from conftest import SENTENCES, synthetic_patch
 
 from edge_tune.bank import PatchBank
 from edge_tune.errors import PatchError
@@ -27,22 +27,6 @@ TASKS = {
     "subj": MethodSpec("bitfit"),
     "mpqa": MethodSpec("head"),
 }
-
-
-def synthetic_patch(base, path, task, spec, seed, labels=("0", "1")):
-    """A patch with random (non-zero) deltas of the right shapes: swap mechanics do not need training."""
-    g = torch.Generator().manual_seed(seed)
-    defaults = dict(base.model.named_parameters())
-    tensors = {}
-    for n, shape in delta_shapes(base.model, spec, len(labels)).items():
-        noise = torch.randn(shape, generator=g) * 0.05
-        keep = n in defaults and not n.startswith("head.")
-        tensors[n] = defaults[n].detach() + noise if keep else noise
-    m = Manifest(
-        spec.name, spec.hyper(), list(labels), base.fingerprint, base.precision, "", task=task, seq_len=64
-    )
-    save_patch(path, tensors, m)
-    return path
 
 
 @pytest.fixture(scope="module")

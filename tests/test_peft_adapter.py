@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import synthetic_patch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_bank import synthetic_patch
 
 from edge_tune.bank import PatchBank
 from edge_tune.errors import EdgeTuneError

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import SENTENCES
-from test_bank import TASKS, synthetic_patch
+from conftest import SENTENCES, synthetic_patch
+from test_bank import TASKS
 
 from edge_tune.bank import PatchBank
 from edge_tune.patch import load_patch, save_patch

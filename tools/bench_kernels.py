@@ -125,9 +125,9 @@ def write_model_inputs(path: Path) -> None:
     .npz that every whole-model worker reads: the same inputs for each, and no edge_tune import in PEFT's."""
     import numpy as np
 
-    from edge_tune.base import default_model_dir, load_tokenizer
+    from edge_tune.base import default_model_dir
     from edge_tune.data import collate, read_tsv
-    from edge_tune.tokens import encode
+    from edge_tune.tokens import encode, load_tokenizer
 
     tok = load_tokenizer(default_model_dir())
     ds = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")

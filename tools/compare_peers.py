@@ -93,9 +93,9 @@ def make_arrays(path: Path, steps: int, batch: int, seq_len: int) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from edge_tune.base import default_model_dir, load_tokenizer
+    from edge_tune.base import default_model_dir
     from edge_tune.data import read_tsv
-    from edge_tune.tokens import encode
+    from edge_tune.tokens import encode, load_tokenizer
 
     tok = load_tokenizer(default_model_dir())
     train = read_tsv(ROOT / "data" / "sst2" / "train.tsv")

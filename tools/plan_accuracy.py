@@ -26,8 +26,9 @@ TRAIN_ROWS, DEV_ROWS, STEPS = 1000, 128, 3
 
 def full_length_texts(seq_len: int, rows: int, offset: int) -> tuple[list[str], list[int]]:
     """Real SST-2 sentences, each joined with the following ones until it has at least `seq_len` tokens."""
-    from edge_tune.base import default_model_dir, load_tokenizer
+    from edge_tune.base import default_model_dir
     from edge_tune.data import read_tsv
+    from edge_tune.tokens import load_tokenizer
 
     ds = read_tsv(ROOT / "data" / "sst2" / "train.tsv")
     tok = load_tokenizer(default_model_dir())
@@ -93,13 +94,13 @@ def main() -> int:
 
     from tqdm import tqdm
 
-    from edge_tune.base import default_model_dir, load_tokenizer, read_config
+    from edge_tune.base import default_model_dir, read_config
     from edge_tune.data import token_rows
     from edge_tune.floor import runtime_floor_mb, startup_peak_mb
     from edge_tune.memory import dataset_bytes, plan_memory
     from edge_tune.methods import METHODS, MethodSpec
     from edge_tune.rss import trim_resident_memory
-    from edge_tune.tokens import encode
+    from edge_tune.tokens import encode, load_tokenizer
 
     cfg = read_config(default_model_dir())
     if a.methods == "all":  # zeroshot / fewshot run no training step: nothing for the plan to predict

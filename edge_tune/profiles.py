@@ -16,6 +16,7 @@ PROFILES_DIR = Path(os.environ.get("EDGE_TUNE_PROFILES_DIR") or profiles_dir())
 DEFAULT_PROFILE = "raspberry-pi-4-4gb"
 PRECISIONS = ("fp32", "int8", "int4")
 BACKENDS = ("cpu", "cuda")
+DEPLOYS = ("torch", "onnxruntime", "executorch")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class DeviceProfile:
     # `edge-tune serve`: how long a request may wait for others to share its pass, and that pass's rows
     serve_window_ms: float = 5.0
     serve_max_batch: int = 64
+    # the runtime the device serves with: torch (edge_tune.bank), onnxruntime (edge-tune export --format onnx,
+    # edge_tune.runtime) or executorch
+    deploy: str = "torch"
 
 
 def _check_values(p: dict) -> list[str]:
@@ -52,6 +56,8 @@ def _check_values(p: dict) -> list[str]:
         errors.append(f"max_seq_len must be at most 512 (the model's positions), got {p['max_seq_len']}")
     if p["precision"] not in PRECISIONS:
         errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {p['precision']!r}")
+    if p.get("deploy", "torch") not in DEPLOYS:
+        errors.append(f"deploy must be one of {', '.join(DEPLOYS)}, got {p['deploy']!r}")
     if p["backend"] not in BACKENDS:
         errors.append(f"backend must be one of {', '.join(BACKENDS)}, got {p['backend']!r}")
     for key in ("name", "description"):

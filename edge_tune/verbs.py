@@ -212,10 +212,20 @@ def cmd_profiles(args) -> int:
     from .profiles import DEFAULT_PROFILE, list_profile_names, load_profile
 
     rows = [load_profile(n) for n in list_profile_names()]
-    head = ("profile", "budget_mb", "threads", "max_batch", "max_rank", "max_seq_len", "precision", "backend")
+    head = (
+        "profile",
+        "budget_mb",
+        "threads",
+        "max_batch",
+        "max_rank",
+        "max_seq_len",
+        "precision",
+        "backend",
+        "deploy",
+    )
     table = [head] + [
         (p.name + (" *" if p.name == DEFAULT_PROFILE else ""), p.memory_budget_mb, p.threads, p.max_batch_size,
-         p.max_rank, p.max_seq_len, p.precision, p.backend) for p in rows
+         p.max_rank, p.max_seq_len, p.precision, p.backend, p.deploy) for p in rows
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
     for r in table:

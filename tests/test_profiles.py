@@ -51,6 +51,7 @@ def test_shipped_profiles_load():
         (GOOD + "serve_window_ms = -1\n", "serve_window_ms must be a number of ms in"),
         (GOOD + 'serve_window_ms = "5"\n', "serve_window_ms must be a number of ms in"),
         (GOOD + "serve_max_batch = 0\n", "serve_max_batch must be a positive integer"),
+        (GOOD + 'deploy = "tflite"\n', "deploy must be one of torch, onnxruntime, executorch"),
     ],
 )
 def test_bad_profiles(text, match):
@@ -85,3 +86,4 @@ def test_the_serving_keys_are_optional():
     assert (p.serve_window_ms, p.serve_max_batch) == (5.0, 64)
     p = parse_profile(GOOD + "serve_window_ms = 2.5\nserve_max_batch = 16\n", "p.toml")
     assert (p.serve_window_ms, p.serve_max_batch) == (2.5, 16)
+    assert p.deploy == "torch" and parse_profile(GOOD + 'deploy = "onnxruntime"\n', "p.toml").deploy == "onnxruntime"

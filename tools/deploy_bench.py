@@ -1,0 +1,173 @@
+"""Deploying to ONNX Runtime, measured against the torch path, each serving process fresh (peak RSS is its
+own), in one invocation:
+
+  - parity on SST-2 dev with the sst2 task patch: the fp32 graph's logits against our fp32 model's (max
+    abs difference), the int8 graph's accuracy and label agreement against our int8 model's;
+  - serving: a process that loads the base and the four task patches and answers, torch (`edge_tune.bank`)
+    against torch-free (`edge_tune.runtime`, the int8 graph + four adapters): peak RSS (VmHWM), start to
+    first answer (the interpreter's start included), batch-1 latency on a short sentence (median of 300),
+    adapter activate p50 / p99 (µs over 10,000), answers after A -> B -> A equal to A's.
+
+    python tools/deploy_bench.py --patches DIR [--out out/deploy_bench] [--threads 2]
+
+DIR holds <task>_<method>.patch files (tools/build_task_patches.py) for sst2, cr, subj and mpqa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()  # the serving worker's clock starts before any import
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("sst2", "cr", "subj", "mpqa")
+SHORT = "a gripping, funny film."
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serve_worker(kind: str, patches: list[str], export: str, threads: int) -> dict:
+    """Load the base and the task patches as a serving process would, answer, then time batch-1 and swaps."""
+    import statistics
+
+    if kind == "torch":
+        import torch
+
+        from edge_tune.bank import PatchBank
+
+        torch.set_num_threads(threads)
+        bank = PatchBank(precision="int8")
+        names = [bank.load(p) for p in patches]
+        bank.activate(names[0])
+    else:
+        from edge_tune.runtime import PatchBank
+
+        bank = PatchBank(export, threads=threads, load_adapters=False)
+        names = [bank.load(Path(export) / f"{Path(p).stem.split('_')[0]}.onnx_adapter") for p in patches]
+    first = bank.predict([SHORT])
+    first_s = time.perf_counter() - T0
+    lat = []
+    for i in range(320):
+        t = time.perf_counter()
+        bank.predict([SHORT])
+        if i >= 20:
+            lat.append((time.perf_counter() - t) * 1000)
+    swaps = []
+    for i in range(10000):
+        t = time.perf_counter()
+        bank.activate(names[i % 2])
+        swaps.append((time.perf_counter() - t) * 1e6)
+    swaps.sort()
+    texts = [SHORT, "dull, lifeless and far too long.", "the plot is nothing but boilerplate cliches."]
+    bank.activate(names[0])
+    a = bank.predict(texts)
+    bank.activate(names[1])
+    bank.predict(texts)
+    bank.activate(names[0])
+    return {"kind": kind, "peak_rss_mb": vm_hwm_mb(), "first_answer_s": first_s, "first": first[0].label,
+            "batch1_ms": statistics.median(lat), "activate_p50_us": swaps[len(swaps) // 2],
+            "activate_p99_us": swaps[int(0.99 * len(swaps))], "aba_equal": bank.predict(texts) == a,
+            "torch_imported": "torch" in sys.modules}  # fmt: skip
+
+
+def parity(sst2_patch: str, out: Path) -> dict:
+    """fp32 and int8 graphs against our fp32 and int8 models on SST-2 dev under the sst2 patch."""
+    import numpy as np
+    import torch
+
+    from edge_tune.bank import PatchBank as TorchBank
+    from edge_tune.data import collate, read_tsv
+    from edge_tune.onnx_export import export_onnx
+    from edge_tune.runtime import PatchBank
+    from edge_tune.tokens import encode, length_buckets
+
+    dev = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
+    res = {}
+    for precision in ("fp32", "int8"):
+        export_onnx(out / f"onnx_{precision}", [sst2_patch], precision)
+        ort_bank = PatchBank(out / f"onnx_{precision}")
+        bank = TorchBank(precision=precision)
+        bank.activate(bank.load(sst2_patch))
+        tok = encode(bank.base.tokenizer, dev.texts, bank.patches[bank.active].manifest.seq_len)
+        order = sorted(range(len(tok)), key=lambda i: len(tok[i]))
+        ours, theirs = np.zeros((len(tok), 2), np.float32), np.zeros((len(tok), 2), np.float32)
+        run_options = next(iter(ort_bank.adapters.values())).run_options
+        for s, e in length_buckets([len(tok[i]) for i in order], 64):
+            idx = order[s:e]
+            ids, mask = collate([tok[i] for i in idx])
+            with torch.inference_mode():
+                ours[idx] = bank.base.model(ids, mask).numpy()
+            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            theirs[idx] = ort_bank.session.run(["logits"], feed, run_options)[0]
+        y = np.array(dev.labels)
+        res[precision] = {"max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+                          "ours_acc": float((ours.argmax(1) == y).mean()),
+                          "onnx_acc": float((theirs.argmax(1) == y).mean()),
+                          "agreement": float((ours.argmax(1) == theirs.argmax(1)).mean())}  # fmt: skip
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--patches", required=True, help="folder of <task>_<method>.patch files (sst2, cr, subj, mpqa)"
+    )
+    ap.add_argument("--out", default="out/deploy_bench", help="folder for the exports and deploy_bench.json")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="compute threads of each serving process (default 2)"
+    )
+    ap.add_argument("--worker", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
+    ap.add_argument("--export", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    folder = Path(args.patches)
+    patches = [str(next(iter(sorted(folder.glob(f"{t}_*.patch"))), "")) for t in TASKS]
+    if args.worker:
+        print(json.dumps(serve_worker(args.worker, patches, args.export, args.threads)))
+        return 0
+    if not all(patches):
+        sys.exit(f"error: {folder} needs a <task>_<method>.patch for each of {', '.join(TASKS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from edge_tune.onnx_export import export_onnx
+
+    export_onnx(out / "onnx", patches, "int8")
+    rows = []
+    for kind in ("torch", "onnxruntime"):  # each in a fresh process
+        cmd = [sys.executable, __file__, "--patches", str(folder), "--worker", kind, "--export", str(out / "onnx"),
+               "--threads", str(args.threads)]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if p.returncode:
+            sys.exit(f"error: the {kind} worker failed: {p.stderr.strip().splitlines()[-1]}")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    par = parity(patches[0], out)
+    torch_row, ort_row = rows
+    print("| serving process | peak RSS MB | start to first answer s | batch-1 ms | activate p50 / p99 µs | A->B->A = A | torch imported |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['peak_rss_mb']:.0f} | {r['first_answer_s']:.2f} | {r['batch1_ms']:.2f} | "
+              f"{r['activate_p50_us']:.1f} / {r['activate_p99_us']:.1f} | {r['aba_equal']} | {r['torch_imported']} |")  # fmt: skip
+    print(f"\nRSS onnxruntime / torch: {ort_row['peak_rss_mb'] / torch_row['peak_rss_mb']:.2f}x (target <= 0.5x); "
+          f"batch-1 {ort_row['batch1_ms'] / torch_row['batch1_ms']:.2f}x (target <= 1.0x)")  # fmt: skip
+    print(
+        "\n| graph | max abs logit diff vs ours | ours SST-2 dev | ONNX Runtime SST-2 dev | label agreement |"
+    )
+    print("|---|---|---|---|---|")
+    for k, r in par.items():
+        print(f"| {k} | {r['max_abs_logit_diff']:.2e} | {r['ours_acc']:.4f} | {r['onnx_acc']:.4f} | {r['agreement']:.4f} |")  # fmt: skip
+    (out / "deploy_bench.json").write_text(json.dumps({"serving": rows, "parity": par}, indent=1))
+    print(f"\nwrote {out / 'deploy_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -261,15 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="deploy to another runtime: the base as an ONNX graph with patches as "
                                       "ONNX Runtime adapters, or a patch as a PEFT LoRA adapter")  # fmt: skip
-    p.add_argument("--format", required=True, choices=["onnx", "peft"],
+    p.add_argument("--format", required=True, choices=["onnx", "executorch", "peft"],
                    help="onnx: model.onnx (the base, exported once; int8 weights, per-token int8 activations) + "
                         "tokenizer.json + <task>.onnx_adapter per --patch, served by edge_tune.runtime without "
-                        "torch; peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")  # fmt: skip
+                        "torch; executorch: model.pte (XNNPACK, int8 dynamic linears) + model.ptd (weights) + "
+                        "<task>.inputs per --patch, batch 1, 2 to --max-tokens tokens; peft: adapter_config.json + "
+                        "adapter_model.safetensors for PeftModel.from_pretrained")  # fmt: skip
     p.add_argument("--patch", action="append", default=[],
                    help="a patch to export (repeat for several; onnx: lora, bitfit, ia3, head, prompt, prefix "
                         "patches; peft: one LoRA patch)")  # fmt: skip
     p.add_argument("--precision", default="int8", choices=["int8", "fp32"],
                    help="onnx: the graph's weights (int8: 22 MB, fp32: 86 MB; default int8)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="executorch: the longest sentence the program takes, tokens (default 128)")  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write")
 
     p = sub.add_parser("import-peft", help="a PEFT LoRA adapter folder for this base, as a patch")

@@ -302,6 +302,15 @@ def cmd_export(args) -> int:
             print(f"wrote {f} ({f.stat().st_size / 2**20:.2f} MB)")
         print(f"serve it without torch: edge_tune.runtime.PatchBank({str(args.out)!r})")
         return 0
+    if args.format == "executorch":
+        from .executorch_export import export_executorch
+
+        if not 2 <= args.max_tokens <= 512:
+            raise EdgeTuneError(f"--max-tokens {args.max_tokens} is outside 2..512", "--max-tokens")
+        print("lowering to XNNPACK (about a minute on 2 cores)...", file=sys.stderr)
+        for f in export_executorch(args.out, args.patch, args.max_tokens):
+            print(f"wrote {f} ({f.stat().st_size / 2**20:.2f} MB)")
+        return 0
     from .peft_adapter import HEAD, export_peft
 
     if len(args.patch) != 1:

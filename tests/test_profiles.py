@@ -86,4 +86,7 @@ def test_the_serving_keys_are_optional():
     assert (p.serve_window_ms, p.serve_max_batch) == (5.0, 64)
     p = parse_profile(GOOD + "serve_window_ms = 2.5\nserve_max_batch = 16\n", "p.toml")
     assert (p.serve_window_ms, p.serve_max_batch) == (2.5, 16)
-    assert p.deploy == "torch" and parse_profile(GOOD + 'deploy = "onnxruntime"\n', "p.toml").deploy == "onnxruntime"
+    assert (
+        p.deploy == "torch"
+        and parse_profile(GOOD + 'deploy = "onnxruntime"\n', "p.toml").deploy == "onnxruntime"
+    )

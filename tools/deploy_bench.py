@@ -6,7 +6,9 @@ own), in one invocation:
   - serving: a process that loads the base and the four task patches and answers, torch (`edge_tune.bank`)
     against torch-free (`edge_tune.runtime`, the int8 graph + four adapters): peak RSS (VmHWM), start to
     first answer (the interpreter's start included), batch-1 latency on a short sentence (median of 300),
-    adapter activate p50 / p99 (µs over 10,000), answers after A -> B -> A equal to A's.
+    adapter activate p50 / p99 (µs over 10,000), answers after A -> B -> A equal to A's;
+  - ExecuTorch, where installed: the program with the sst2 patch as its inputs on SST-2 dev, one sentence
+    at a time (accuracy, label agreement with our int8 model), batch-1 latency, file sizes.
 
     python tools/deploy_bench.py --patches DIR [--out out/deploy_bench] [--threads 2]
 
@@ -116,6 +118,53 @@ def parity(sst2_patch: str, out: Path) -> dict:
     return res
 
 
+def executorch_figures(patches: list[str], out: Path, threads: int) -> dict | None:
+    """The ExecuTorch program (all four patches as inputs) on SST-2 dev one sentence at a time, against our
+    int8 model: accuracy, label agreement, batch-1 latency. None where ExecuTorch is not installed."""
+    import importlib.util
+    import statistics
+
+    if importlib.util.find_spec("executorch") is None:
+        return None
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from edge_tune.bank import PatchBank as TorchBank
+    from edge_tune.data import read_tsv
+    from edge_tune.executorch_export import export_executorch, load_program, run_program
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    export_executorch(out / "executorch", patches)
+    export_s = time.perf_counter() - t0
+    forward = load_program(out / "executorch")
+    bank = TorchBank(precision="int8")
+    name = bank.load(patches[0])
+    inputs = load_file(out / "executorch" / f"{name}.inputs")
+    dev = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
+    ours = [p.label for p in bank.predict(dev.texts, patch=name)]
+    labels = bank.patches[name].manifest.label_names
+    theirs = []
+    for text in dev.texts:
+        ids = torch.tensor([bank.base.tokenizer.encode(text).ids[:128]])
+        theirs.append(labels[int(run_program(forward, ids, torch.ones_like(ids), inputs).argmax())])
+    ids = torch.tensor([bank.base.tokenizer.encode(SHORT).ids])
+    lat = []
+    for i in range(320):
+        t = time.perf_counter()
+        run_program(forward, ids, torch.ones_like(ids), inputs)
+        if i >= 20:
+            lat.append((time.perf_counter() - t) * 1000)
+    y = [dev.label_names[i] for i in dev.labels]
+    return {"export_s": export_s, "ours_acc": float(np.mean([a == b for a, b in zip(ours, y, strict=True)])),
+            "executorch_acc": float(np.mean([a == b for a, b in zip(theirs, y, strict=True)])),
+            "agreement": float(np.mean([a == b for a, b in zip(ours, theirs, strict=True)])),
+            "batch1_ms": statistics.median(lat),
+            "pte_mb": (out / "executorch" / "model.pte").stat().st_size / 2**20,
+            "ptd_mb": (out / "executorch" / "model.ptd").stat().st_size / 2**20}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -164,7 +213,17 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for k, r in par.items():
         print(f"| {k} | {r['max_abs_logit_diff']:.2e} | {r['ours_acc']:.4f} | {r['onnx_acc']:.4f} | {r['agreement']:.4f} |")  # fmt: skip
-    (out / "deploy_bench.json").write_text(json.dumps({"serving": rows, "parity": par}, indent=1))
+    et = executorch_figures(patches, out, args.threads)
+    if et is None:
+        print("\nExecuTorch: not installed here (pip install -e '.[export]'), not measured")
+    else:
+        print("\n| ExecuTorch (XNNPACK, batch 1) | export s | model.pte MB | model.ptd MB | ours SST-2 dev | ExecuTorch SST-2 dev | label agreement | batch-1 ms |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| int8 dynamic linears | {et['export_s']:.0f} | {et['pte_mb']:.1f} | {et['ptd_mb']:.1f} | {et['ours_acc']:.4f} | "
+              f"{et['executorch_acc']:.4f} | {et['agreement']:.4f} | {et['batch1_ms']:.2f} |")  # fmt: skip
+    (out / "deploy_bench.json").write_text(
+        json.dumps({"serving": rows, "parity": par, "executorch": et}, indent=1)
+    )
     print(f"\nwrote {out / 'deploy_bench.json'}")
     return 0
 

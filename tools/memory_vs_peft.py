@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# ExecuTorch (the export extras) installs torchao, which transformers and PEFT import whenever it is
+# installed (RSS and warnings): measured here, PEFT runs as where torchao is not installed.
+sys.modules.setdefault("torchao", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # protocol: the peers' RSS rule
 

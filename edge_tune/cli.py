@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated (default fp32,int8,int4)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration (default 200)")
+    p.add_argument("--runtimes", default=None,
+                   help="comma-separated among torch,onnxruntime,executorch: also serve each trained int8 patch "
+                        "an exported runtime takes there, a row each (default: torch and the profile's deploy)")  # fmt: skip
     p.add_argument("--out", default="out/profile", help="folder for profile.json and profile.png")
 
     p = sub.add_parser(

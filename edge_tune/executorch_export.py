@@ -1,5 +1,5 @@
 """The base as an ExecuTorch program for phones: lowered to XNNPACK with int8 dynamic per-channel linears
-(the PT2E XNNPACK quantizer), the weights ExecuTorch keeps outside the program in `model.ptd`
+(the PT2E XNNPACK quantizer: on the int8 base's dequantized weights it finds our int8 weights again), the weights ExecuTorch keeps outside the program in `model.ptd`
 (program-data separation), and the patch as `forward`'s inputs (the LoRA-as-inputs pattern): one program
 serves every LoRA patch of its shape (targets among q, k, v, o and rank), and head-only patches as rank-r
 zeros. Batch 1 (a phone answers one sentence at a time); the sequence length is dynamic, 2 to
@@ -24,17 +24,30 @@ from torch import Tensor, nn
 from .errors import EdgeTuneError, PatchError
 
 SQUARE = ("q", "k", "v", "o")  # the (D, D) linears, whose LoRA factors stack into one input
+EXPORTABLE = ("lora", "head", "zeroshot", "fewshot")  # methods whose patches are the program's inputs
+
+
+def _fp32(m: nn.Module) -> Tensor:
+    """A frozen linear's or embedding's weight in fp32: the fp32 base's, or the int8 base's dequantized."""
+    from .quant import dequantize_int8
+
+    return m.weight.detach().clone() if m.precision == "fp32" else dequantize_int8(m.w_q, m.scale)
 
 
 class PlainClassifier(nn.Module):
-    """The base in plain torch ops (export-friendly: no edge_tune:: ops), fp32 weights; LoRA on `targets`
-    (B scaled by alpha / r) and the head are forward inputs."""
+    """The base in plain torch ops (export-friendly: no edge_tune:: ops), its weights in fp32 (an int8 base's
+    dequantized: the XNNPACK quantizer's symmetric per-channel int8 of them is our int8 exactly); LoRA on
+    `targets` (B scaled by alpha / r) and the head are forward inputs."""
 
     def __init__(self, base, targets: tuple[str, ...]):
         super().__init__()
         enc = base.model.encoder
         self.targets, self.heads = targets, base.config.num_attention_heads
-        self.register_buffer("word", enc.word.weight.detach().clone())
+        if base.precision not in ("fp32", "int8"):
+            raise EdgeTuneError(
+                f"an {base.precision} base does not export to ExecuTorch", None, "use int8 or fp32"
+            )
+        self.register_buffer("word", _fp32(enc.word))
         self.register_buffer("pos", enc.pos.detach().clone())
         self.register_buffer("typ", enc.typ.detach().clone())
         self.emb_ln = _layer_norm(enc.emb_ln)
@@ -44,7 +57,7 @@ class PlainClassifier(nn.Module):
             for t in ("q", "k", "v", "o", "ff1", "ff2"):
                 src = getattr(layer, t)
                 lin = nn.Linear(src.in_features, src.out_features)
-                lin.weight.data, lin.bias.data = src.weight.detach().clone(), src.bias.detach().clone()
+                lin.weight.data, lin.bias.data = _fp32(src), src.bias.detach().clone()
                 setattr(m, t, lin)
             m.ln1, m.ln2 = _layer_norm(layer.ln1), _layer_norm(layer.ln2)
             self.layers.append(m)
@@ -110,7 +123,7 @@ def program_shape(patches: list) -> tuple[tuple[str, ...], int]:
     rank = lora[0].manifest.hyper["rank"] if lora else 1
     for p in patches:
         m = p.manifest
-        if m.method not in ("lora", "head", "zeroshot", "fewshot"):
+        if m.method not in EXPORTABLE:
             raise PatchError(f"a {m.method} patch is not a forward input of the ExecuTorch program", p.path,
                              "ExecuTorch export takes LoRA (targets among q, k, v, o) and head-only patches")  # fmt: skip
         if m.method == "lora" and (tuple(m.hyper["targets"]) != targets or m.hyper["rank"] != rank):
@@ -146,7 +159,7 @@ def export_executorch(out: str | Path, patch_paths: list[str], max_tokens: int =
 
     if not patch_paths:
         raise EdgeTuneError("the ExecuTorch export needs at least one patch", "--patch", "pass --patch P")
-    base = load_base(precision="fp32")
+    base = load_base(precision="int8")
     patches = [load_patch(p, base) for p in patch_paths]
     targets, rank = program_shape(patches)
     layers = len(base.model.encoder.layers)

@@ -69,7 +69,7 @@ def cmd_doctor(args) -> int:
 def cmd_profile(args) -> int:
     from .methods import MethodSpec
     from .profiles import PRECISIONS, load_profile
-    from .profiling import best_row, pareto_front, profile_grid, table
+    from .profiling import RUNTIMES, best_row, pareto_front, profile_grid, table
 
     prof = load_profile(args.profile)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -81,8 +81,13 @@ def cmd_profile(args) -> int:
     if bad or not methods or not precisions or args.steps < 1:
         raise EdgeTuneError(f"bad grid (precisions {bad}, steps {args.steps})", None,
                             f"precisions among {', '.join(PRECISIONS)}, at least one method, --steps >= 1")  # fmt: skip
+    runtimes = [r.strip() for r in (args.runtimes or f"torch,{prof.deploy}").split(",") if r.strip()]
+    if any(r not in RUNTIMES for r in runtimes):
+        raise EdgeTuneError(
+            f"unknown runtime in {args.runtimes!r}", "--runtimes", f"choose among {', '.join(RUNTIMES)}"
+        )
     rows = profile_grid(prof.name if args.profile is None else args.profile, methods, precisions, args.steps,
-                        Path(args.out), progress=sys.stderr.isatty())  # fmt: skip
+                        Path(args.out), progress=sys.stderr.isatty(), runtimes=runtimes)  # fmt: skip
     print(
         f"profile {prof.name}: budget {prof.memory_budget_mb} MB, {args.steps} steps each, fresh process each"
     )

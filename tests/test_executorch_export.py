@@ -25,8 +25,13 @@ def lora_patches(base_int8, tmp_path_factory):
     return [synthetic_patch(base_int8, d / f"{t}.patch", t, LORA, i) for i, t in enumerate(("a", "b"))]
 
 
-def test_the_plain_classifier_is_our_fp32_model(lora_patches):
-    base = load_base(precision="fp32")
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_plain_classifier_is_our_model(lora_patches, precision):
+    """In fp32 the plain module is our fp32 model; over the int8 base's dequantized weights, our model with
+    fp32 activations (EDGE_TUNE_INT8_ACTIVATIONS=fp32's path: the weights the program quantizes)."""
+    from edge_tune import model as model_mod
+
+    base = load_base(precision=precision)
     bank = PatchBank(base)
     for path in lora_patches:
         name = bank.load(path)
@@ -36,7 +41,9 @@ def test_the_plain_classifier_is_our_fp32_model(lora_patches):
             ids = torch.tensor([base.tokenizer.encode(text).ids])
             with torch.no_grad():
                 got = plain(ids, torch.ones_like(ids), *inputs.values())[0]
-            want = bank.predict([text], patch=name)[0]
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(model_mod, "INT8_ACTIVATIONS", "fp32")
+                want = bank.predict([text], patch=name)[0]
             assert abs(got.max().item() - want.probability) < 1e-5
 
 

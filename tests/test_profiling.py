@@ -29,7 +29,15 @@ def test_profile_runs_a_tiny_grid_and_writes_table_json_png(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "peak MB" in p.stdout and "SST-2 dev" in p.stdout
     rows = json.loads((out / "profile.json").read_text())
-    assert len(rows) == 1 and rows[0]["method"] == "head" and rows[0]["precision"] == "int8"
+    # the default profile deploys with ONNX Runtime: the head patch is also served there, torch-free
+    assert [(r["method"], r["precision"], r["runtime"]) for r in rows] == [
+        ("head", "int8", "torch"),
+        ("head", "int8", "onnxruntime"),
+    ]
+    ort = rows[1]
+    assert "error" not in ort and ort["lat1_ms"] > 0 and ort["peak_rss_mb"] < rows[0]["peak_rss_mb"]
+    assert abs(ort["dev_accuracy"] - rows[0]["dev_accuracy"]) < 0.02  # the int8 graph, per-token as ours
+    assert "onnxruntime" in p.stdout
     r = rows[0]
     assert r["trainable"] == 770 and r["patch_kb"] > 0 and 0 <= r["dev_accuracy"] <= 1
     assert 0 < r["peak_rss_mb"] <= r["budget_mb"] and r["step_ms"] > 0 and r["lat1_ms"] > 0

@@ -6,14 +6,16 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .errors import DataError
 from .resources import tasks_dir
 from .tokens import TokenizedTexts
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 DATA_DIR = tasks_dir()
 TASKS = ("sst2", "cr", "subj", "mpqa")
@@ -180,6 +182,8 @@ def token_rows(ids: TokenizedTexts, pad_id: int = 0) -> np.ndarray:
 def collate(rows: list[np.ndarray], pad_id: int = 0, length: int | None = None) -> tuple[Tensor, Tensor]:
     """Pad id rows to the longest (or to `length` tokens) -> ids (B, T) int64, mask (B, T) int64 (1 = real
     token)."""
+    import torch  # here, not at the top: the torch-free runtime's tools read TSVs with this module
+
     T = max([len(r) for r in rows] + [length or 0])
     ids = np.full((len(rows), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), T), dtype=np.int64)

@@ -13,8 +13,11 @@ writes model.pte, model.ptd, tokenizer.json, executorch.json (the program's shap
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,8 +139,30 @@ def program_shape(patches: list) -> tuple[tuple[str, ...], int]:
     return targets, rank
 
 
+@contextlib.contextmanager
+def _quiet():
+    """ExecuTorch's stack logs, at import and export, the CUDA libraries torchao cannot load here and a page
+    of deprecations: none of it is the user's to act on."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "torch.export", "executorch")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def export_executorch(out: str | Path, patch_paths: list[str], max_tokens: int = 128) -> list[Path]:
     """`edge-tune export --format executorch`: see the module doc. Returns the files written."""
+    with _quiet():
+        return _export(out, patch_paths, max_tokens)
+
+
+def _export(out: str | Path, patch_paths: list[str], max_tokens: int) -> list[Path]:
     import shutil
 
     try:
@@ -203,7 +228,8 @@ def export_executorch(out: str | Path, patch_paths: list[str], max_tokens: int =
 
 def load_program(export_dir: str | Path):
     """The exported program's `forward` method, loaded through `executorch.runtime` (weights from model.ptd)."""
-    from executorch.runtime import Runtime
+    with _quiet():
+        from executorch.runtime import Runtime
 
     d = Path(export_dir)
     return Runtime.get().load_program(d / "model.pte", data_path=d / "model.ptd").load_method("forward")

@@ -105,7 +105,7 @@ def serve_one(runtime: str, export_dir: Path, artifact: Path) -> dict:
     from .rss import peak_rss_mb
 
     return {"lat1_ms": median_ms(dev.texts[:1], 20), "lat32_ms": median_ms(dev.texts[:32], 5),
-            "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+            "dev_accuracy": acc, "peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}  # fmt: skip
 
 
 def open_metadata(path: Path) -> dict[str, str]:
@@ -129,6 +129,7 @@ def runtime_rows(rows: list[dict], runtimes: list[str], work: Path) -> list[dict
         else:
             takes = ET_METHODS
         for r in [r for r in trained if r["method"] in takes]:
+            print(f"profile: {r['method']} patch served by {runtime}", file=sys.stderr, flush=True)
             patch = work / f"{r['method']}_{r['precision']}.patch"
             row = {k: r[k] for k in ("method", "precision", "trainable", "budget_mb")} | {"runtime": runtime}
             try:

@@ -35,7 +35,8 @@ def test_profile_runs_a_tiny_grid_and_writes_table_json_png(tmp_path):
         ("head", "int8", "onnxruntime"),
     ]
     ort = rows[1]
-    assert "error" not in ort and ort["lat1_ms"] > 0 and ort["peak_rss_mb"] < rows[0]["peak_rss_mb"]
+    assert "error" not in ort and ort["lat1_ms"] > 0 and not ort["torch_imported"]
+    assert ort["peak_rss_mb"] < rows[0]["peak_rss_mb"]
     assert abs(ort["dev_accuracy"] - rows[0]["dev_accuracy"]) < 0.02  # the int8 graph, per-token as ours
     assert "onnxruntime" in p.stdout
     r = rows[0]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -240,6 +241,9 @@ def serve(cfg: ServeConfig) -> None:
 
     svc = Service(cfg)
     set_threads(svc.profile, cfg.threads)
+    # The pass thread runs Python between torch ops holding the GIL; at the default 5 ms switch interval the
+    # event loop could wait that long to parse or answer a request that needs no pass at all.
+    sys.setswitchinterval(0.001)
     print(f"serving {len(svc.bank.patches)} patch(es) from {svc.folder} on http://{cfg.host}:{cfg.port} "
           f"(active {svc.bank.active}, window {svc.window_s * 1000:g} ms, pass <= {svc.max_batch} sentences"
           f"{', batching off' if not cfg.batching else ''})", flush=True)  # fmt: skip

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from .errors import EdgeTuneError, PatchError
 
 SQUARE = ("q", "k", "v", "o")  # the (D, D) linears, whose LoRA factors stack into one input
-EXPORTABLE = ("lora", "head", "zeroshot", "fewshot")  # methods whose patches are the program's inputs
+EXPORTABLE = ("lora", "head", "zeroshot", "fewshot")
+DATA_TAG = "_default_external_constant"  # ExecuTorch's tag of the constants it writes to the .ptd  # methods whose patches are the program's inputs
 
 
 def _fp32(m: nn.Module) -> Tensor:
@@ -172,6 +173,7 @@ def _export(out: str | Path, patch_paths: list[str], max_tokens: int) -> list[Pa
             get_symmetric_quantization_config,
         )
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as e:
         raise EdgeTuneError(
@@ -201,6 +203,8 @@ def _export(out: str | Path, patch_paths: list[str], max_tokens: int) -> list[Pa
         graph = prepare_pt2e(graph, quantizer)
         graph(*example)
         graph = convert_pt2e(graph)
+        # the XNNPACK-packed weights too go to the .ptd (the non-delegated constants go by external_constants)
+        delegate_external_constants_pass_unlifted(graph, lambda node: DATA_TAG)
         program = to_edge_transform_and_lower(
             torch.export.export(graph, example, dynamic_shapes=dynamic), partitioner=[XnnpackPartitioner()]
         ).to_executorch(ExecutorchBackendConfig(external_constants=True))
@@ -208,7 +212,7 @@ def _export(out: str | Path, patch_paths: list[str], max_tokens: int) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.pte", program.buffer)
     program.write_tensor_data_to_file(str(out))
-    (out / "_default_external_constant.ptd").replace(out / "model.ptd")
+    (out / f"{DATA_TAG}.ptd").replace(out / "model.ptd")
     shutil.copyfile(base.model_dir / "tokenizer.json", out / "tokenizer.json")
     shape = {"format": "edge_tune.executorch", "format_version": 1, "base_fingerprint": base.fingerprint,
              "lora_targets": list(targets), "lora_rank": rank, "max_tokens": max_tokens, "batch": 1}  # fmt: skip

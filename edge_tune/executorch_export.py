@@ -206,7 +206,8 @@ def _export(out: str | Path, patch_paths: list[str], max_tokens: int) -> list[Pa
         # the XNNPACK-packed weights too go to the .ptd (the non-delegated constants go by external_constants)
         delegate_external_constants_pass_unlifted(graph, lambda node: DATA_TAG)
         program = to_edge_transform_and_lower(
-            torch.export.export(graph, example, dynamic_shapes=dynamic), partitioner=[XnnpackPartitioner()]
+            torch.export.export(graph, example, dynamic_shapes=dynamic, strict=True),
+            partitioner=[XnnpackPartitioner()],
         ).to_executorch(ExecutorchBackendConfig(external_constants=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ own), in one invocation:
     first answer (the interpreter's start included), batch-1 latency on a short sentence (median of 300),
     adapter activate p50 / p99 (µs over 10,000), answers after A -> B -> A equal to A's;
   - ExecuTorch, where installed: the program with the sst2 patch as its inputs on SST-2 dev, one sentence
-    at a time (accuracy, label agreement with our int8 model), batch-1 latency, file sizes.
+    at a time (accuracy, label agreement with our int8 model), batch-1 latency, file sizes;
+  - PEFT: PEFT -> patch -> PEFT tensors byte-identical, and PeftModel's features on transformers' fp32
+    BertModel against ours on SST-2 dev.
 
     python tools/deploy_bench.py --patches DIR [--out out/deploy_bench] [--threads 2]
 
@@ -163,6 +165,49 @@ def executorch_figures(patches: list[str], out: Path, threads: int) -> dict | No
             "batch1_ms": statistics.median(lat),
             "pte_mb": (out / "executorch" / "model.pte").stat().st_size / 2**20,
             "ptd_mb": (out / "executorch" / "model.ptd").stat().st_size / 2**20}  # fmt: skip
+
+
+def peft_figures(sst2_patch: str, out: Path) -> dict | None:
+    """PEFT interop on the sst2 patch: PEFT -> patch -> PEFT byte-identical tensors, and `PeftModel` on
+    transformers' fp32 BertModel against our fp32 model with the patch, mean-pooled features over SST-2 dev.
+    None where PEFT is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return None
+    sys.modules.setdefault("torchao", None)  # as the PEFT peers run (tools/peers/hf_peft.py)
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from edge_tune.bank import PatchBank as TorchBank
+    from edge_tune.base import default_model_dir, load_base
+    from edge_tune.data import collate, read_tsv
+    from edge_tune.peft_adapter import WEIGHTS, export_peft, import_peft
+    from edge_tune.tokens import encode, length_buckets
+
+    first = export_peft(sst2_patch, out / "peft")
+    again = export_peft(import_peft(first, out / "peft_back.patch"), out / "peft_again")
+    a, b = load_file(first / WEIGHTS), load_file(again / WEIGHTS)
+    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    hf = transformers.BertModel.from_pretrained(str(default_model_dir()), local_files_only=True)
+    model = peft.PeftModel.from_pretrained(hf, str(first)).eval()
+    base = load_base(precision="fp32")
+    bank = TorchBank(base)
+    bank.activate(bank.load(sst2_patch))
+    dev = read_tsv(ROOT / "data" / "sst2" / "dev.tsv")
+    tok = encode(base.tokenizer, dev.texts, bank.patches[bank.active].manifest.seq_len)
+    order = sorted(range(len(tok)), key=lambda i: len(tok[i]))
+    worst = 0.0
+    for s, e in length_buckets([len(tok[i]) for i in order], 64):
+        ids, mask = collate([tok[i] for i in order[s:e]])
+        with torch.inference_mode():
+            ours = base.model.pool(ids, mask)
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            theirs = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        worst = max(worst, float((ours - theirs).abs().max()))
+    return {"round_trip_identical": identical, "tensors": len(a), "max_abs_feature_diff": worst}
 
 
 def main() -> int:

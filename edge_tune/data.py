@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import DataError
 from .resources import tasks_dir
-from .tokens import TokenizedTexts
+from .tokens import TokenizedTexts, pad
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -180,16 +180,10 @@ def token_rows(ids: TokenizedTexts, pad_id: int = 0) -> np.ndarray:
 
 
 def collate(rows: list[np.ndarray], pad_id: int = 0, length: int | None = None) -> tuple[Tensor, Tensor]:
-    """Pad id rows to the longest (or to `length` tokens) -> ids (B, T) int64, mask (B, T) int64 (1 = real
-    token)."""
+    """tokens.pad as torch tensors: ids (B, T) int64, mask (B, T) int64 (1 = real token)."""
     import torch  # here, not at the top: the torch-free runtime's tools read TSVs with this module
 
-    T = max([len(r) for r in rows] + [length or 0])
-    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), T), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
+    ids, mask = pad(rows, pad_id, length)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 

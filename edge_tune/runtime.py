@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from .errors import EdgeTuneError, PatchError
 from .manifest import STORED, Prediction, read_patch_file
-from .tokens import encode, length_buckets, load_tokenizer
+from .tokens import encode, length_buckets, load_tokenizer, pad
 
 ADAPTER_FORMAT = "edge_tune.onnx_adapter"
 ADAPTER_VERSION = 1
@@ -76,8 +76,9 @@ def patch_to_params(path: str | Path, inputs: dict[str, tuple], fingerprint: str
     pf.check_digest(data, where)
     params = {}
     for name, info in pf.header.tensors.items():
-        a = np.frombuffer(data, dtype=STORED[info.dtype], count=(info.end - info.begin) // (2 if info.dtype == "F16" else 4),
-                          offset=info.begin).reshape(info.shape).astype(np.float32)  # fmt: skip
+        dtype = np.dtype(STORED[info.dtype])
+        a = np.frombuffer(data, dtype, (info.end - info.begin) // dtype.itemsize, info.begin)
+        a = a.reshape(info.shape).astype(np.float32)
         if not np.isfinite(a).all():
             raise PatchError(f"tensor {name!r} holds NaN or Inf", where, "refusing a broken patch")
         if name.endswith(".lora_A"):
@@ -279,11 +280,8 @@ class PatchBank:
             order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
             out: list[Prediction | None] = [None] * len(texts)
             for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
-                rows = [tokens[i] for i in order[s:e]]
-                ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
-                for j, r in enumerate(rows):
-                    ids[j, : len(r)] = r
-                feed = {"input_ids": ids, "attention_mask": (np.arange(ids.shape[1]) < np.array([len(r) for r in rows])[:, None]).astype(np.int64)}  # fmt: skip
+                ids, mask = pad([tokens[i] for i in order[s:e]])
+                feed = {"input_ids": ids, "attention_mask": mask}
                 probs = self.session.run(["probabilities"], feed, loaded.run_options)[0]
                 for i, p in zip(order[s:e], probs, strict=True):
                     k = int(p.argmax())

@@ -77,3 +77,15 @@ def load_tokenizer(model_dir: Path):
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+def pad(rows: list[np.ndarray], pad_id: int = 0, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pad id rows to the longest (or to `length` tokens) -> ids (B, T) int64, mask (B, T) int64 (1 = real
+    token)."""
+    T = max([len(r) for r in rows] + [length or 0])
+    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask

@@ -32,13 +32,6 @@ TASKS = ("sst2", "cr", "subj", "mpqa")
 SHORT = "a gripping, funny film."
 
 
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def serve_worker(kind: str, patches: list[str], export: str, threads: int) -> dict:
     """Load the base and the task patches as a serving process would, answer, then time batch-1 and swaps."""
     import statistics
@@ -77,7 +70,9 @@ def serve_worker(kind: str, patches: list[str], export: str, threads: int) -> di
     bank.activate(names[1])
     bank.predict(texts)
     bank.activate(names[0])
-    return {"kind": kind, "peak_rss_mb": vm_hwm_mb(), "first_answer_s": first_s, "first": first[0].label,
+    from edge_tune.rss import peak_rss_mb
+
+    return {"kind": kind, "peak_rss_mb": peak_rss_mb(), "first_answer_s": first_s, "first": first[0].label,
             "batch1_ms": statistics.median(lat), "activate_p50_us": swaps[len(swaps) // 2],
             "activate_p99_us": swaps[int(0.99 * len(swaps))], "aba_equal": bank.predict(texts) == a,
             "torch_imported": "torch" in sys.modules}  # fmt: skip

@@ -134,7 +134,8 @@ RowQuant quantize_rows(const float* x, int64_t m, int64_t k, const float* cm = n
 #ifdef ET_X86
   if (x86_vector_cores()) range = row_range_avx2, quantize = quantize_row_avx2;
 #endif
-  at::parallel_for(0, m, 16, [&](int64_t lo, int64_t hi) {
+  // at least 64 KB of x a thread: a short sentence's rows are not worth waking a second thread for
+  at::parallel_for(0, m, std::max<int64_t>(16, (1 << 14) / std::max<int64_t>(1, k)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = x + r * k;
       float mn, mx;

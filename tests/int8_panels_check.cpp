@@ -1,5 +1,5 @@
 // Every integer core of cpp_ext/int8_panels.h that this CPU supports, against a plain triple loop: tiles
-// (1-4 rows x 1-2 columns), panels (1-4 rows x 16 packed columns, both packings), row sums; k and n odd,
+// (1-4 rows x 1-2 columns), panels (1 to the ISA's rows x its 16 or 32 packed columns, both packings), row sums; k and n odd,
 // short, and MiniLM's; random bytes and the extremes (x = 127 against w = -128 and 127).
 // Prints "best <isa>", then per ISA "<isa> <cases> cases <wrong> wrong" or "<isa> unsupported"; exit 1 on
 // any wrong value. Built and run by tests/test_int8_panels.py, natively and under qemu-aarch64.
@@ -26,7 +26,7 @@ struct Count {
 };
 
 void check_shape(const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count& count) {
-  const int64_t k4 = (k + 3) / 4 * 4, rows = 4;
+  const int64_t k4 = (k + 3) / 4 * 4, rows = kMaxPanelRows;
   std::vector<uint8_t> x(rows * k4, 0);  // padded to k4 with zeros, as panel_gemm does
   std::vector<int8_t> w(n * k), wt(k * n);
   for (int64_t r = 0; r < rows; ++r)
@@ -42,25 +42,26 @@ void check_shape(const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count&
     for (int64_t c = 0; c < n; ++c)
       for (int64_t i = 0; i < k; ++i) ref[r * n + c] += static_cast<int64_t>(x[r * k4 + i]) * w[c * k + i];
 
-  int32_t out[4 * 16];
-  for (int R = 1; R <= 4; ++R) {
-    for (int64_t c0 = 0; c0 < n; c0 += 2) {
+  int32_t out[kMaxPanelRows * 32];
+  const int64_t pc = kern.panel_cols;
+  for (int R = 1; R <= kern.panel_rows; ++R) {
+    for (int64_t c0 = 0; R <= 4 && c0 < n; c0 += 2) {
       const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
       kern.tile[R](x.data(), k4, w.data() + c0 * k, k, k, ncols, out);
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < ncols; ++c) count.check(out[r * 2 + c], ref[r * n + c0 + c]);
     }
-    const int64_t bcols = block_cols(k4);
+    const int64_t bcols = block_cols(k4, pc);
     std::vector<int8_t> pw(k4 * bcols), pwt(k4 * bcols);
     for (int64_t c0 = 0; c0 < n; c0 += bcols) {
       pack_block(w.data(), n, k, c0, k4, bcols, pw.data());
       pack_block_t(wt.data(), k, n, c0, k4, bcols, pwt.data());
       count.check(pw == pwt, 1);
-      for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
-        kern.panel[R](x.data(), k4, pw.data() + t * 16 * 4, k4, bcols, out);
+      for (int64_t t = 0; t < bcols / pc && c0 + t * pc < n; ++t) {
+        kern.panel[R](x.data(), k4, pw.data() + t * pc * 4, k4, bcols, out);
         for (int r = 0; r < R; ++r)
-          for (int64_t c = 0; c < std::min<int64_t>(16, n - c0 - t * 16); ++c)
-            count.check(out[r * 16 + c], ref[r * n + c0 + t * 16 + c]);
+          for (int64_t c = 0; c < std::min<int64_t>(pc, n - c0 - t * pc); ++c)
+            count.check(out[r * pc + c], ref[r * n + c0 + t * pc + c]);
       }
     }
   }

@@ -124,6 +124,30 @@ def test_dynamic_int8_rows_do_not_depend_on_their_batch():
 
 
 @needs_kernels
+@pytest.mark.parametrize(("m", "k", "n"), [(1029, 385, 40), (700, 1536, 96), (24, 384, 1536), (9, 384, 384)])
+def test_dynamic_int8_split_never_changes_a_result(m, k, n):
+    """The GEMM's parallel split (row chunks where x outweighs the weight, column blocks otherwise, one
+    thread for little work) moves only exact integer sums: every thread count gives the reference's bits,
+    remainder rows and part-filled panels included; the input gradient too."""
+    g = torch.Generator().manual_seed(m)
+    q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g)
+    x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    want = ops.int8_linear_dynamic_ref(x, q8, s8, b)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            runs.append((ops.int8_linear_dynamic(x, q8, s8, b), ops.int8_linear_dynamic_grad_input(gy, q8, s8)))
+    finally:
+        torch.set_num_threads(threads)
+    for y, gx in runs:
+        assert torch.equal(y, want)
+        assert torch.equal(gx, runs[0][1])
+
+
+@needs_kernels
 def test_dynamic_int8_kernel_handles_scaled_and_strided_inputs():
     w, b, (q8, s8), _ = _weights(384, 96)
     # the kernel and the reference are the same integer product and epilogue: equal, at every scale (the

@@ -139,7 +139,9 @@ def test_dynamic_int8_split_never_changes_a_result(m, k, n):
         runs = []
         for t in (1, 2, 3, 4):
             torch.set_num_threads(t)
-            runs.append((ops.int8_linear_dynamic(x, q8, s8, b), ops.int8_linear_dynamic_grad_input(gy, q8, s8)))
+            runs.append(
+                (ops.int8_linear_dynamic(x, q8, s8, b), ops.int8_linear_dynamic_grad_input(gy, q8, s8))
+            )
     finally:
         torch.set_num_threads(threads)
     for y, gx in runs:

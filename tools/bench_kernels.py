@@ -15,7 +15,14 @@ sentences) and batch-1 inference latency, on the int8 base with the kernels on a
 (EDGE_TUNE_KERNELS=0), and through Hugging Face transformers + PEFT on the fp32 model (issue #8's anchor:
 our step at most 0.5x, batch-1 at most 0.4x of PEFT's, measured in the same run).
 
-    python tools/bench_kernels.py [--repeats 50] [--model-rounds 3] [--out out/bench_kernels]
+Then the thread-scaling table (issue #23): int8_linear_dynamic and int4_linear_dynamic against fbgemm on
+MiniLM's three shapes at 1024 rows, at 1, 2 and all cores, interleaved; ours / fbgemm per thread count and
+each one's parallel efficiency (1-thread time / (threads x time)). Each ISA in a fresh process: `native`
+(this CPU's best cores, fbgemm's too) and `avx2` (both forced to AVX2 with EDGE_TUNE_INT8_ISA and
+FBGEMM_ENABLE_INSTRUCTIONS: an AVX2-only CPU's instructions on this machine's cores, not its caches).
+
+    python tools/bench_kernels.py [--repeats 50] [--model-rounds 3] [--only ops,model,scaling]
+                                  [--scaling-isas native,avx2] [--out out/bench_kernels]
 """
 
 from __future__ import annotations
@@ -239,6 +246,85 @@ def whole_model_rows(repeats: int, rounds: int) -> dict[str, dict]:
     return out
 
 
+SCALING_SHAPES = ((384, 1536), (1536, 384), (384, 384))
+ISA_ENV = {"native": {}, "avx2": {"EDGE_TUNE_INT8_ISA": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def _scaling_cells(k: int, n: int) -> dict:
+    """fbgemm's dynamic linear and our two dynamic ops on one (n, k) weight, 1024 rows."""
+    import torch
+
+    from edge_tune import ops, quant
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(1024, k, generator=g)
+    q8, s8 = quant.quantize_int8(w)
+    q4, s4 = quant.quantize_int4(w)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    dyn = torch.ao.quantization.quantize_dynamic(
+        torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    return {
+        "fbgemm": lambda: dyn(x),
+        "int8 ours": lambda: ops.int8_linear_dynamic(x, q8, s8, b),
+        "int4 ours": lambda: ops.int4_linear_dynamic(x, q4, s4, b),
+    }
+
+
+def scaling_worker(repeats: int) -> list[dict]:
+    """This process's ISA: per shape and thread count, median µs of ours and fbgemm, interleaved."""
+    import torch
+
+    from edge_tune.kernels import load_kernels
+
+    load_kernels()
+    counts = sorted({1, 2, os.cpu_count() or 1})
+    rows = []
+    for k, n in SCALING_SHAPES:
+        cells = _scaling_cells(k, n)
+        for t in counts:
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                rows.append({"shape": f"{k}->{n}", "threads": t, **interleaved_median_us(cells, repeats)})
+    rows.append(
+        {"isa": torch.ops.edge_tune.int8_isa(), "fbgemm_env": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS")}
+    )
+    return rows
+
+
+def scaling_table(isas: list[str], repeats: int) -> dict[str, list[dict]]:
+    """Each ISA's scaling rows from a fresh process (the ISA choice is read once a process)."""
+    out = {}
+    for isa in isas:
+        p = subprocess.run([sys.executable, __file__, "--scaling-worker", "--repeats", str(repeats)],
+                           capture_output=True, text=True,
+                           env={**os.environ, **ISA_ENV[isa], "PYTHONWARNINGS": "ignore"})  # fmt: skip
+        if p.returncode:
+            print(f"scaling ({isa}) failed: {p.stderr.strip()[-300:]}")
+            continue
+        out[isa] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
+def print_scaling(table: dict[str, list[dict]]) -> None:
+    for isa, rows in table.items():
+        meta, rows = rows[-1], rows[:-1]
+        print(f"\nthread scaling, 1024 rows, median µs ({isa}: our cores {meta['isa']}, "
+              f"fbgemm {meta['fbgemm_env'] or 'its best'})")  # fmt: skip
+        print(f"{'shape':10} {'threads':>7} {'fbgemm':>9} {'int8 ours':>10} {'int4 ours':>10} "
+              f"{'int8/fbgemm':>12} {'int4/fbgemm':>12} {'eff fbgemm':>11} {'eff int8':>9} {'eff int4':>9}")  # fmt: skip
+        one = {r["shape"]: r for r in rows if r["threads"] == 1}
+        for r in rows:
+            o, t = one[r["shape"]], r["threads"]
+            eff = {c: o[c] / (t * r[c]) for c in ("fbgemm", "int8 ours", "int4 ours")}
+            print(f"{r['shape']:10} {t:7d} {r['fbgemm']:9.0f} {r['int8 ours']:10.0f} {r['int4 ours']:10.0f} "
+                  f"{r['int8 ours'] / r['fbgemm']:11.2f}x {r['int4 ours'] / r['fbgemm']:11.2f}x "
+                  f"{eff['fbgemm']:11.2f} {eff['int8 ours']:9.2f} {eff['int4 ours']:9.2f}")  # fmt: skip
+
+
 def plot(rows: list[dict], names: list[str], path: Path) -> None:
     """One panel per shape and row count (shapes down, M across), the same ops on one log axis each."""
     import matplotlib
@@ -272,18 +358,46 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench_kernels")
     ap.add_argument("--model-rounds", type=int, default=3,
                     help="rounds of the whole-model workers, taking turns (default 3; median reported)")  # fmt: skip
+    ap.add_argument("--only", default="ops,model,scaling",
+                    help="which parts to run, comma-separated: ops, model, scaling (default all)")  # fmt: skip
+    ap.add_argument("--scaling-isas", default="native,avx2",
+                    help="ISAs of the thread-scaling table, each a fresh process: native, avx2 (default both)")  # fmt: skip
+    ap.add_argument("--scaling-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-worker", choices=["edge", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     a = ap.parse_args()
     import torch
 
+    if a.scaling_worker:
+        print(json.dumps(scaling_worker(a.repeats)))
+        return 0
     torch.set_num_threads(2)
     if a.model_worker:
         print(
             json.dumps((model_worker if a.model_worker == "edge" else peft_model_worker)(a.inputs, a.repeats))
         )
         return 0
-    rows = op_table(a.repeats)
+    only = set(a.only.split(","))
+    if not only <= {"ops", "model", "scaling"} or not set(a.scaling_isas.split(",")) <= set(ISA_ENV):
+        ap.error("--only takes ops, model, scaling; --scaling-isas takes native, avx2")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if "ops" in only:
+        result["ops"] = ops_part(a.repeats, out)
+    if "model" in only:
+        result["model"] = model_part(a.repeats, a.model_rounds)
+    if "scaling" in only:
+        result["scaling"] = scaling_table(a.scaling_isas.split(","), a.repeats)
+        print_scaling(result["scaling"])
+    (out / "bench_kernels.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'bench_kernels.json'}")
+    return 0
+
+
+def ops_part(repeats: int, out: Path) -> list[dict]:
+    """The per-op table, its targets and plot."""
+    rows = op_table(repeats)
     names = [k for k in rows[0] if k not in ("shape", "m")]
     print(f"{'shape':10} {'M':>5} " + " ".join(f"{n:>21}" for n in names) + "   (median µs)")
     for r in rows:
@@ -299,7 +413,14 @@ def main() -> int:
         else:
             print(f"  {tag}: dynamic / fp32 {dyn / r['fp32']:.2f}x (<= 1.0), int8 weight-only / fp32 "
                   f"{r['int8 ours'] / r['fp32']:.2f}x, int4 dynamic / fp32 {r['int4 dynamic ours'] / r['fp32']:.2f}x")  # fmt: skip
-    model = whole_model_rows(a.repeats, a.model_rounds)
+    plot(rows, names, out / "bench_kernels.png")
+    print(f"wrote {out / 'bench_kernels.png'}")
+    return rows
+
+
+def model_part(repeats: int, rounds: int) -> dict:
+    """The whole-model rows (fresh processes) and their targets."""
+    model = whole_model_rows(repeats, rounds)
     print(
         f"\n{'whole model (median of rounds)':36} {'LoRA r8 step (16x64) ms':>24} {'batch-1 latency ms':>20}"
     )
@@ -314,12 +435,7 @@ def main() -> int:
     if "error" not in ours and "error" not in peft:
         print(f"  int8 base with kernels / PEFT: step {ours['step_ms'] / peft['step_ms']:.2f}x (<= 0.5), "
               f"batch-1 {ours['batch1_ms'] / peft['batch1_ms']:.2f}x (<= 0.4)")  # fmt: skip
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_kernels.json").write_text(json.dumps({"ops": rows, "model": model}, indent=1))
-    plot(rows, names, out / "bench_kernels.png")
-    print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.png'}")
-    return 0
+    return model
 
 
 if __name__ == "__main__":

@@ -82,8 +82,12 @@ def profile(fn, reps: int) -> tuple[list[dict], list[dict]]:
         # an op with a registered autograd formula runs its forward inside the autograd Function that
         # torch.library names "GeneratedBackwardFor_<op>": the profiler books the forward's time there
         name = e.key
-        if name.startswith(FORWARD_UNDER_AUTOGRAD):
-            name = "edge_tune::" + name[len(FORWARD_UNDER_AUTOGRAD) :].removesuffix("_default") + " (forward)"
+        if name.startswith(FORWARD_UNDER_AUTOGRAD) and name.endswith("_default"):
+            name = "edge_tune::" + name[len(FORWARD_UNDER_AUTOGRAD) : -len("_default")] + " (forward)"
+        elif name.startswith(FORWARD_UNDER_AUTOGRAD):  # "..._defaultBackward": the backward node itself
+            name = "edge_tune::" + name[len(FORWARD_UNDER_AUTOGRAD) :].replace(
+                "_defaultBackward", " (backward node)"
+            )
         row = {"name": name, "calls": e.count / reps}
         if e.key.endswith((" forward", " backward")) and e.key.split()[0] in ("embeddings", "layer", "head"):
             layers.append({**row, "ms": e.cpu_time_total / reps / 1e3})

@@ -123,8 +123,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_groups_vnni(
         int32_t f0, f1;
         std::memcpy(&f0, x + r * ldx + (kb0 + j) * 4, 4);
         std::memcpy(&f1, x + r * ldx + (kb0 + j + 1) * 4, 4);
-        even[r] = _mm512_dpbusd_epi32(even[r], _mm512_set1_epi32(f0), w0);
-        odd[r] = _mm512_dpbusd_epi32(odd[r], _mm512_set1_epi32(f1), w1);
+        even[r] = dpbusd(even[r], _mm512_set1_epi32(f0), w0);
+        odd[r] = dpbusd(odd[r], _mm512_set1_epi32(f1), w1);
       }
     }
     const __m512i gs = _mm512_loadu_si512(gsum + g * bcols);

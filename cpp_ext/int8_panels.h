@@ -221,6 +221,15 @@ __attribute__((target("avx2"))) void panel_avx2(const uint8_t* x, int64_t ldx, c
   }
 }
 
+// vpdpbusd (acc += u8 x * s8 w, 4 products a lane) through asm: GCC 12's builtin kept its accumulator in
+// zmm0-15, and the 8 x 32 panel's loop moved all 16 accumulators out of zmm16-31 and back every k-quad
+// (two moves a dot product); the "v" constraint lets them stay in any of the 32 registers.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m512i dpbusd(__m512i acc, __m512i x,
+                                                                                           __m512i w) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+
 // AVX-512 VNNI: one 64-byte load holds 4 k of 16 columns, one vpdpbusd per row, k-quad and 16 columns (it
 // does vpmaddubsw + vpmaddwd + vpaddd in one; with 7-bit activations vpmaddubsw never saturates, so both
 // paths give the same integers). Up to 8 rows x 32 columns: 16 independent accumulators cover vpdpbusd's
@@ -239,8 +248,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uin
       int32_t f;
       std::memcpy(&f, x + r * ldx + kb * 4, 4);
       const __m512i xb = _mm512_set1_epi32(f);
-      a0[r] = _mm512_dpbusd_epi32(a0[r], xb, w0);
-      a1[r] = _mm512_dpbusd_epi32(a1[r], xb, w1);
+      a0[r] = dpbusd(a0[r], xb, w0);
+      a1[r] = dpbusd(a1[r], xb, w1);
     }
   }
   for (int r = 0; r < R; ++r) {

@@ -103,39 +103,51 @@ __attribute__((target("avx2"))) void panel_groups_avx2(const uint8_t* x, int64_t
   }
 }
 
-// The same with AVX-512 VNNI: one vpdpbusd per row and k-quad for all 16 columns, two banks (even and odd
-// quads) against vpdpbusd's latency, the float step of each group's end in 16 lanes. The same integers and
-// the same separately rounded float operations (no FMA: the pragma above), so the bits of the AVX2 path.
+// The same with AVX-512 VNNI on 4 rows x 32 columns: one vpdpbusd per row, k-quad and 16 columns, each
+// broadcast row quad feeding two of them (6 loads per 8 dot products, 8 chains against vpdpbusd's latency).
+// Each group's integer sums start at -zp * gsum, so its end is one convert, multiply and add per 16 lanes
+// (the 4 x 16 two-bank panel's subtract, bank sum and epilogue cost ~1.5x the int8 op's time). The integers
+// are those of group_accumulate (two's complement wraps alike), and the float steps the same separately
+// rounded operations (no FMA: the pragma above), so the bits of the AVX2 path.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_groups_vnni(
     const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k, int64_t bcols, const int32_t* zp,
     const int32_t* gsum, const float* gscale, float* facc) {
-  __m512 f[R];
-  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
+  __m512 f[R][2];
+  __m512i nz[R];
+  for (int r = 0; r < R; ++r) {
+    f[r][0] = f[r][1] = _mm512_setzero_ps();
+    nz[r] = _mm512_set1_epi32(static_cast<int32_t>(0u - static_cast<uint32_t>(zp[r])));
+  }
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    __m512i even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_si512();
+    const __m512i gs0 = _mm512_loadu_si512(gsum + g * bcols), gs1 = _mm512_loadu_si512(gsum + g * bcols + 16);
+    __m512i a[R][2];
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm512_mullo_epi32(nz[r], gs0);
+      a[r][1] = _mm512_mullo_epi32(nz[r], gs1);
+    }
     const int64_t kb0 = g * kGroup / 4;
-    for (int j = 0; j < kGroup / 4; j += 2) {
-      const __m512i w0 = _mm512_loadu_si512(pw + (kb0 + j) * bcols * 4);
-      const __m512i w1 = _mm512_loadu_si512(pw + (kb0 + j + 1) * bcols * 4);
+    for (int j = 0; j < kGroup / 4; ++j) {
+      const int8_t* p = pw + (kb0 + j) * bcols * 4;
+      const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
       for (int r = 0; r < R; ++r) {
-        int32_t f0, f1;
-        std::memcpy(&f0, x + r * ldx + (kb0 + j) * 4, 4);
-        std::memcpy(&f1, x + r * ldx + (kb0 + j + 1) * 4, 4);
-        even[r] = dpbusd(even[r], _mm512_set1_epi32(f0), w0);
-        odd[r] = dpbusd(odd[r], _mm512_set1_epi32(f1), w1);
+        int32_t four;
+        std::memcpy(&four, x + r * ldx + (kb0 + j) * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(four);
+        a[r][0] = dpbusd(a[r][0], xb, w0);
+        a[r][1] = dpbusd(a[r][1], xb, w1);
       }
     }
-    const __m512i gs = _mm512_loadu_si512(gsum + g * bcols);
-    const __m512 sc = _mm512_loadu_ps(gscale + g * bcols);
+    const __m512 sc0 = _mm512_loadu_ps(gscale + g * bcols), sc1 = _mm512_loadu_ps(gscale + g * bcols + 16);
     for (int r = 0; r < R; ++r) {
-      const __m512i p = _mm512_add_epi32(even[r], odd[r]);
-      const __m512i d = _mm512_sub_epi32(p, _mm512_mullo_epi32(_mm512_set1_epi32(zp[r]), gs));
-      f[r] = _mm512_add_ps(f[r], _mm512_mul_ps(_mm512_cvtepi32_ps(d), sc));
+      f[r][0] = _mm512_add_ps(f[r][0], _mm512_mul_ps(_mm512_cvtepi32_ps(a[r][0]), sc0));
+      f[r][1] = _mm512_add_ps(f[r][1], _mm512_mul_ps(_mm512_cvtepi32_ps(a[r][1]), sc1));
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(facc + r * 16, f[r]);
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(facc + r * 32, f[r][0]);
+    _mm512_storeu_ps(facc + r * 32 + 16, f[r][1]);
+  }
 }
 using PanelGroupsFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const int32_t*,
                                const int32_t*, const float*, float*);
@@ -172,26 +184,30 @@ at::Tensor int4_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, 
   RowQuant q = quantize_rows(x2.data_ptr<float>(), m, k);  // rows of k bytes: k is a multiple of 32
   const Int8Kernels& kern = picked();
   [[maybe_unused]] const bool avx2 = x86_vector_cores();
+  // strips of sw columns: 32 for the VNNI group panel, 16 for the others (bcols a multiple of it)
+  int64_t sw = 16;
 #ifdef ET_X86
-  const PanelGroupsFn* panel_groups = picked_isa() == Isa::vnni ? kPanelGroupsVnni : kPanelGroupsAvx2;
+  const bool vnni = picked_isa() == Isa::vnni;
+  const PanelGroupsFn* panel_groups = vnni ? kPanelGroupsVnni : kPanelGroupsAvx2;
+  if (vnni) sw = 32;
 #endif
-  const int64_t groups = k / kGroup, bcols = block_cols(k), blocks = (n + bcols - 1) / bcols;
+  const int64_t groups = k / kGroup, bcols = block_cols(k, sw), blocks = (n + bcols - 1) / bcols;
   at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<int8_t> pw(k * bcols);
     std::vector<int32_t> gsum(groups * bcols);
     std::vector<float> gscale(groups * bcols);
     int32_t acc[4 * 16];
-    float facc[4 * 16];
+    float facc[4 * 32];
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t c0 = blk * bcols;
       unpack_block_i4(w, s, n, k, c0, bcols, pw.data(), gsum.data(), gscale.data());
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, m - r0));
-        for (int64_t t = 0; t < bcols / 16 && c0 + t * 16 < n; ++t) {
+        for (int64_t t = 0; t < bcols / sw && c0 + t * sw < n; ++t) {
 #ifdef ET_X86
           if (avx2)
-            panel_groups[rows](q.row(r0), q.ld, pw.data() + t * 16 * 4, k, bcols, &q.zp[r0], gsum.data() + t * 16,
-                               gscale.data() + t * 16, facc);
+            panel_groups[rows](q.row(r0), q.ld, pw.data() + t * sw * 4, k, bcols, &q.zp[r0], gsum.data() + t * sw,
+                               gscale.data() + t * sw, facc);
           else
 #endif
           {
@@ -203,13 +219,13 @@ at::Tensor int4_linear_dynamic(const at::Tensor& x, const at::Tensor& w_packed, 
                                gscale.data() + g * bcols + t * 16, facc);
             }
           }
-          const int64_t cc = c0 + t * 16, cols = std::min<int64_t>(16, n - cc);
+          const int64_t cc = c0 + t * sw, cols = std::min<int64_t>(sw, n - cc);
           for (int r = 0; r < rows; ++r) {
             float* yr = yp + (r0 + r) * n + cc;
             if (q.bad[r0 + r])
               std::fill(yr, yr + cols, std::numeric_limits<float>::quiet_NaN());
             else
-              group_epilogue(facc + r * 16, cols, q.sx[r0 + r], bp ? bp + cc : nullptr, yr);
+              group_epilogue(facc + r * sw, cols, q.sx[r0 + r], bp ? bp + cc : nullptr, yr);
           }
         }
       }

@@ -75,9 +75,10 @@ PanelSplit split_panels(int64_t m, int64_t n, int64_t k4, const Int8Kernels& ker
 }
 
 // y (m, n) = epilogue(xu (m, k) @ W^T): W is w_q (n, k) row-major, or with `transposed` the transpose of a
-// row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction).
+// row-major (k, n) w_q. colsum[c] = sum over the reduction of W's column c (the zero-point correction): the
+// caller's for the transpose, filled here while packing for a row-major W (colsum then holds n entries).
 void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t* w, bool transposed,
-                const int32_t* colsum, const float* colscale, const float* bias, float* yp) {
+                int32_t* colsum, const float* colscale, const float* bias, float* yp) {
   const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
   const uint8_t* xu = q.row(0);
   const Int8Kernels& kern = picked();
@@ -92,7 +93,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
       if (transposed)
         pack_block_t(w, k, n, blk * bcols, k4, bcols, pw + blk * k4 * bcols);
       else
-        pack_block(w, n, k, blk * bcols, k4, bcols, pw + blk * k4 * bcols);
+        pack_block(w, n, k, blk * bcols, k4, bcols, pw + blk * k4 * bcols, colsum + blk * bcols);
     }
   });
   at::parallel_for(0, sp.chunks * sp.blocks, sp.grain, [&](int64_t lo, int64_t hi) {
@@ -143,12 +144,12 @@ at::Tensor int8_linear_dynamic(const at::Tensor& x, const at::Tensor& w_q, const
   float* yp = y.data_ptr<float>();
   RowQuant q = quantize_rows(x2.data_ptr<float>(), m, k);
   std::vector<int32_t> wsum(n);
-  at::parallel_for(0, n, std::max<int64_t>(64, kMinPassBytes / k),
-                   [&](int64_t lo, int64_t hi) { picked().row_sums(w + lo * k, hi - lo, k, wsum.data() + lo); });
   if (m > kDynamicDirectMaxRows) {
-    panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);
+    panel_gemm(q, m, k, n, w, /*transposed=*/false, wsum.data(), sw, bp, yp);  // the packing fills wsum
     return finish(y, x);
   }
+  at::parallel_for(0, n, std::max<int64_t>(64, kMinPassBytes / k),
+                   [&](int64_t lo, int64_t hi) { picked().row_sums(w + lo * k, hi - lo, k, wsum.data() + lo); });
   // Few rows: 2 weight rows at a time straight from w_q, dot products along k.
   const int64_t pairs = (n + 1) / 2;
   at::parallel_for(0, pairs, 8, [&](int64_t plo, int64_t phi) {

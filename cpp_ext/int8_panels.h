@@ -42,22 +42,35 @@ inline int64_t block_cols(int64_t k4, int64_t unit = 16) {
   return std::max<int64_t>(unit, std::min<int64_t>(64, kL1Block / (unit * k4) * unit));
 }
 
-// Columns c0.. of a row-major (n, k) weight; k4 = k rounded up to 4, the padding zero.
-inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out) {
-  std::fill(out, out + k4 * bcols, 0);
+// Columns c0.. of a row-major (n, k) weight; k4 = k rounded up to 4, the padding zero. sums[c] = the sum of
+// column c0 + c's k weights (the zero-point correction), taken on the way: a second pass over the weight cost
+// as much as the packing at a short sentence's few rows.
+inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out,
+                       int32_t* sums) {
   const int64_t cols = std::min(bcols, n - c0);
+  // zero only what the copies leave: every column past n (the last block), else the bytes past k
+  if (cols < bcols)
+    std::fill(out, out + k4 * bcols, 0);
+  else if (k4 > k)
+    std::fill(out + k / 4 * bcols * 4, out + k4 * bcols, 0);
   int64_t c = 0;
 #ifdef ET_INT8_X86
   // 4 columns x 4 k-quads at a time: a 4 x 4 transpose of 32-bit quads in SSE2 (x86-64's baseline). Quad by
   // quad, the copy took ~1 ns a quad: 150 us for a 1536 x 384 weight, more than a short sentence's GEMM.
+  // The sums: psadbw adds a row's 16 bytes offset by 128 (w ^ 0x80 read unsigned) into two 64-bit lanes.
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
   for (; c + 4 <= cols; c += 4) {
     const int8_t* wr = w + (c0 + c) * k;
+    __m128i s[4] = {zero, zero, zero, zero};
     int64_t kb = 0;
     for (; kb + 4 <= k / 4; kb += 4) {
-      const __m128 r0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + kb * 4)));
-      const __m128 r1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + kb * 4)));
-      const __m128 r2 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 2 * k + kb * 4)));
-      const __m128 r3 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 3 * k + kb * 4)));
+      __m128i r[4];
+      for (int j = 0; j < 4; ++j) {
+        r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * k + kb * 4));
+        s[j] = _mm_add_epi64(s[j], _mm_sad_epu8(_mm_xor_si128(r[j], flip), zero));
+      }
+      const __m128 r0 = _mm_castsi128_ps(r[0]), r1 = _mm_castsi128_ps(r[1]);
+      const __m128 r2 = _mm_castsi128_ps(r[2]), r3 = _mm_castsi128_ps(r[3]);
       const __m128 t0 = _mm_unpacklo_ps(r0, r1), t1 = _mm_unpacklo_ps(r2, r3);
       const __m128 t2 = _mm_unpackhi_ps(r0, r1), t3 = _mm_unpackhi_ps(r2, r3);
       const __m128 q[4] = {_mm_movelh_ps(t0, t1), _mm_movehl_ps(t1, t0), _mm_movelh_ps(t2, t3), _mm_movehl_ps(t3, t2)};
@@ -66,11 +79,19 @@ inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_
     }
     for (int64_t cc = c; cc < c + 4; ++cc)
       for (int64_t kq = kb; kq < k / 4; ++kq) std::memcpy(out + (kq * bcols + cc) * 4, w + (c0 + cc) * k + kq * 4, 4);
+    for (int j = 0; j < 4; ++j) {
+      int64_t t = _mm_cvtsi128_si64(s[j]) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(s[j], s[j])) - 128 * 4 * kb;
+      for (int64_t i = kb * 4; i < k; ++i) t += wr[j * k + i];
+      sums[c + j] = static_cast<int32_t>(t);
+    }
   }
 #endif
   for (; c < cols; ++c) {
     const int8_t* wr = w + (c0 + c) * k;
     for (int64_t kb = 0; kb < k / 4; ++kb) std::memcpy(out + (kb * bcols + c) * 4, wr + kb * 4, 4);
+    int32_t t = 0;
+    for (int64_t i = 0; i < k; ++i) t += wr[i];
+    sums[c] = t;
   }
   for (c = 0; c < cols; ++c)
     for (int64_t i = k / 4 * 4; i < k; ++i) out[((i / 4) * bcols + c) * 4 + (i % 4)] = w[(c0 + c) * k + i];

@@ -53,10 +53,16 @@ void check_shape(const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count&
     }
     const int64_t bcols = block_cols(k4, pc);
     std::vector<int8_t> pw(k4 * bcols), pwt(k4 * bcols);
+    std::vector<int32_t> psum(bcols);
     for (int64_t c0 = 0; c0 < n; c0 += bcols) {
-      pack_block(w.data(), n, k, c0, k4, bcols, pw.data());
+      pack_block(w.data(), n, k, c0, k4, bcols, pw.data(), psum.data());
       pack_block_t(wt.data(), k, n, c0, k4, bcols, pwt.data());
       count.check(pw == pwt, 1);
+      for (int64_t c = 0; c < std::min<int64_t>(bcols, n - c0); ++c) {
+        int64_t want = 0;
+        for (int64_t i = 0; i < k; ++i) want += w[(c0 + c) * k + i];
+        count.check(psum[c], want);
+      }
       for (int64_t t = 0; t < bcols / pc && c0 + t * pc < n; ++t) {
         kern.panel[R](x.data(), k4, pw.data() + t * pc * 4, k4, bcols, out);
         for (int r = 0; r < R; ++r)

@@ -65,6 +65,19 @@ def interleaved_median_us(cells: dict, repeats: int, rounds: int = 10) -> dict[s
     return {name: statistics.median(ts) * 1e6 for name, ts in samples.items()}
 
 
+def fbgemm_linear(w, b):
+    """torch.ao's dynamic int8 linear (fbgemm on x86) on the fp32 weight (n, k) and bias (n,)."""
+    import torch
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return torch.ao.quantization.quantize_dynamic(
+        torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+    )
+
+
 def op_table(repeats: int) -> list[dict]:
     import torch
 
@@ -78,13 +91,7 @@ def op_table(repeats: int) -> list[dict]:
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
         q8, s8 = quant.quantize_int8(w)
         q4, s4 = quant.quantize_int4(w)
-        lin = torch.nn.Linear(k, n)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
-        dyn = torch.ao.quantization.quantize_dynamic(
-            torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
-        )
+        dyn = fbgemm_linear(w, b)
         for m in (1024, 1, 8):
             x = torch.randn(m, k, generator=g)
             with torch.inference_mode():
@@ -260,13 +267,7 @@ def _scaling_cells(k: int, n: int) -> dict:
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(1024, k, generator=g)
     q8, s8 = quant.quantize_int8(w)
     q4, s4 = quant.quantize_int4(w)
-    lin = torch.nn.Linear(k, n)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        lin.bias.copy_(b)
-    dyn = torch.ao.quantization.quantize_dynamic(
-        torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
-    )
+    dyn = fbgemm_linear(w, b)
     return {
         "fbgemm": lambda: dyn(x),
         "int8 ours": lambda: ops.int8_linear_dynamic(x, q8, s8, b),

@@ -87,13 +87,14 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
   const int64_t bcols = sp.bcols, pc = kern.panel_cols, pr = kern.panel_rows;
   // A tensor, not a vector: from the c10 allocator, so the tensor cache hands back the same pages every call.
   at::Tensor packed = at::empty({sp.blocks * k4 * bcols}, at::kChar);
+  const bool wide_pack = picked_isa() == Isa::vnni;
   int8_t* pw = packed.data_ptr<int8_t>();
   at::parallel_for(0, sp.blocks, std::max<int64_t>(1, kMinPassBytes / (k4 * bcols)), [&](int64_t blo, int64_t bhi) {
     for (int64_t blk = blo; blk < bhi; ++blk) {
       if (transposed)
         pack_block_t(w, k, n, blk * bcols, k4, bcols, pw + blk * k4 * bcols);
       else
-        pack_block(w, n, k, blk * bcols, k4, bcols, pw + blk * k4 * bcols, colsum + blk * bcols);
+        pack_block(w, n, k, blk * bcols, k4, bcols, pw + blk * k4 * bcols, colsum + blk * bcols, wide_pack);
     }
   });
   at::parallel_for(0, sp.chunks * sp.blocks, sp.grain, [&](int64_t lo, int64_t hi) {

@@ -42,11 +42,18 @@ inline int64_t block_cols(int64_t k4, int64_t unit = 16) {
   return std::max<int64_t>(unit, std::min<int64_t>(64, kL1Block / (unit * k4) * unit));
 }
 
+#ifdef ET_INT8_X86
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int64_t pack_cols16_vnni(const int8_t* w, int64_t k,
+                                                                                        int64_t bcols, int8_t* out,
+                                                                                        int32_t* sums);
+#endif
+
 // Columns c0.. of a row-major (n, k) weight; k4 = k rounded up to 4, the padding zero. sums[c] = the sum of
 // column c0 + c's k weights (the zero-point correction), taken on the way: a second pass over the weight cost
-// as much as the packing at a short sentence's few rows.
+// as much as the packing at a short sentence's few rows. `avx512`: 16 columns at a time in AVX-512 (the
+// picked ISA's, so that a forced AVX2 run uses AVX2 alone).
 inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out,
-                       int32_t* sums) {
+                       int32_t* sums, bool avx512 = false) {
   const int64_t cols = std::min(bcols, n - c0);
   // zero only what the copies leave: every column past n (the last block), else the bytes past k
   if (cols < bcols)
@@ -58,6 +65,15 @@ inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_
   // 4 columns x 4 k-quads at a time: a 4 x 4 transpose of 32-bit quads in SSE2 (x86-64's baseline). Quad by
   // quad, the copy took ~1 ns a quad: 150 us for a 1536 x 384 weight, more than a short sentence's GEMM.
   // The sums: psadbw adds a row's 16 bytes offset by 128 (w ^ 0x80 read unsigned) into two 64-bit lanes.
+  if (avx512)
+    for (; c + 16 <= cols; c += 16) {
+      const int8_t* wr = w + (c0 + c) * k;
+      const int64_t kb = pack_cols16_vnni(wr, k, bcols, out + c * 4, sums + c);  // quads [0, kb) of the 16
+      for (int j = 0; j < 16; ++j) {
+        for (int64_t kq = kb; kq < k / 4; ++kq) std::memcpy(out + (kq * bcols + c + j) * 4, wr + j * k + kq * 4, 4);
+        for (int64_t i = kb * 4; i < k; ++i) sums[c + j] += wr[j * k + i];
+      }
+    }
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
   for (; c + 4 <= cols; c += 4) {
     const int8_t* wr = w + (c0 + c) * k;
@@ -250,6 +266,52 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
   return acc;
 }
+
+// pack_block's AVX-512 step: 16 weight rows (columns of the packed block), 16 k-quads at a time, transposed
+// as a 16 x 16 matrix of 32-bit quads (unpacks by 32 and 64 bits, then two rounds of 128-bit shuffles: 64
+// shuffles a KB against the SSE2 4 x 4 transpose's 128); each packed row of 16 quads also goes through one
+// vpdpbusd with ones, which adds every column's 4 bytes into its lane of the sums. Returns the quads done
+// (k / 4 rounded down to 16); sums[0..16) holds their sums.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: the _mm512_undefined_epi32() inside the unpacks
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int64_t pack_cols16_vnni(const int8_t* w, int64_t k,
+                                                                                        int64_t bcols, int8_t* out,
+                                                                                        int32_t* sums) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sacc = _mm512_setzero_si512();
+  int64_t kb = 0;
+  for (; kb + 16 <= k / 4; kb += 16) {
+    __m512i r[16], t[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(w + j * k + kb * 4);
+    for (int j = 0; j < 16; j += 2) {  // per 128-bit chunk: rows j, j+1 interleaved by quad
+      t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+      t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {  // per chunk: rows g..g+3 of quad e in r[g + e]
+      r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+      r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+      r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+      r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {  // gather quad 4L + e's four row groups from chunk L of r[e], r[4+e], ...
+      const __m512i vlo = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88), vhi = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xDD);
+      const __m512i wlo = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+      const __m512i whi = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xDD);
+      t[e] = _mm512_shuffle_i32x4(vlo, wlo, 0x88);
+      t[8 + e] = _mm512_shuffle_i32x4(vlo, wlo, 0xDD);
+      t[4 + e] = _mm512_shuffle_i32x4(vhi, whi, 0x88);
+      t[12 + e] = _mm512_shuffle_i32x4(vhi, whi, 0xDD);
+    }
+    for (int j = 0; j < 16; ++j) {
+      _mm512_storeu_si512(out + (kb + j) * bcols * 4, t[j]);
+      sacc = dpbusd(sacc, ones, t[j]);
+    }
+  }
+  _mm512_storeu_si512(sums, sacc);
+  return kb;
+}
+#pragma GCC diagnostic pop
 
 // AVX-512 VNNI: one 64-byte load holds 4 k of 16 columns, one vpdpbusd per row, k-quad and 16 columns (it
 // does vpmaddubsw + vpmaddwd + vpaddd in one; with 7-bit activations vpmaddubsw never saturates, so both

@@ -25,7 +25,7 @@ struct Count {
   }
 };
 
-void check_shape(const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count& count) {
+void check_shape(Isa isa, const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count& count) {
   const int64_t k4 = (k + 3) / 4 * 4, rows = kMaxPanelRows;
   std::vector<uint8_t> x(rows * k4, 0);  // padded to k4 with zeros, as panel_gemm does
   std::vector<int8_t> w(n * k), wt(k * n);
@@ -55,13 +55,15 @@ void check_shape(const Int8Kernels& kern, int64_t k, int64_t n, int fill, Count&
     std::vector<int8_t> pw(k4 * bcols), pwt(k4 * bcols);
     std::vector<int32_t> psum(bcols);
     for (int64_t c0 = 0; c0 < n; c0 += bcols) {
-      pack_block(w.data(), n, k, c0, k4, bcols, pw.data(), psum.data());
       pack_block_t(wt.data(), k, n, c0, k4, bcols, pwt.data());
-      count.check(pw == pwt, 1);
-      for (int64_t c = 0; c < std::min<int64_t>(bcols, n - c0); ++c) {
-        int64_t want = 0;
-        for (int64_t i = 0; i < k; ++i) want += w[(c0 + c) * k + i];
-        count.check(psum[c], want);
+      for (bool avx512 : {false, isa == Isa::vnni}) {  // SSE2 4 x 4 and, where it runs, AVX-512 16 x 16
+        pack_block(w.data(), n, k, c0, k4, bcols, pw.data(), psum.data(), avx512);
+        count.check(pw == pwt, 1);
+        for (int64_t c = 0; c < std::min<int64_t>(bcols, n - c0); ++c) {
+          int64_t want = 0;
+          for (int64_t i = 0; i < k; ++i) want += w[(c0 + c) * k + i];
+          count.check(psum[c], want);
+        }
       }
       for (int64_t t = 0; t < bcols / pc && c0 + t * pc < n; ++t) {
         kern.panel[R](x.data(), k4, pw.data() + t * pc * 4, k4, bcols, out);
@@ -93,7 +95,7 @@ int main() {
     Count count;
     for (int64_t k : {1, 3, 4, 15, 16, 17, 31, 33, 64, 70, 384, 1536})
       for (int64_t n : {1, 2, 3, 16, 17, 40, 96})
-        for (int fill = 0; fill < 3; ++fill) check_shape(kern, k, n, fill, count);
+        for (int fill = 0; fill < 3; ++fill) check_shape(isa, kern, k, n, fill, count);
     std::printf("%s %ld cases %ld wrong\n", isa_name(isa), count.cases, count.wrong);
     all_wrong += count.wrong;
   }

@@ -118,8 +118,9 @@ def test_dynamic_int8_rows_do_not_depend_on_their_batch():
     b = torch.randn(1536, generator=g)
     x = torch.randn(40, 384, generator=g)
     whole = ops.int8_linear_dynamic(x, q8, s8, b)
-    pieces = torch.cat([ops.int8_linear_dynamic(x[i : i + 3], q8, s8, b) for i in range(0, 40, 3)])
-    assert torch.equal(whole, pieces)
+    for size in (3, 13):  # <= 4 rows: the two-column tiles; more: the packed panels
+        pieces = torch.cat([ops.int8_linear_dynamic(x[i : i + size], q8, s8, b) for i in range(0, 40, size)])
+        assert torch.equal(whole, pieces)
     assert torch.equal(whole, ops.int8_linear_dynamic_ref(x, q8, s8, b))
 
 

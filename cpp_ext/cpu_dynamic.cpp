@@ -87,7 +87,8 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
   const int64_t bcols = sp.bcols, pc = kern.panel_cols, pr = kern.panel_rows;
   // A tensor, not a vector: from the c10 allocator, so the tensor cache hands back the same pages every call.
   at::Tensor packed = at::empty({sp.blocks * k4 * bcols}, at::kChar);
-  const bool wide_pack = picked_isa() == Isa::vnni;
+  const PackWidth wide_pack = picked_isa() == Isa::vnni ? PackWidth::avx512
+                              : picked_isa() == Isa::avx2 ? PackWidth::avx2 : PackWidth::sse2;
   int8_t* pw = packed.data_ptr<int8_t>();
   at::parallel_for(0, sp.blocks, std::max<int64_t>(1, kMinPassBytes / (k4 * bcols)), [&](int64_t blo, int64_t bhi) {
     for (int64_t blk = blo; blk < bhi; ++blk) {

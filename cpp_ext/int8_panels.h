@@ -46,14 +46,18 @@ inline int64_t block_cols(int64_t k4, int64_t unit = 16) {
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int64_t pack_cols16_vnni(const int8_t* w, int64_t k,
                                                                                         int64_t bcols, int8_t* out,
                                                                                         int32_t* sums);
+__attribute__((target("avx2"))) inline int64_t pack_cols8_avx2(const int8_t* w, int64_t k, int64_t bcols, int8_t* out,
+                                                              int32_t* sums);
 #endif
+
+// The widest vectors pack_block may use: the picked ISA's, so that a forced AVX2 run uses AVX2 alone.
+enum class PackWidth { sse2, avx2, avx512 };
 
 // Columns c0.. of a row-major (n, k) weight; k4 = k rounded up to 4, the padding zero. sums[c] = the sum of
 // column c0 + c's k weights (the zero-point correction), taken on the way: a second pass over the weight cost
-// as much as the packing at a short sentence's few rows. `avx512`: 16 columns at a time in AVX-512 (the
-// picked ISA's, so that a forced AVX2 run uses AVX2 alone).
+// as much as the packing at a short sentence's few rows. 16 columns at a time in AVX-512, 8 in AVX2, then 4.
 inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_t k4, int64_t bcols, int8_t* out,
-                       int32_t* sums, bool avx512 = false) {
+                       int32_t* sums, PackWidth width = PackWidth::sse2) {
   const int64_t cols = std::min(bcols, n - c0);
   // zero only what the copies leave: every column past n (the last block), else the bytes past k
   if (cols < bcols)
@@ -65,15 +69,16 @@ inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_
   // 4 columns x 4 k-quads at a time: a 4 x 4 transpose of 32-bit quads in SSE2 (x86-64's baseline). Quad by
   // quad, the copy took ~1 ns a quad: 150 us for a 1536 x 384 weight, more than a short sentence's GEMM.
   // The sums: psadbw adds a row's 16 bytes offset by 128 (w ^ 0x80 read unsigned) into two 64-bit lanes.
-  if (avx512)
-    for (; c + 16 <= cols; c += 16) {
-      const int8_t* wr = w + (c0 + c) * k;
-      const int64_t kb = pack_cols16_vnni(wr, k, bcols, out + c * 4, sums + c);  // quads [0, kb) of the 16
-      for (int j = 0; j < 16; ++j) {
-        for (int64_t kq = kb; kq < k / 4; ++kq) std::memcpy(out + (kq * bcols + c + j) * 4, wr + j * k + kq * 4, 4);
-        for (int64_t i = kb * 4; i < k; ++i) sums[c + j] += wr[j * k + i];
-      }
+  const int wide = width == PackWidth::avx512 ? 16 : width == PackWidth::avx2 ? 8 : 0;
+  for (; wide && c + wide <= cols; c += wide) {
+    const int8_t* wr = w + (c0 + c) * k;
+    const int64_t kb = wide == 16 ? pack_cols16_vnni(wr, k, bcols, out + c * 4, sums + c)
+                                  : pack_cols8_avx2(wr, k, bcols, out + c * 4, sums + c);  // quads [0, kb)
+    for (int j = 0; j < wide; ++j) {
+      for (int64_t kq = kb; kq < k / 4; ++kq) std::memcpy(out + (kq * bcols + c + j) * 4, wr + j * k + kq * 4, 4);
+      for (int64_t i = kb * 4; i < k; ++i) sums[c + j] += wr[j * k + i];
     }
+  }
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
   for (; c + 4 <= cols; c += 4) {
     const int8_t* wr = w + (c0 + c) * k;
@@ -339,6 +344,40 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uin
     _mm512_storeu_si512(out + r * 32, a0[r]);
     _mm512_storeu_si512(out + r * 32 + 16, a1[r]);
   }
+}
+
+// pack_block's AVX2 step: 8 weight rows, 8 k-quads at a time, transposed as an 8 x 8 matrix of 32-bit quads
+// (unpacks by 32 and 64 bits, then 128-bit permutes: 24 shuffles for 256 bytes); the sums by vpmaddubsw with
+// ones (|pair| <= 256: no saturation) and vpmaddwd. Returns the quads done (k / 4 rounded down to 8).
+__attribute__((target("avx2"))) inline int64_t pack_cols8_avx2(const int8_t* w, int64_t k, int64_t bcols, int8_t* out,
+                                                              int32_t* sums) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256i sacc = _mm256_setzero_si256();
+  int64_t kb = 0;
+  for (; kb + 8 <= k / 4; kb += 8) {
+    __m256i r[8], t[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + kb * 4));
+    for (int j = 0; j < 8; j += 2) {
+      t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+      t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int g = 0; g < 8; g += 4) {  // per 128-bit lane L: rows g..g+3 of quad 4L + e in r[g + e]
+      r[g] = _mm256_unpacklo_epi64(t[g], t[g + 2]);
+      r[g + 1] = _mm256_unpackhi_epi64(t[g], t[g + 2]);
+      r[g + 2] = _mm256_unpacklo_epi64(t[g + 1], t[g + 3]);
+      r[g + 3] = _mm256_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+      t[e] = _mm256_permute2x128_si256(r[e], r[4 + e], 0x20);
+      t[4 + e] = _mm256_permute2x128_si256(r[e], r[4 + e], 0x31);
+    }
+    for (int j = 0; j < 8; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (kb + j) * bcols * 4), t[j]);
+      sacc = _mm256_add_epi32(sacc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, t[j]), ones16));
+    }
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), sacc);
+  return kb;
 }
 
 __attribute__((target("avx2"))) inline void row_sums_avx2(const int8_t* w, int64_t rows, int64_t k, int32_t* out) {

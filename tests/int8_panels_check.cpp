@@ -56,8 +56,10 @@ void check_shape(Isa isa, const Int8Kernels& kern, int64_t k, int64_t n, int fil
     std::vector<int32_t> psum(bcols);
     for (int64_t c0 = 0; c0 < n; c0 += bcols) {
       pack_block_t(wt.data(), k, n, c0, k4, bcols, pwt.data());
-      for (bool avx512 : {false, isa == Isa::vnni}) {  // SSE2 4 x 4 and, where it runs, AVX-512 16 x 16
-        pack_block(w.data(), n, k, c0, k4, bcols, pw.data(), psum.data(), avx512);
+      // SSE2 4 x 4 transposes; AVX2 8 x 8 and AVX-512 16 x 16 where the ISA runs
+      for (PackWidth width : {PackWidth::sse2, isa == Isa::scalar ? PackWidth::sse2 : PackWidth::avx2,
+                              isa == Isa::vnni ? PackWidth::avx512 : PackWidth::sse2}) {
+        pack_block(w.data(), n, k, c0, k4, bcols, pw.data(), psum.data(), width);
         count.check(pw == pwt, 1);
         for (int64_t c = 0; c < std::min<int64_t>(bcols, n - c0); ++c) {
           int64_t want = 0;

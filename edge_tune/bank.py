@@ -11,8 +11,8 @@ other way round. Forwards do not run side by side, but each already uses all the
 
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
 pass: every targeted linear adds each patch's rank-r term over the whole batch and keeps it on that
-patch's rows (ops.add_lora_term, the formula a one-patch pass uses, so each row gets the bits of a
-one-patch pass over the same batch; the frozen base, the expensive part, runs once). BitFit patches change every bias and LayerNorm, so a mix with
+patch's rows (ops.add_lora_term, the formula a one-patch pass uses, so each row gets that pass's bits; the
+frozen base, the expensive part, runs once). BitFit patches change every bias and LayerNorm, so a mix with
 BitFit runs one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ class PatchBank:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
             for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
                 idx = torch.tensor(order[s:e])
-                for lin, per_patch in terms.items():
-                    lin.lora_rows = [(a, b, scale, pid[idx] == u) for u, a, b, scale in per_patch]
+                for lin, (a, b, col_patch, col_scale) in terms.items():
+                    lin.lora_rows = (a, b, ((pid[idx, None] == col_patch) * col_scale)[:, None, :])
                 feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
@@ -220,9 +220,9 @@ class PatchBank:
                 self.activate(was_active)
         return out
 
-    def _lora_terms(self, names: list[str]) -> dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]]:
-        """For every linear any of `names` adds a term to (Method.row_terms): per such patch, its index in
-        `names`, A (r, in), B (out, r) and scale."""
+    def _lora_terms(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """For every linear any of `names` adds a term to (Method.row_terms): the patches' A stacked (R, in),
+        B stacked (out, R), and per stacked rank its patch's index in `names` (R,) and scale (R,)."""
         found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
             spec = self._specs[n]
@@ -231,8 +231,16 @@ class PatchBank:
             for lin, (a, b, scale) in spec.method.row_terms(
                 self._modules, self.patches[n].tensors, spec
             ).items():
-                found.setdefault(lin, []).append((u, a, b, float(scale)))
-        return found
+                found.setdefault(lin, []).append((u, a, b, scale))
+        return {
+            lin: (
+                torch.cat([a for _, a, _, _ in terms]),
+                torch.cat([b for _, _, b, _ in terms], dim=1),
+                torch.cat([torch.full((a.shape[0],), u) for u, a, _, _ in terms]),
+                torch.cat([torch.full((a.shape[0],), float(s)) for _, a, _, s in terms]),
+            )
+            for lin, terms in found.items()
+        }
 
 
 def patch_accuracy(path: str | Path, ds: Dataset) -> float:

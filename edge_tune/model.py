@@ -58,8 +58,9 @@ class QuantLinear(nn.Module):
         self.register_parameter("out_scale", None)  # (out,): multiplies the output, bias included
         for slot in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias", "weight_full"):
             self.register_parameter(slot, None)
-        # LoRA for a batch that mixes patches: per patch (A (r, in), B (out, r), alpha / r, its rows (B,) bool).
-        self.lora_rows: list[tuple[Tensor, Tensor, float, Tensor]] | None = None
+        # LoRA for a batch that mixes patches: every patch's A stacked (R, in), B stacked (out, R), and each
+        # row's scale per stacked rank (B, 1, R): its patch's alpha / r on its patch's ranks, 0 elsewhere.
+        self.lora_rows: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.in_scale is not None:
@@ -84,14 +85,10 @@ class QuantLinear(nn.Module):
         if self.lora_A is not None and not lora_done:
             y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
         if self.lora_rows is not None:
-            # Each patch's term over the whole batch by the one-patch formula, kept on that patch's rows: a row
-            # gets the bits of a one-patch pass over the same batch (a stacked product summed the ranks in
-            # another order, and the next layer's int8 activations turned its last bits into flipped roundings).
-            base = y
-            for a, b, scale, rows in self.lora_rows:
-                y = torch.where(
-                    rows.view(-1, *[1] * (y.dim() - 1)), ops.add_lora_term(base, x, a, b, scale), y
-                )
+            # Two small matmuls for all the batch's patches: the zeros of the row scale keep each row to its
+            # own patch's ranks (no gather or scatter per patch; within float rounding of a one-patch pass).
+            a, b, row_scale = self.lora_rows
+            y = y + ((x @ a.t()) * row_scale) @ b.t()
         if self.out_scale is not None:
             y = y * self.out_scale
         if self.adapter_down is not None:

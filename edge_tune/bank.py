@@ -10,9 +10,10 @@ wholly under one patch and names it; a swap waits for the forward in flight (mil
 other way round. Forwards do not run side by side, but each already uses all the profile's threads.
 
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
-pass: every targeted linear adds each patch's rank-r term over the whole batch and keeps it on that
-patch's rows (ops.add_lora_term, the formula a one-patch pass uses, so each row gets that pass's bits; the
-frozen base, the expensive part, runs once). BitFit patches change every bias and LayerNorm, so a mix with
+pass: every targeted linear adds all the batch's patches' rank-r terms in two stacked matmuls, a per-row
+scale keeping each row to its own patch's ranks (the frozen base, the expensive part, runs once). A row
+matches a one-patch pass to float rounding; with dynamic int8 activations the next requantization can turn
+that into a one-step change, as a different padding does. BitFit patches change every bias and LayerNorm, so a mix with
 BitFit runs one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations

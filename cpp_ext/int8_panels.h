@@ -67,9 +67,6 @@ inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_
     std::fill(out + k / 4 * bcols * 4, out + k4 * bcols, 0);
   int64_t c = 0;
 #ifdef ET_INT8_X86
-  // 4 columns x 4 k-quads at a time: a 4 x 4 transpose of 32-bit quads in SSE2 (x86-64's baseline). Quad by
-  // quad, the copy took ~1 ns a quad: 150 us for a 1536 x 384 weight, more than a short sentence's GEMM.
-  // The sums: psadbw adds a row's 16 bytes offset by 128 (w ^ 0x80 read unsigned) into two 64-bit lanes.
   const int wide = width == PackWidth::avx512 ? 16 : width == PackWidth::avx2 ? 8 : 0;
   for (; wide && c + wide <= cols; c += wide) {
     const int8_t* wr = w + (c0 + c) * k;
@@ -80,6 +77,9 @@ inline void pack_block(const int8_t* w, int64_t n, int64_t k, int64_t c0, int64_
       for (int64_t i = kb * 4; i < k; ++i) sums[c + j] += wr[j * k + i];
     }
   }
+  // 4 columns x 4 k-quads at a time: a 4 x 4 transpose of 32-bit quads in SSE2 (x86-64's baseline). Quad by
+  // quad, the copy took ~1 ns a quad: 150 us for a 1536 x 384 weight, more than a short sentence's GEMM.
+  // The sums: psadbw adds a row's 16 bytes offset by 128 (w ^ 0x80 read unsigned) into two 64-bit lanes.
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
   for (; c + 4 <= cols; c += 4) {
     const int8_t* wr = w + (c0 + c) * k;

@@ -106,9 +106,9 @@ __attribute__((target("avx2"))) void panel_groups_avx2(const uint8_t* x, int64_t
 // The same with AVX-512 VNNI on 4 rows x 32 columns: one vpdpbusd per row, k-quad and 16 columns, each
 // broadcast row quad feeding two of them (6 loads per 8 dot products, 8 chains against vpdpbusd's latency).
 // Each group's integer sums start at -zp * gsum, so its end is one convert, multiply and add per 16 lanes
-// (the 4 x 16 two-bank panel's subtract, bank sum and epilogue cost ~1.5x the int8 op's time). The integers
-// are those of group_accumulate (two's complement wraps alike), and the float steps the same separately
-// rounded operations (no FMA: the pragma above), so the bits of the AVX2 path.
+// (a subtract and a bank sum there cost the int4 op a third of its time). The integers are those of
+// group_accumulate, and the float steps the same separately rounded operations (no FMA: the pragma above),
+// so the bits of the AVX2 path.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_groups_vnni(
     const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k, int64_t bcols, const int32_t* zp,

@@ -13,8 +13,8 @@ Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches
 pass: every targeted linear adds all the batch's patches' rank-r terms in two stacked matmuls, a per-row
 scale keeping each row to its own patch's ranks (the frozen base, the expensive part, runs once). A row
 matches a one-patch pass to float rounding; with dynamic int8 activations the next requantization can turn
-that into a one-step change, as a different padding does. BitFit patches change every bias and LayerNorm, so a mix with
-BitFit runs one pass per patch instead (same results, more passes)."""
+that into a one-step change, as a different padding does. BitFit patches change every bias and LayerNorm,
+so a mix with BitFit runs one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
 

@@ -237,10 +237,11 @@ def build_app(svc: Service) -> web.Application:
 
 def serve(cfg: ServeConfig) -> None:
     """Run the service until SIGINT / SIGTERM."""
+    from .profiles import load_profile
     from .trainer import set_threads
 
+    set_threads(load_profile(cfg.profile), cfg.threads)  # before the pass thread's first parallel op
     svc = Service(cfg)
-    set_threads(svc.profile, cfg.threads)
     # The pass thread runs Python between torch ops holding the GIL; at the default 5 ms switch interval the
     # event loop could wait that long to parse or answer a request that needs no pass at all.
     sys.setswitchinterval(0.001)

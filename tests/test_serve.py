@@ -330,3 +330,36 @@ def test_concurrent_requests_share_passes_only_with_batching(folder, batching):
         assert passes < 8 if batching else passes == 8
     finally:
         s.stop()
+
+
+def test_every_bank_call_of_the_service_runs_on_its_pass_thread(folder, monkeypatch):
+    # A second thread that runs torch ops keeps a second OpenMP team, and on a small device that made every
+    # pass ~2.5x slower (serve.py): loading, swapping and passes all belong on the one pass thread.
+    import asyncio
+
+    from edge_tune.serve import ServeConfig, Service
+
+    callers = []
+    for name in ("__init__", "load", "activate", "predict"):
+        original = getattr(PatchBank, name)
+
+        def spy(*args, _original=original, **kwargs):
+            callers.append(threading.get_ident())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(PatchBank, name, spy)
+    svc = Service(ServeConfig(patches=str(folder)))
+
+    async def ask():
+        batcher = asyncio.create_task(svc.batcher())
+        try:
+            return await svc.predict(TEXTS[:2], list(TASKS)[:2])
+        finally:
+            batcher.cancel()
+
+    try:
+        assert [p.patch for p in asyncio.run(ask())] == list(TASKS)[:2]
+        pass_thread = svc.pool.submit(threading.get_ident).result()
+    finally:
+        svc.pool.shutdown()
+    assert len(callers) >= 1 + len(TASKS) + 1 and set(callers) == {pass_thread}

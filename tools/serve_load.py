@@ -5,11 +5,12 @@ patch is reloaded from its file and re-activated every second, and a bad request
 
 Checks, per service: failed requests, answers naming a patch other than the one asked for, the reloaded
 patches' answers against a fresh process's (probes sent one at a time), peak RSS (VmHWM) against the
-profile's budget, the bad requests' latency. Prints a table and writes a PNG of throughput and p99
-latency against clients.
+profile's budget, the bad requests' latency, and from the service's /metrics its passes (sentences a
+pass, ms a pass computing, and the share of the wall time some pass was computing). Prints a table and
+writes a PNG of throughput and p99 latency against clients.
 
     python tools/serve_load.py --patches DIR [--clients 1,2,4,8,16] [--seconds 60] [--sweep-seconds 10]
-                               [--profile raspberry-pi-4-4gb] [--out out/serve_load]
+                               [--profile raspberry-pi-4-4gb] [--window-ms MS] [--out out/serve_load]
 
 The clients share the 2 cores with the service (one asyncio process): figures are of the pair.
 """
@@ -37,12 +38,13 @@ BAD = [b"{not json", b'{"texts": []}', b'{"texts": ["x"], "patch": "nope"}', b'{
 
 
 def start(
-    patches: Path, profile: str, batching: bool, threads: int | None = None
+    patches: Path, profile: str, batching: bool, threads: int | None = None, window_ms: float | None = None
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "edge_tune.cli", "serve", "--patches", str(patches), "--profile", profile,
            "--port", str(port)] + ([] if batching else ["--no-batching"])  # fmt: skip
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--window-ms", str(window_ms)] if window_ms is not None and batching else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -72,6 +74,18 @@ def import_cost_mb(module: str) -> float:
     peak = [int(subprocess.run([sys.executable, "-c", code.format(imp)], capture_output=True, text=True,
                                check=True).stdout) for imp in ("pass", f"import {module}")]  # fmt: skip
     return (peak[1] - peak[0]) / 1024
+
+
+async def pass_totals(http: aiohttp.ClientSession) -> tuple[float, float, float]:
+    """The service's passes so far, from /metrics: (passes, sentences, seconds computing)."""
+    async with http.get("/metrics") as r:
+        text = await r.text()
+    get = lambda k: float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(k + " ")))  # noqa: E731
+    return (
+        get("edge_tune_pass_sentences_count"),
+        get("edge_tune_pass_sentences_sum"),
+        get("edge_tune_pass_seconds_sum"),
+    )
 
 
 async def run_load(url: str, names: list[str], texts: list[str], clients: int, seconds: float,
@@ -114,13 +128,15 @@ async def run_load(url: str, names: list[str], texts: list[str], clients: int, s
                 k += 1
                 await asyncio.sleep(1.0)
 
-        t0 = time.perf_counter()
+        before, t0 = await pass_totals(http), time.perf_counter()
         await asyncio.gather(*[client(i) for i in range(clients)], *([churner()] if churn else []))
         wall = time.perf_counter() - t0
+        passes, sentences, busy = (b - a for a, b in zip(before, await pass_totals(http), strict=True))
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
     return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50_ms": q(0.5), "p99_ms": q(0.99),
-            "failed": failed, "wrong_patch": wrong, "reloads": reloads,
+            "failed": failed, "wrong_patch": wrong, "reloads": reloads, "sentences_per_pass": sentences / max(passes, 1),
+            "ms_per_pass": busy / max(passes, 1) * 1000, "busy": busy / wall,
             "bad_ms_max": max(bad_ms) if bad_ms else None}  # fmt: skip
 
 
@@ -156,6 +172,12 @@ def main() -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="the service's compute threads (default: the profile's)"
     )
+    ap.add_argument(
+        "--window-ms",
+        type=float,
+        default=None,
+        help="the longest a request waits to share a pass, ms (default: the profile's serve_window_ms)",
+    )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
     args = ap.parse_args()
     folder = Path(args.patches).resolve()
@@ -171,7 +193,7 @@ def main() -> int:
     budget = load_profile(args.profile).memory_budget_mb
     results = {}
     for batching in (False, True):
-        proc, url = start(folder, args.profile, batching, args.threads)
+        proc, url = start(folder, args.profile, batching, args.threads, args.window_ms)
         try:
             rows = []
             for c in counts:
@@ -185,7 +207,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        fresh, furl = start(folder, args.profile, batching, args.threads)
+        fresh, furl = start(folder, args.profile, batching, args.threads, args.window_ms)
         try:
             same = asyncio.run(probe(furl, names, texts[:8])) == after
         finally:
@@ -197,11 +219,13 @@ def main() -> int:
             "after_reload_equals_fresh": same,
         }
     off, on = results["off"], results["on"]
-    print(f"\n| batching | clients | req/s | p50 ms | p99 ms | failed | wrong patch |\n|{'---|' * 7}")
+    print("\n| batching | clients | req/s | p50 ms | p99 ms | sentences a pass | ms a pass | passes busy | failed "
+          f"| wrong patch |\n|{'---|' * 10}")  # fmt: skip
     for mode in ("off", "on"):
         for r in results[mode]["rows"]:
             print(f"| {mode} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                  f"{r['failed']} | {r['wrong_patch']} |")  # fmt: skip
+                  f"{r['sentences_per_pass']:.1f} | {r['ms_per_pass']:.1f} | {r['busy']:.0%} | {r['failed']} | "
+                  f"{r['wrong_patch']} |")  # fmt: skip
     top_on, top_off = on["rows"][-1], off["rows"][-1]
     print(
         f"\n{counts[-1]} clients: throughput on / off {top_on['rps'] / top_off['rps']:.2f}x; p99 on "

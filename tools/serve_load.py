@@ -152,6 +152,42 @@ async def probe(url: str, names: list[str], texts: list[str]) -> list:
     return out
 
 
+PASS_SIZES = (1, 2, 4, 8, 16)
+
+
+def pass_cost(folder: Path, profile: str, threads: int | None, rounds: int = 5, reps: int = 12) -> dict:
+    """In this process (run it in a fresh one): a mixed-patch pass's ms against its sentences, the median
+    of each size over `rounds` interleaved rounds, and the least-squares line ms = fixed + per_sentence x n.
+    The line bounds what batching can save: a sentence alone costs fixed + per_sentence, in a full pass
+    little more than per_sentence."""
+    from edge_tune.bank import PatchBank
+    from edge_tune.profiles import load_profile
+    from edge_tune.trainer import set_threads
+
+    set_threads(load_profile(profile), threads)
+    bank = PatchBank.from_profile(profile)
+    names = [bank.load(path, name=path.stem) for path in sorted(folder.glob("*.patch"))]
+    texts = [ln.split("\t", 1)[1] for ln in SST2_DEV.read_text().splitlines()[1:]]
+    rng, times = random.Random(0), {n: [] for n in PASS_SIZES}
+    for r in range(rounds + 1):  # round 0 warms up
+        for n in PASS_SIZES:
+            for _ in range(reps):
+                batch, first = [rng.choice(texts) for _ in range(n)], rng.randrange(len(names))
+                t0 = time.perf_counter()
+                bank.predict(batch, patches=[names[(first + i) % len(names)] for i in range(n)])
+                if r:
+                    times[n].append((time.perf_counter() - t0) * 1000)
+    ms = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    xs, ys = list(ms), list(ms.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return {
+        "pass_ms": {str(n): v for n, v in ms.items()},
+        "fixed_ms": my - slope * mx,
+        "per_sentence_ms": slope,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -179,11 +215,18 @@ def main() -> int:
         help="the longest a request waits to share a pass, ms (default: the profile's serve_window_ms)",
     )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
+    ap.add_argument(
+        "--pass-cost-only", action="store_true", help=argparse.SUPPRESS
+    )  # the fresh process's part
     args = ap.parse_args()
     folder = Path(args.patches).resolve()
     names = sorted(p.stem for p in folder.glob("*.patch"))
     if not names:
         sys.exit(f"error: no .patch files in {folder}")
+    if args.pass_cost_only:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(pass_cost(folder, args.profile, args.threads)))
+        return 0
     counts = sorted({int(c) for c in args.clients.split(",")})
     if not 1 <= counts[0] <= counts[-1] <= 64 or args.seconds > 600 or args.sweep_seconds > 600:
         sys.exit("error: clients must be in 1..64 and seconds at most 600")
@@ -242,6 +285,18 @@ def main() -> int:
         f"({cost / load_profile('raspberry-pi-zero-2w').memory_budget_mb:.1%} of the Pi Zero's budget)"
     )
     results["aiohttp_import_mb"] = cost
+    cmd = [sys.executable, __file__, "--pass-cost-only", "--patches", str(folder), "--profile", args.profile]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    pc = results["pass_cost"] = json.loads(
+        subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    )
+    print("\nin process, a mixed-patch pass against its sentences (fresh process, median of 60 passes each):")
+    print("| sentences | pass ms | ms a sentence |\n|---|---|---|")
+    for n, v in pc["pass_ms"].items():
+        print(f"| {n} | {v:.1f} | {v / int(n):.2f} |")
+    f, t, one, most = pc["fixed_ms"], pc["per_sentence_ms"], pc["pass_ms"]["1"], max(pc["pass_ms"], key=int)
+    print(f"a sentence in a pass of {most} costs {one / (pc['pass_ms'][most] / int(most)):.2f}x less than alone; "
+          f"fit {f:.2f} ms a pass + {t:.2f} ms a sentence, so at most {(f + t) / t:.2f}x in any pass")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=1))

@@ -348,7 +348,8 @@ def test_every_bank_call_of_the_service_runs_on_its_pass_thread(folder, monkeypa
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(PatchBank, name, spy)
-    svc = Service(ServeConfig(patches=str(folder)))
+    # the Jetson's budget: this test process holds several bases, and a load is refused past the budget
+    svc = Service(ServeConfig(patches=str(folder), profile="jetson-orin-nano-8gb"))
 
     async def ask():
         batcher = asyncio.create_task(svc.batcher())

@@ -7,7 +7,10 @@ times the alternative (copying BitFit biases into the live tensors) and reports 
 
 Concurrency: one lock. `activate`, `unload` and every forward pass take it, so a response is computed
 wholly under one patch and names it; a swap waits for the forward in flight (milliseconds), never the
-other way round. Forwards do not run side by side, but each already uses all the profile's threads.
+other way round. Forwards do not run side by side, but each already uses all the profile's threads. Keep
+every call on one thread where you can (serve.py runs all of its on one pass thread): each thread that runs
+a parallel torch op keeps its own OpenMP team, and once the teams hold more threads than there are cores,
+libgomp stops spinning between parallel regions and a pass runs ~2.5x slower.
 
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
 pass: every targeted linear adds all the batch's patches' rank-r terms in two stacked matmuls, a per-row

@@ -2,7 +2,8 @@
 package with its own client, no framework layer; its RSS cost is in BENCHMARKS.md).
 
 Cross-request batching: a request waits at most the profile's `serve_window_ms` for others (and any that
-arrive while a pass runs join the next one); up to `serve_max_batch` sentences of any patches then go to
+arrive while a pass runs join the next one), none after a lone pass (one request, and none arrived while it
+ran: a client on its own is not kept waiting for company that does not come); up to `serve_max_batch` sentences of any patches then go to
 `PatchBank.predict(texts, patches=...)` in one call, which sorts them by length into bands and mixes
 row-mixable methods (LoRA, head) by row in one pass and groups the rest per patch. Passes run one at a time
 on one worker thread, each with the profile's threads; the event loop only parses, queues and answers.
@@ -188,10 +189,12 @@ class Service:
     async def batcher(self) -> None:
         """Gather requests (the first waits at most the window) into passes, one pass at a time."""
         loop = asyncio.get_running_loop()
+        lone = False  # the last pass answered one request, and none arrived while it ran
         while True:
             batch = [await self.queue.get()]
             rows = len(batch[0].texts)
-            deadline = batch[0].arrived + self.window_s
+            # A request after a lone one is most likely alone too: waiting would only delay it.
+            deadline = batch[0].arrived + (0.0 if lone else self.window_s)
             while self.cfg.batching and rows < self.max_batch:
                 try:
                     if not self.queue.empty() or deadline <= loop.time():
@@ -209,6 +212,7 @@ class Service:
             except Exception as e:  # a failed pass fails its requests, never the batcher
                 log.exception("a pass failed")
                 results = [RequestError(500, f"internal error: {e.__class__.__name__}: {e}")] * len(batch)
+            lone = len(batch) == 1 and self.queue.empty()
             for item, r in zip(batch, results, strict=True):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(r, Exception) else item.future.set_result)(r)

@@ -364,3 +364,49 @@ def test_every_bank_call_of_the_service_runs_on_its_pass_thread(folder, monkeypa
     finally:
         svc.pool.shutdown()
     assert len(callers) >= 1 + len(TASKS) + 1 and set(callers) == {pass_thread}
+
+
+def test_a_request_after_a_lone_pass_does_not_wait_for_the_window(tmp_path, monkeypatch):
+    # The batcher alone, over a bank that answers at once: which passes wait for the window.
+    import asyncio
+
+    from edge_tune import serve
+    from edge_tune.manifest import Prediction
+
+    class InstantBank:
+        patches, active = {}, None
+
+        def predict(self, texts, patches):
+            return [Prediction("1", 1.0, p) for p in patches]
+
+    svc = serve.Service(serve.ServeConfig(patches=str(tmp_path), window_ms=300), bank=InstantBank())
+    waits = []
+    wait_for = asyncio.wait_for
+
+    async def spy(aw, timeout):
+        waits.append(timeout)
+        return await wait_for(aw, timeout)
+
+    monkeypatch.setattr(serve.asyncio, "wait_for", spy)
+
+    async def run():
+        batcher = asyncio.create_task(svc.batcher())
+        seen = []
+        try:
+            await svc.predict(["a"], ["p"])  # nothing before it: it waits the window for company
+            seen.append(len(waits))
+            await svc.predict(["b"], ["p"])  # after a lone pass: answered without waiting
+            seen.append(len(waits))
+            await asyncio.gather(svc.predict(["c"], ["p"]), svc.predict(["d"], ["q"]))  # company again
+            seen.append(svc.pass_rows.n)
+            await svc.predict(["e"], ["p"])  # after a pass of two: waits again
+            seen.append(len(waits))
+        finally:
+            batcher.cancel()
+        return seen
+
+    try:
+        first, second, passes, last = asyncio.run(run())
+    finally:
+        svc.pool.shutdown()
+    assert first >= 1 and second == first and passes == 3 and last > second

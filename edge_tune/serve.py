@@ -3,10 +3,11 @@ package with its own client, no framework layer; its RSS cost is in BENCHMARKS.m
 
 Cross-request batching: a request waits at most the profile's `serve_window_ms` for others (and any that
 arrive while a pass runs join the next one), none after a lone pass (one request, and none arrived while it
-ran: a client on its own is not kept waiting for company that does not come); up to `serve_max_batch` sentences of any patches then go to
-`PatchBank.predict(texts, patches=...)` in one call, which sorts them by length into bands and mixes
-row-mixable methods (LoRA, head) by row in one pass and groups the rest per patch. Passes run one at a time
-on one worker thread, each with the profile's threads; the event loop only parses, queues and answers.
+ran: a client on its own is not kept waiting for company that does not come); up to `serve_max_batch`
+sentences of any patches then go to `PatchBank.predict(texts, patches=...)` in one call, which sorts them
+by length into bands and mixes row-mixable methods (LoRA, head) by row in one pass and groups the rest per
+patch. Passes run one at a time on one worker thread, each with the profile's threads; the event loop only
+parses, queues and answers.
 
 A request is answered wholly under one version of each patch: loading, replacing (the watched folder,
 `POST /v1/patches`) and unloading take the bank's lock, which every pass holds. The queue is bounded in

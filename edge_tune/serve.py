@@ -120,7 +120,6 @@ class Service:
         # libgomp stops spinning between parallel regions: a pass then ran ~2.5x slower (a one-sentence
         # pass 11 ms instead of 4 on 2 cores).
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="edge_tune_pass")
-        self.bank = bank or self.pool.submit(PatchBank.from_profile, cfg.profile).result()
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.queued = 0  # sentences waiting
         self.requests: dict[str, int] = {}  # by status code
@@ -128,7 +127,12 @@ class Service:
         self.pass_rows = _Histogram(BATCH_BUCKETS)
         self.pass_time = _Histogram(LATENCY_BUCKETS_S)  # seconds a pass computes (busy = its sum / uptime)
         self.seen: dict[str, tuple[int, int]] = {}  # watched file -> (mtime_ns, size) last loaded or refused
-        self.pool.submit(self._load_folder).result()
+        try:
+            self.bank = bank or self.pool.submit(PatchBank.from_profile, cfg.profile).result()
+            self.pool.submit(self._load_folder).result()
+        except BaseException:  # a base or patch refused at start: no pass thread left behind
+            self.pool.shutdown(wait=False)
+            raise
 
     # -- patches -------------------------------------------------------------------------------------
     def _load_folder(self) -> None:

@@ -127,6 +127,9 @@ class Service:
         self.pass_rows = _Histogram(BATCH_BUCKETS)
         self.pass_time = _Histogram(LATENCY_BUCKETS_S)  # seconds a pass computes (busy = its sum / uptime)
         self.seen: dict[str, tuple[int, int]] = {}  # watched file -> (mtime_ns, size) last loaded or refused
+        # The patch answering requests that name none. The service's own: a pass for a named patch activates
+        # that one in the bank, and it must not become the default for everyone after.
+        self.default: str | None = None
         try:
             self.bank = bank or self.pool.submit(PatchBank.from_profile, cfg.profile).result()
             self.pool.submit(self._load_folder).result()
@@ -141,8 +144,19 @@ class Service:
                 self.load_file(path)
             except RequestError as e:  # at start, a refused patch stops the service: say which and why
                 raise EdgeTuneError(str(e), path) from None
-        if self.bank.patches and self.bank.active is None:
-            self.bank.activate(sorted(self.bank.patches)[0])
+        if self.bank.patches and self.default is None:
+            self.activate(sorted(self.bank.patches)[0])
+
+    def activate(self, name: str) -> None:
+        """Make `name` the patch answering requests that name none (on the pass thread)."""
+        self.bank.activate(name)
+        self.default = name
+
+    def unload(self, name: str) -> None:
+        """Forget patch `name` (on the pass thread); requests that name none get 409 if it was the default."""
+        self.bank.unload(name)
+        if self.default == name:
+            self.default = None
 
     def load_file(self, path: Path, name: str | None = None) -> str:
         """Load (or replace) a patch under `name` (default: the file's stem), within the budget."""
@@ -159,8 +173,8 @@ class Service:
             raise RequestError(422, f"refused patch: {e}") from None
         st = path.stat()
         self.seen[str(path)] = (st.st_mtime_ns, st.st_size)
-        if self.bank.active is None:
-            self.bank.activate(loaded)
+        if self.default is None:
+            self.activate(loaded)
         return loaded
 
     def rescan(self) -> list[str]:

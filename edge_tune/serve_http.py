@@ -111,7 +111,7 @@ def _check_texts(doc: dict, svc: Service) -> tuple[list[str], list[str]]:
         ):
             raise RequestError(400, '"patches" must be a list of patch names, one per text')
     else:
-        patch = doc.get("patch", svc.bank.active)
+        patch = doc.get("patch", svc.default)
         if patch is None:
             raise RequestError(409, "no patch is active and the request names none")
         if not isinstance(patch, str):
@@ -136,7 +136,7 @@ async def predict(request: web.Request) -> web.Response:
 async def list_patches(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     sizes = svc.bank.memory_bytes()
-    return web.json_response({"active": svc.bank.active, "patches": [
+    return web.json_response({"active": svc.default, "patches": [
         {"name": n, "method": p.manifest.method, "task": p.manifest.task, "bytes": sizes.get(n, 0),
          "labels": p.manifest.label_names} for n, p in sorted(svc.bank.patches.items())]})  # fmt: skip
 
@@ -177,26 +177,26 @@ async def add_patch(request: web.Request) -> web.Response:
 
 
 async def delete_patch(request: web.Request) -> web.Response:
-    return await _on_loaded(request, lambda bank: bank.unload, "unloaded")
+    return await _on_loaded(request, lambda svc: svc.unload, "unloaded")
 
 
 async def activate_patch(request: web.Request) -> web.Response:
-    return await _on_loaded(request, lambda bank: bank.activate, "active")
+    return await _on_loaded(request, lambda svc: svc.activate, "active")
 
 
 async def _on_loaded(request: web.Request, action, key: str) -> web.Response:
-    """Apply `action(bank)(name)` to a loaded patch, on the pass thread (between passes, never during)."""
+    """Apply `action(service)(name)` to a loaded patch, on the pass thread (between passes, never during)."""
     _authorised(request)
     svc, name = request.app[SERVICE], request.match_info["name"]
     if name not in svc.bank.patches:
         raise RequestError(404, f"no patch named {name!r}")
-    await asyncio.get_running_loop().run_in_executor(svc.pool, action(svc.bank), name)
+    await asyncio.get_running_loop().run_in_executor(svc.pool, action(svc), name)
     return web.json_response({key: name})
 
 
 async def healthz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    return web.json_response({"status": "ok", "patches": len(svc.bank.patches), "active": svc.bank.active})
+    return web.json_response({"status": "ok", "patches": len(svc.bank.patches), "active": svc.default})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -246,6 +246,6 @@ def serve(cfg: ServeConfig) -> None:
     # event loop could wait that long to parse or answer a request that needs no pass at all.
     sys.setswitchinterval(0.001)
     print(f"serving {len(svc.bank.patches)} patch(es) from {svc.folder} on http://{cfg.host}:{cfg.port} "
-          f"(active {svc.bank.active}, window {svc.window_s * 1000:g} ms, pass <= {svc.max_batch} sentences"
+          f"(active {svc.default}, window {svc.window_s * 1000:g} ms, pass <= {svc.max_batch} sentences"
           f"{', batching off' if not cfg.batching else ''})", flush=True)  # fmt: skip
     web.run_app(build_app(svc), host=cfg.host, port=cfg.port, print=None, access_log=None)

@@ -197,6 +197,16 @@ def test_patch_management_load_upload_activate_unload(server, folder, base_int8,
     assert "cr2" not in names and "bad" not in names and "foreign" not in names
 
 
+def test_a_request_naming_a_patch_leaves_the_default_patch(server):
+    assert server.call("POST", "/v1/patches/sst2/activate") == (200, {"active": "sst2"})
+    for name in ("cr", "subj"):
+        answer = server.call("POST", "/v1/predict", {"texts": TEXTS[:1], "patch": name})[1]["results"][0]
+        assert answer["patch"] == name
+    assert server.call("POST", "/v1/predict", {"texts": TEXTS[:1]})[1]["results"][0]["patch"] == "sst2"
+    assert server.call("GET", "/healthz")[1]["active"] == "sst2"
+    assert server.call("GET", "/v1/patches")[1]["active"] == "sst2"
+
+
 def test_a_full_queue_is_503_with_retry_after(folder):
     s = Server(folder, "--queue", "1")
     try:

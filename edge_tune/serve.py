@@ -1,13 +1,13 @@
 """`edge-tune serve`: one base, many task patches, many clients, over HTTP (aiohttp: asyncio, one small
 package with its own client, no framework layer; its RSS cost is in BENCHMARKS.md).
 
-Cross-request batching: a request waits at most the profile's `serve_window_ms` for others (and any that
-arrive while a pass runs join the next one), none after a lone pass (one request, and none arrived while it
-ran: a client on its own is not kept waiting for company that does not come); up to `serve_max_batch`
-sentences of any patches then go to `PatchBank.predict(texts, patches=...)` in one call, which sorts them
-by length into bands and mixes row-mixable methods (LoRA, head) by row in one pass and groups the rest per
-patch. Passes run one at a time on one worker thread, each with the profile's threads; the event loop only
-parses, queues and answers.
+Cross-request batching: requests that arrive while a pass runs join the next one, and after a pass of
+several requests (GATHER_MIN_REQUESTS) the next one's first request also waits up to the profile's
+`serve_window_ms` for others (after a smaller pass it would only idle the cores: few clients); up to
+`serve_max_batch` sentences of any patches then go to `PatchBank.predict(texts, patches=...)` in one call,
+which sorts them by length into bands and mixes row-mixable methods (LoRA, head) by row in one pass and
+groups the rest per patch. Passes run one at a time on one worker thread, each with the profile's threads;
+the event loop only parses, queues and answers.
 
 A request is answered wholly under one version of each patch: loading, replacing (the watched folder,
 `POST /v1/patches`) and unloading take the bank's lock, which every pass holds. The queue is bounded in
@@ -32,6 +32,7 @@ log = logging.getLogger("edge_tune")
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+GATHER_MIN_REQUESTS = 3  # a pass of fewer requests than this: the next one does not wait for the window
 
 
 @dataclass(frozen=True)
@@ -208,12 +209,14 @@ class Service:
     async def batcher(self) -> None:
         """Gather requests (the first waits at most the window) into passes, one pass at a time."""
         loop = asyncio.get_running_loop()
-        lone = False  # the last pass answered one request, and none arrived while it ran
+        last = 0  # requests the last pass answered
         while True:
             batch = [await self.queue.get()]
             rows = len(batch[0].texts)
-            # A request after a lone one is most likely alone too: waiting would only delay it.
-            deadline = batch[0].arrived + (0.0 if lone else self.window_s)
+            # The window buys a bigger pass only where requests already come together: after a pass of
+            # fewer than GATHER_MIN_REQUESTS a request is answered at once (few clients: waiting only idled
+            # the cores; BENCHMARKS.md, Serving).
+            deadline = batch[0].arrived + (self.window_s if last >= GATHER_MIN_REQUESTS else 0.0)
             while self.cfg.batching and rows < self.max_batch:
                 try:
                     if not self.queue.empty() or deadline <= loop.time():
@@ -231,7 +234,7 @@ class Service:
             except Exception as e:  # a failed pass fails its requests, never the batcher
                 log.exception("a pass failed")
                 results = [RequestError(500, f"internal error: {e.__class__.__name__}: {e}")] * len(batch)
-            lone = len(batch) == 1 and self.queue.empty()
+            last = len(batch)
             for item, r in zip(batch, results, strict=True):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(r, Exception) else item.future.set_result)(r)

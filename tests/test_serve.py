@@ -376,8 +376,8 @@ def test_every_bank_call_of_the_service_runs_on_its_pass_thread(folder, monkeypa
     assert len(callers) >= 1 + len(TASKS) + 1 and set(callers) == {pass_thread}
 
 
-def test_a_request_after_a_lone_pass_does_not_wait_for_the_window(tmp_path, monkeypatch):
-    # The batcher alone, over a bank that answers at once: which passes wait for the window.
+def test_only_a_pass_of_several_requests_makes_the_next_wait_for_the_window(tmp_path, monkeypatch):
+    # The batcher alone, over a bank that answers at once: which requests wait for the window.
     import asyncio
 
     from edge_tune import serve
@@ -398,25 +398,26 @@ def test_a_request_after_a_lone_pass_does_not_wait_for_the_window(tmp_path, monk
         return await wait_for(aw, timeout)
 
     monkeypatch.setattr(serve.asyncio, "wait_for", spy)
+    several = serve.GATHER_MIN_REQUESTS
 
     async def run():
         batcher = asyncio.create_task(svc.batcher())
         seen = []
         try:
-            await svc.predict(["a"], ["p"])  # nothing before it: it waits the window for company
+            await svc.predict(["a"], ["p"])  # nothing before it: answered at once
             seen.append(len(waits))
-            await svc.predict(["b"], ["p"])  # after a lone pass: answered without waiting
-            seen.append(len(waits))
-            await asyncio.gather(svc.predict(["c"], ["p"]), svc.predict(["d"], ["q"]))  # company again
+            await asyncio.gather(*[svc.predict([t], ["p"]) for t in "bcdefgh"[:several]])  # one pass
             seen.append(svc.pass_rows.n)
-            await svc.predict(["e"], ["p"])  # after a pass of two: waits again
+            await svc.predict(["i"], ["p"])  # after a pass of several: waits the window for company
+            seen.append(len(waits))
+            await svc.predict(["j"], ["p"])  # after a pass of one: answered at once
             seen.append(len(waits))
         finally:
             batcher.cancel()
         return seen
 
     try:
-        first, second, passes, last = asyncio.run(run())
+        first, passes, after_several, after_one = asyncio.run(run())
     finally:
         svc.pool.shutdown()
-    assert first >= 1 and second == first and passes == 3 and last > second
+    assert first == 0 and passes == 2 and after_several >= 1 and after_one == after_several

@@ -116,10 +116,8 @@ class Service:
                 ) from None
             if not self.token:
                 raise EdgeTuneError("the token file is empty", cfg.token_file)
-        # Every torch op of the service runs on this one thread, loading included. A second thread that has
-        # run a parallel op keeps its own OpenMP team, and once teams hold more threads than there are cores
-        # libgomp stops spinning between parallel regions: a pass then ran ~2.5x slower (a one-sentence
-        # pass 11 ms instead of 4 on 2 cores).
+        # Every torch op of the service runs on this one thread, loading included: a second thread's OpenMP
+        # team made every pass ~2.5x slower (bank.py, Concurrency).
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="edge_tune_pass")
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.queued = 0  # sentences waiting

@@ -215,16 +215,14 @@ def main() -> int:
         help="the longest a request waits to share a pass, ms (default: the profile's serve_window_ms)",
     )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
-    ap.add_argument(
-        "--pass-cost-only", action="store_true", help=argparse.SUPPRESS
-    )  # the fresh process's part
+    # the fresh process's part of the run: the pass-cost curve, printed as JSON
+    ap.add_argument("--pass-cost-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     folder = Path(args.patches).resolve()
     names = sorted(p.stem for p in folder.glob("*.patch"))
     if not names:
         sys.exit(f"error: no .patch files in {folder}")
     if args.pass_cost_only:
-        sys.path.insert(0, str(ROOT))
         print(json.dumps(pass_cost(folder, args.profile, args.threads)))
         return 0
     counts = sorted({int(c) for c in args.clients.split(",")})

@@ -230,6 +230,53 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return out;
 }
 
+// Attention over sequences packed back to back: q, k, v (N, H, Dh), sequence s on rows offsets[s] to
+// offsets[s + 1]. Each (sequence, head) pair runs as `attention` runs it, padded to its own length (rounded
+// up to 8) instead of the batch's longest, and reads and writes the packed rows in place. A pair's padding
+// adds only zeros to its sums, so every sequence gets the bits the padded op gives it (tests).
+at::Tensor attention_packed(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& offsets_in) {
+  TORCH_CHECK(q_in.dim() == 3 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
+              "attention_packed: q, k and v must be (tokens, heads, head_dim) of one shape");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat && v_in.scalar_type() == at::kFloat,
+              "attention_packed: q, k and v must be float32");
+  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.numel() >= 1, "attention_packed: offsets must be (sequences + 1,)");
+  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t S = offsets.numel() - 1, N = q_in.size(0), H = q_in.size(1), Dh = q_in.size(2);
+  TORCH_CHECK(S >= 0 && off[0] == 0 && off[S] == N, "attention_packed: offsets must run from 0 to the tokens");
+  int64_t longest = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(off[s + 1] >= off[s], "attention_packed: offsets must not decrease");
+    longest = std::max(longest, off[s + 1] - off[s]);
+  }
+  const at::Tensor q = contiguous_last(q_in), k = contiguous_last(k_in), v = contiguous_last(v_in);
+  at::Tensor out = at::empty({N, H, Dh}, q.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(Dh));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, S * H, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t tpm = pad8(longest), dp = pad8(Dh);
+    std::vector<float> Q(tpm * dp), Kt(dp * tpm), V(tpm * dp), P(tpm * tpm), O(tpm * dp), keep(tpm), row(dp);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t s = p / H, h = p % H, T = off[s + 1] - off[s];
+      if (T == 0) continue;
+      const Dims d{1, H, T, Dh, pad8(T), dp};
+      std::fill(keep.begin(), keep.end(), 0.f);
+      std::fill(keep.begin(), keep.begin() + T, 1.f);
+      const auto pair_at = [&](const at::Tensor& t) { return off[s] * t.stride(0) + h * t.stride(1); };
+      gather(qp + pair_at(q), q.stride(0), T, Dh, Q.data(), dp, d.tp, false, row.data());
+      gather(kp + pair_at(k), k.stride(0), T, Dh, Kt.data(), d.tp, dp, true, row.data());
+      gather(vp + pair_at(v), v.stride(0), T, Dh, V.data(), dp, d.tp, false, row.data());
+      probabilities(Q.data(), Kt.data(), keep.data(), d, scale, P.data());
+      gemm(P.data(), d.tp, V.data(), dp, O.data(), dp, T, dp, d.tp);  // O = P V
+      float* o = op + pair_at(out);
+      for (int64_t r = 0; r < T; ++r) std::memcpy(o + r * out.stride(0), O.data() + r * dp, Dh * sizeof(float));
+    }
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_in, const at::Tensor& q_in,
                                                                   const at::Tensor& k_in, const at::Tensor& v_in,
                                                                   const at::Tensor& key_mask) {
@@ -275,5 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("attention", &attention);
+  m.impl("attention_packed", &attention_packed);
   m.impl("attention_backward", &attention_backward);
 }

@@ -36,7 +36,7 @@ from .methods import MethodSpec
 from .model import QuantLinear
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
-from .tokens import encode, length_buckets
+from .tokens import encode
 
 
 class PatchBank:
@@ -53,6 +53,9 @@ class PatchBank:
         # LoRA's scale): (object, attribute, value, default).
         self._settings: dict[str, list[tuple[nn.Module, str, float, float]]] = {}
         self._specs: dict[str, MethodSpec] = {}  # per patch, its manifest's method, parsed once at load
+        # The last mixed pass's patch names and their stacked LoRA terms (_lora_terms): passes of one service
+        # mostly mix the same patches. Dropped on every load and unload.
+        self._row_terms: tuple[tuple[str, ...], dict] | None = None
         self.active: str | None = None
         self._lock = threading.RLock()
         self._modules = dict(self.base.model.named_modules())
@@ -87,6 +90,7 @@ class PatchBank:
             if patch.name == self.active:
                 self.deactivate()
             self.patches[patch.name] = patch
+            self._row_terms = None
             self._bindings[patch.name] = bindings
             self._settings[patch.name] = settings
             self._specs[patch.name] = spec
@@ -127,6 +131,7 @@ class PatchBank:
             if name == self.active:
                 self.deactivate()
             self.patches.pop(name, None)
+            self._row_terms = None
             self._bindings.pop(name, None)
             self._settings.pop(name, None)
             self._specs.pop(name, None)
@@ -204,11 +209,15 @@ class PatchBank:
         model.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
-            for s, e in length_buckets([len(tokens[i]) for i in order], batch_size):
-                idx = torch.tensor(order[s:e])
+            for s in range(0, len(order), batch_size):  # packed passes: padding costs nothing to cut around
+                idx = torch.tensor(order[s : s + batch_size])
+                ids, mask = collate([tokens[i] for i in idx.tolist()])
+                token_patch = pid[idx].repeat_interleave(mask.sum(1))[
+                    :, None
+                ]  # (N, 1): a packed token's patch
                 for lin, (a, b, col_patch, col_scale) in terms.items():
-                    lin.lora_rows = (a, b, ((pid[idx, None] == col_patch) * col_scale)[:, None, :])
-                feats = model.pool(*collate([tokens[i] for i in idx.tolist()]))
+                    lin.lora_rows = (a, b, (token_patch == col_patch) * col_scale)
+                feats = model.pool(ids, mask, packed=True)
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
                     t = self.patches[names[u]].tensors
@@ -227,6 +236,8 @@ class PatchBank:
     def _lora_terms(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """For every linear any of `names` adds a term to (Method.row_terms): the patches' A stacked (R, in),
         B stacked (out, R), and per stacked rank its patch's index in `names` (R,) and scale (R,)."""
+        if self._row_terms is not None and self._row_terms[0] == tuple(names):
+            return self._row_terms[1]
         found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
             spec = self._specs[n]
@@ -236,7 +247,7 @@ class PatchBank:
                 self._modules, self.patches[n].tensors, spec
             ).items():
                 found.setdefault(lin, []).append((u, a, b, scale))
-        return {
+        stacked = {
             lin: (
                 torch.cat([a for _, a, _, _ in terms]),
                 torch.cat([b for _, _, b, _ in terms], dim=1),
@@ -245,6 +256,8 @@ class PatchBank:
             )
             for lin, terms in found.items()
         }
+        self._row_terms = (tuple(names), stacked)
+        return stacked
 
 
 def patch_accuracy(path: str | Path, ds: Dataset) -> float:

@@ -281,6 +281,10 @@ def with_tensor_cache(plan: MemoryPlan, budget_mb: float) -> MemoryPlan:
     if tensor_cache_slack_set_by_env():
         return plan
     base = dataclasses.replace(plan, tensor_cache_mb=0.0)
-    return dataclasses.replace(
-        base, tensor_cache_mb=max(0.0, min(TENSOR_CACHE_AUTO_MB, (budget_mb - base.total_mb) // 4))
-    )
+    return dataclasses.replace(base, tensor_cache_mb=affordable_tensor_cache_mb(budget_mb - base.total_mb))
+
+
+def affordable_tensor_cache_mb(headroom_mb: float) -> float:
+    """The tensor cache's slack a process with `headroom_mb` MB under its budget spends: a quarter of it, at
+    most TENSOR_CACHE_AUTO_MB, none where there is none."""
+    return max(0.0, min(TENSOR_CACHE_AUTO_MB, headroom_mb // 4))

@@ -159,6 +159,20 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
     return _heads_last(out)
 
 
+def attention_packed_ref(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor) -> Tensor:
+    """q, k, v: (N, H, Dh) fp32, sequences back to back (sequence s on rows offsets[s] to offsets[s + 1]) ->
+    (N, H, Dh): attention_ref within each sequence, no padding (Encoder.forward's `packed`)."""
+    bounds = offsets.tolist()
+    if not bounds or bounds[0] != 0 or bounds[-1] != q.shape[0] or bounds != sorted(bounds):
+        raise RuntimeError("attention_packed: offsets must run from 0 to the tokens, never decreasing")
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True):
+        if s1 > s0:
+            pair = [t[s0:s1].transpose(0, 1) for t in (q, k, v)]  # (H, T, Dh)
+            out[s0:s1] = torch.nn.functional.scaled_dot_product_attention(*pair).transpose(0, 1)
+    return out
+
+
 def attention_backward_ref(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> tuple:
     """(dq, dk, dv) of attention_ref at q, k, v (fp32 or fp16, taken in fp32) for the output gradient grad,
     the probabilities recomputed: dS = P (dP - rowsum(P dP)) / sqrt(Dh)."""
@@ -234,6 +248,7 @@ SCHEMAS = {
     ),
     # self-attention (half_saved.attention; half_saved._AttentionHalfSaved owns the autograd and runs the backward)
     "attention": ("(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor", attention_ref),
+    "attention_packed": ("(Tensor q, Tensor k, Tensor v, Tensor offsets) -> Tensor", attention_packed_ref),
     "attention_backward": (
         "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor key_mask) -> (Tensor, Tensor, Tensor)",
         attention_backward_ref,
@@ -258,6 +273,7 @@ int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
 lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
 attention = torch.ops.edge_tune.attention.default
+attention_packed = torch.ops.edge_tune.attention_packed.default
 attention_backward = torch.ops.edge_tune.attention_backward.default
 half_saturated = torch.ops.edge_tune.half_saturated.default
 gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
@@ -322,6 +338,11 @@ def _(grad, x, A, B, lora_scale, grad_x):
 @torch.library.register_fake("edge_tune::attention", lib=_lib)
 def _(q, k, v, key_mask):
     return _empty_heads_last(q)
+
+
+@torch.library.register_fake("edge_tune::attention_packed", lib=_lib)
+def _(q, k, v, offsets):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
 @torch.library.register_fake("edge_tune::attention_backward", lib=_lib)
@@ -420,6 +441,7 @@ ALL_OPS = {
     "int4_embedding": int4_embedding,
     "lora_linear_backward": lora_linear_backward,
     "attention": attention,
+    "attention_packed": attention_packed,
     "attention_backward": attention_backward,
     "half_saturated": half_saturated,
     "gelu_backward_half": gelu_backward_half,

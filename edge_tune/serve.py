@@ -25,8 +25,9 @@ from pathlib import Path
 
 from .bank import PatchBank
 from .errors import EdgeTuneError
+from .memory import affordable_tensor_cache_mb
 from .profiles import DeviceProfile, load_profile
-from .rss import current_rss_mb, peak_rss_mb
+from .rss import current_rss_mb, peak_rss_mb, set_tensor_cache_slack, tensor_cache_slack_set_by_env
 
 log = logging.getLogger("edge_tune")
 
@@ -132,9 +133,19 @@ class Service:
         try:
             self.bank = bank or self.pool.submit(PatchBank.from_profile, cfg.profile).result()
             self.pool.submit(self._load_folder).result()
+            self.pool.submit(self._spend_headroom_on_tensor_cache).result()
         except BaseException:  # a base or patch refused at start: no pass thread left behind
             self.pool.shutdown(wait=False)
             raise
+
+    def _spend_headroom_on_tensor_cache(self) -> None:
+        """Slack for the tensor cache (rss.py) from the budget's headroom once the folder is loaded, unless
+        $EDGE_TUNE_TENSOR_CACHE_MB says: each pass has its own token count, so its tensors' sizes seldom
+        recur exactly, and with no slack most of them fault fresh pages in."""
+        if not tensor_cache_slack_set_by_env():
+            set_tensor_cache_slack(
+                affordable_tensor_cache_mb(self.profile.memory_budget_mb - current_rss_mb())
+            )
 
     # -- patches -------------------------------------------------------------------------------------
     def _load_folder(self) -> None:

@@ -151,6 +151,50 @@ def test_every_registered_method_loads_swaps_and_restores(base_int8, tmp_path, i
     assert torch.equal(logits(bank.base, ids_mask), bare)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_packed_pass_gives_the_padded_pass_bits_for_every_method(
+    base_int8, tmp_path, ids_mask, method, monkeypatch
+):
+    """Encoder.forward's `packed` (the matmuls on real tokens only, attention per sentence unpadded) is how
+    every inference pass runs: for a patch of each method, over sentences of different lengths, the padded
+    pass's hidden states on real tokens and its logits (bit for bit with the kernels; on the references,
+    SDPA's rounding differs by shape), and zeros on padding."""
+    from edge_tune.kernels import load_kernels
+
+    bank = PatchBank(copy.deepcopy(base_int8))
+    spec = MethodSpec(method, rank=4, alpha=8.0, targets=("q", "v", "ff1"))
+    bank.activate(bank.load(synthetic_patch(base_int8, tmp_path / "a.patch", "a", spec, 1)))
+    model, (ids, mask) = bank.base.model.eval(), ids_mask
+    assert mask.sum(1).unique().numel() > 2  # lengths differ: there is padding to leave out
+    real = mask.bool()
+    for activations in ("dynamic", "fp32"):
+        monkeypatch.setattr(model_module, "INT8_ACTIVATIONS", activations)
+        with torch.inference_mode():
+            padded, packed = model.encoder(ids, mask), model.encoder(ids, mask, packed=True)
+            logits_padded, logits_packed = model(ids, mask), model(ids, mask, packed=True)
+        assert not packed[~real].any()
+        if load_kernels():
+            assert torch.equal(packed[real], padded[real]) and torch.equal(logits_packed, logits_padded)
+        elif activations == "fp32":
+            torch.testing.assert_close(logits_packed, logits_padded, rtol=1e-4, atol=1e-4)
+        else:  # a last-bit change may flip one int8 requantization step (test_mixed_batch_equals_...)
+            torch.testing.assert_close(logits_packed, logits_padded, rtol=0, atol=0.05)
+
+
+def test_a_mixed_pass_after_a_patch_is_replaced_uses_the_new_one(bank, base_int8, task_patches, tmp_path):
+    # the bank keeps the last mixed pass's stacked LoRA terms: a load under the same name must drop them
+    names = ["sst2", "cr"] * 3
+    before = bank.predict(TEXTS[:6], patches=names)
+    other = synthetic_patch(base_int8, tmp_path / "sst2.patch", "sst2", TASKS["sst2"], seed=7)
+    bank.load(other, name="sst2")
+    fresh = PatchBank(copy.deepcopy(base_int8))
+    fresh.load(other, name="sst2")
+    fresh.load(task_patches["cr"], name="cr")
+    after, want = bank.predict(TEXTS[:6], patches=names), fresh.predict(TEXTS[:6], patches=names)
+    assert [p.probability for p in after] == [p.probability for p in want]
+    assert [p.probability for p in after][::2] != [p.probability for p in before][::2]
+
+
 def test_mixed_batch_restores_the_active_patch(bank):
     bank.activate("subj")
     before = _probs(bank, None)

@@ -286,6 +286,40 @@ def test_attention_rows_do_not_depend_on_the_batch_and_fully_masked_sequences_gi
     assert all((t[2] == 0).all() for t in ops.attention_backward(g, q, k, v, keys))
 
 
+@needs_kernels
+@pytest.mark.parametrize(("lengths", "H", "Dh"), [([26, 9, 41, 1, 17], 12, 32), ([3, 0, 130], 3, 64), ([5], 2, 20),
+                                                  ([], 4, 8)])  # fmt: skip
+def test_packed_attention_kernel_matches_its_reference_and_the_padded_op(lengths, H, Dh):
+    """attention_packed (sequences back to back, as the encoder's packed inference pass holds them) against
+    its reference within float rounding, and bit for bit what the padded op gives each sequence in a batch
+    padded to the longest: its padding adds only zeros."""
+    g = torch.Generator().manual_seed(0)
+    N, D = sum(lengths), H * Dh
+    q, k, v = (torch.randn(N, D, generator=g).mul(2).view(N, H, Dh) for _ in range(3))  # the encoder's views
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    out = ops.attention_packed(q, k, v, offsets)
+    assert out.shape == (N, H, Dh) and out.is_contiguous()
+    torch.testing.assert_close(out, ops.attention_packed_ref(q, k, v, offsets), rtol=1e-5, atol=1e-5)
+    if not lengths:
+        return
+    B, T = len(lengths), max(lengths)
+    keys = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    slots = keys.flatten().nonzero().squeeze(1)
+    padded = [
+        t.new_zeros(B * T, H, Dh).index_copy_(0, slots, t).view(B, T, H, Dh).transpose(1, 2)
+        for t in (q, k, v)
+    ]
+    want = ops.attention(*padded, keys).transpose(1, 2).reshape(B * T, H, Dh)[slots]
+    assert torch.equal(out, want)
+
+
+def test_packed_attention_refuses_offsets_that_do_not_cover_the_tokens():
+    q = torch.zeros(6, 2, 8)
+    for bad in ([0, 4], [1, 6], [0, 4, 3, 6]):
+        with pytest.raises(RuntimeError, match="offsets"):
+            ops.attention_packed(q, q, q, torch.tensor(bad))
+
+
 def _half_saved_check(h: torch.Tensor, g: torch.Tensor) -> None:
     """The fp16-saved activation ops against their references: the saturating conversion bit-exact, GELU's
     gradient within 2e-6 (A&S erf and a Cephes exp against torch's own; measured <= 1e-6 over N(0, 3^2))."""

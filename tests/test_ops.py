@@ -42,6 +42,10 @@ def _op_samples():
             (g[:0], x8.detach()[:0], A.detach(), B.detach(), 0.5, None),
         ],  # fmt: skip
         "attention": [(qkv[0], qkv[1], qkv[2], keys), (qkv[0][:0], qkv[1][:0], qkv[2][:0], keys[:0])],
+        "attention_packed": [
+            (*(torch.randn(7, 3, 8) for _ in range(3)), torch.tensor([0, 3, 7])),
+            (*(torch.randn(0, 3, 8) for _ in range(3)), torch.tensor([0])),
+        ],
         "attention_backward": [
             (torch.randn(2, 3, 5, 8), *qkv, keys),
             (torch.randn(2, 3, 5, 8), *(t.half() for t in qkv), keys),

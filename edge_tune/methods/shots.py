@@ -22,7 +22,11 @@ PRIOR_EXAMPLES = 8
 def embed(base, texts: list[str], seq_len: int = 64, batch_size: int = 64) -> torch.Tensor:
     """(N, D) mean-pooled sentence embeddings of `texts` from the base (eval mode, current deltas)."""
     tokens = encode(base.tokenizer, list(texts), seq_len)
-    return base.model.by_length([tokens[i] for i in range(len(tokens))], batch_size, base.model.pool)
+    return base.model.by_length(
+        [tokens[i] for i in range(len(tokens))],
+        batch_size,
+        lambda ids, mask: base.model.pool(ids, mask, packed=True),
+    )
 
 
 def set_head(model, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -146,14 +146,16 @@ class EncoderLayer(nn.Module):
             a = ops.attention_packed(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), packing.offsets)
             x = layer_norm(self.ln1, x + self.o(a.view(-1, D)))
         else:  # padded attention; a packed batch (with a prefix, or under autograd) pads for it alone
-            if packing is None:
+            slots = None if packing is None else packing.slots
+            if slots is None:
                 padded, unpadded = (lambda t: t), (lambda t: t.reshape(B, T, D))  # noqa: E731
             else:
-                padded = lambda t: t.new_zeros(B * T, D).index_copy_(0, packing.slots, t).view(B, T, D)  # noqa: E731
-                unpadded = lambda t: t.reshape(B * T, D).index_select(0, packing.slots)  # noqa: E731
+                padded = lambda t: t.new_zeros(B * T, D).index_copy_(0, slots, t).view(B, T, D)  # noqa: E731
+                unpadded = lambda t: t.reshape(B * T, D).index_select(0, slots)  # noqa: E731
             if prefix is None:
-                split = lambda t: padded(t).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-                # q, k, v as arguments, not locals: they are freed when attention returns, not at the layer's end
+                Dh = D // self.heads
+                split = lambda t: padded(t).view(B, T, self.heads, Dh).transpose(1, 2)  # noqa: E731
+                # q, k, v as arguments, not locals: freed when attention returns, not at the layer's end
                 a = attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask)
             else:
                 a = _attention_with_prefix(padded(self.q(x)), padded(self.k(x)), padded(self.v(x)), attn_mask,
@@ -242,10 +244,12 @@ class Encoder(nn.Module):
         self.prefix_encoder: nn.Module | None = None
 
     def forward(self, ids: Tensor, mask: Tensor, packed: bool = False) -> Tensor:
-        """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32 of the sentence's own tokens (padding rows
-        are zeros where `packed`). `packed`: the layers run on the real tokens only and pad them for attention
-        alone, so a batch of mixed lengths costs its real tokens in every matmul, not B x T (inference: a
-        16-sentence mixed-patch pass measured ~25% faster, tools/serve_load.py's pass-cost curve)."""
+        """ids, mask: (B, T) int64 -> hidden states (B, T, D) fp32 of the sentence's own tokens (zeros on
+        padding where `packed`). `packed`: the layers run on the real tokens only (N, D) and attention per
+        sentence unpadded (ops.attention_packed), so a batch of mixed lengths costs its real tokens, not
+        B x T, with the padded pass's bits (tests/test_bank.py). Inference: mixed-patch passes of 8-16
+        SST-2 sentences measured 27-36% faster (BENCHMARKS.md, Serving). Under autograd, or with a prefix,
+        attention pads."""
         emb = self.word(ids)
         prompt = self.prompt_encoder() if self.prompt_encoder is not None else self.prompt
         P = 0 if prompt is None else prompt.shape[0]
@@ -292,7 +296,7 @@ class Classifier(nn.Module):
         self.head.out_features = num_labels
 
     def pool(self, ids: Tensor, mask: Tensor, packed: bool = False) -> Tensor:
-        """(B, T) -> (B, D): mean of the last hidden states over non-padding tokens (`packed`: Encoder.forward)."""
+        """(B, T) -> (B, D): mean of the last hidden states over real tokens (`packed`: Encoder.forward)."""
         h = self.encoder(ids, mask, packed)
         m = mask.to(h.dtype)[..., None]
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -5,8 +5,8 @@ Cross-request batching: requests that arrive while a pass runs join the next one
 several requests (GATHER_MIN_REQUESTS) the next one's first request also waits up to the profile's
 `serve_window_ms` for others (after a smaller pass it would only idle the cores: few clients); up to
 `serve_max_batch` sentences of any patches then go to `PatchBank.predict(texts, patches=...)` in one call,
-which sorts them by length into bands and mixes row-mixable methods (LoRA, head) by row in one pass and
-groups the rest per patch. Passes run one at a time on one worker thread, each with the profile's threads;
+which runs them packed (no matmul sees padding) and mixes row-mixable methods (LoRA, head) by row in one
+pass and groups the rest per patch. Passes run one at a time on one worker thread, each with the profile's threads;
 the event loop only parses, queues and answers.
 
 A request is answered wholly under one version of each patch: loading, replacing (the watched folder,

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument("--window-ms", type=float, default=None,
-                   help="ms a request may wait for others to share its pass (default: the profile's)")  # fmt: skip
+                   help="ms a pass may wait after the last one for the clients it answered (default: the profile's)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=None,
                    help="sentences in one pass at most (default: the profile's)")  # fmt: skip
     p.add_argument("--no-batching", dest="batching", action="store_false",

@@ -1,13 +1,16 @@
 """`edge-tune serve`: one base, many task patches, many clients, over HTTP (aiohttp: asyncio, one small
 package with its own client, no framework layer; its RSS cost is in BENCHMARKS.md).
 
-Cross-request batching: requests that arrive while a pass runs join the next one, and after a pass of
-several requests (GATHER_MIN_REQUESTS) the next one's first request also waits up to the profile's
-`serve_window_ms` for others (after a smaller pass it would only idle the cores: few clients); up to
+Cross-request batching: requests that arrive while a pass runs join the next one. After a pass of several
+requests (GATHER_MIN_REQUESTS) the next one also waits, at most the profile's `serve_window_ms` after that
+pass ended, until as many requests are queued as were then in play (those it answered, whose clients send
+again, and those queued behind it): a steady load then runs as one pass for all its clients instead of two
+groups taking turns, each group's HTTP traffic competing with the other's compute for the cores. After a
+smaller pass a request is answered at once (few clients: waiting only idled the cores). Up to
 `serve_max_batch` sentences of any patches then go to `PatchBank.predict(texts, patches=...)` in one call,
 which runs them packed (no matmul sees padding) and mixes row-mixable methods (LoRA, head) by row in one
-pass and groups the rest per patch. Passes run one at a time on one worker thread, each with the profile's threads;
-the event loop only parses, queues and answers.
+pass and groups the rest per patch. Passes run one at a time on one worker thread, each with the profile's
+threads; the event loop only parses, queues and answers.
 
 A request is answered wholly under one version of each patch: loading, replacing (the watched folder,
 `POST /v1/patches`) and unloading take the bank's lock, which every pass holds. The queue is bounded in
@@ -216,23 +219,26 @@ class Service:
         return await item.future
 
     async def batcher(self) -> None:
-        """Gather requests (the first waits at most the window) into passes, one pass at a time."""
+        """Gather requests into passes (waiting at most the window after the last pass), one at a time."""
         loop = asyncio.get_running_loop()
-        last = 0  # requests the last pass answered
+        # requests the last pass answered, when it ended (loop time), and how many requests were then in play
+        # (answered, or queued): the clients the next pass waits for
+        last, ended, expected = 0, 0.0, 0
         while True:
             batch = [await self.queue.get()]
             rows = len(batch[0].texts)
-            # The window buys a bigger pass only where requests already come together: after a pass of
-            # fewer than GATHER_MIN_REQUESTS a request is answered at once (few clients: waiting only idled
-            # the cores; BENCHMARKS.md, Serving).
-            deadline = batch[0].arrived + (self.window_s if last >= GATHER_MIN_REQUESTS else 0.0)
+            # The window buys a bigger pass only where requests already come together (module docstring;
+            # BENCHMARKS.md, Serving).
+            deadline = max(batch[0].arrived, ended) + (self.window_s if last >= GATHER_MIN_REQUESTS else 0.0)
             while self.cfg.batching and rows < self.max_batch:
                 try:
-                    if not self.queue.empty() or deadline <= loop.time():
+                    if not self.queue.empty():
                         item = self.queue.get_nowait()
+                    elif len(batch) >= expected or deadline <= loop.time():
+                        break
                     else:
                         item = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                except (asyncio.QueueEmpty, TimeoutError):
+                except TimeoutError:
                     break
                 batch.append(item)
                 rows += len(item.texts)
@@ -243,7 +249,7 @@ class Service:
             except Exception as e:  # a failed pass fails its requests, never the batcher
                 log.exception("a pass failed")
                 results = [RequestError(500, f"internal error: {e.__class__.__name__}: {e}")] * len(batch)
-            last = len(batch)
+            last, ended, expected = len(batch), loop.time(), len(batch) + self.queue.qsize()
             for item, r in zip(batch, results, strict=True):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(r, Exception) else item.future.set_result)(r)

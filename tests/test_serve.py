@@ -376,6 +376,44 @@ def test_every_bank_call_of_the_service_runs_on_its_pass_thread(folder, monkeypa
     assert len(callers) >= 1 + len(TASKS) + 1 and set(callers) == {pass_thread}
 
 
+def test_after_a_pass_of_several_the_next_waits_for_its_clients_and_no_longer(tmp_path):
+    # The clients a pass answered (and those queued behind it) come back as one pass, instead of the first
+    # to return starting a pass alone; once they are all back the pass starts, whatever the window left.
+    import asyncio
+
+    from edge_tune import serve
+    from edge_tune.manifest import Prediction
+
+    class InstantBank:
+        patches, active = {}, None
+
+        def predict(self, texts, patches):
+            return [Prediction("1", 1.0, p) for p in patches]
+
+    # a window of a minute: a pass that waited it out would time the test out below
+    svc = serve.Service(serve.ServeConfig(patches=str(tmp_path), window_ms=60_000), bank=InstantBank())
+    n = serve.GATHER_MIN_REQUESTS + 1
+
+    async def client(i: int):
+        await asyncio.sleep(0.01 * i)  # returning one after another
+        return await svc.predict([f"t{i}"], ["p"])
+
+    async def run():
+        batcher = asyncio.create_task(svc.batcher())
+        try:
+            await asyncio.gather(*[svc.predict([f"s{i}"], ["p"]) for i in range(n)])  # one pass of n
+            before = svc.pass_rows.n
+            await asyncio.wait_for(asyncio.gather(*[client(i) for i in range(n)]), 10)
+            return svc.pass_rows.n - before
+        finally:
+            batcher.cancel()
+
+    try:
+        assert asyncio.run(run()) == 1  # the n returning clients shared one pass, started once all were back
+    finally:
+        svc.pool.shutdown()
+
+
 def test_only_a_pass_of_several_requests_makes_the_next_wait_for_the_window(tmp_path, monkeypatch):
     # The batcher alone, over a bank that answers at once: which requests wait for the window.
     import asyncio

@@ -212,7 +212,7 @@ def main() -> int:
         "--window-ms",
         type=float,
         default=None,
-        help="the longest a request waits to share a pass, ms (default: the profile's serve_window_ms)",
+        help="the longest a pass waits after the last one for its clients, ms (default: the profile's serve_window_ms)",
     )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
     # the fresh process's part of the run: the pass-cost curve, printed as JSON

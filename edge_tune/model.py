@@ -248,7 +248,7 @@ class Encoder(nn.Module):
         padding where `packed`). `packed`: the layers run on the real tokens only (N, D) and attention per
         sentence unpadded (ops.attention_packed), so a batch of mixed lengths costs its real tokens, not
         B x T, with the padded pass's bits (tests/test_bank.py). Inference: mixed-patch passes of 8-16
-        SST-2 sentences measured 27-36% faster (BENCHMARKS.md, Serving). Under autograd, or with a prefix,
+        SST-2 sentences measured 22-42% faster (BENCHMARKS.md, Serving). Under autograd, or with a prefix,
         attention pads."""
         emb = self.word(ids)
         prompt = self.prompt_encoder() if self.prompt_encoder is not None else self.prompt

@@ -105,8 +105,8 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
     names = [rng.choice(list(TASKS)) for _ in range(4 * len(TEXTS))]
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
     # With BitFit in the mix: one pass per patch over its own rows; without: one pass, per-row LoRA. Each
-    # is compared with a per-patch pass over the same sentences (so the same padded length: with dynamic
-    # int8 activations a different padding may move the last bit of attention and flip a rounding).
+    # is compared with a per-patch pass over the same sentences (the same batch size, so the same summation
+    # orders where a batch's size sets them: pooling, the head).
     for mix, grouped in ((names, True), ([n for n in names if n != "subj"], False)):
         rows = [(t, n) for t, n in zip(texts, names, strict=True) if n in mix]
         batch = [t for t, _ in rows]
@@ -126,7 +126,7 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
                     elif activations == "fp32":  # the stacked LoRA terms sum in another order: float rounding
                         assert abs(mixed[i].probability - w.probability) < 1e-5
                     else:  # and the next layer's int8 requantization may turn that into a one-step change,
-                        # as padding does (tools/batch_invariance.py: max |dp| 0.034 over SST-2 dev)
+                        # as padded passes did (tools/batch_invariance.py: max |dp| 0.034 over SST-2 dev)
                         assert abs(mixed[i].probability - w.probability) < 0.05
 
 

@@ -10,7 +10,11 @@ pass, ms a pass computing, and the share of the wall time some pass was computin
 writes a PNG of throughput and p99 latency against clients.
 
     python tools/serve_load.py --patches DIR [--clients 1,2,4,8,16] [--seconds 60] [--sweep-seconds 10]
+                               [--paired-rounds 3] [--paired-seconds 10]
                                [--profile raspberry-pi-4-4gb] [--window-ms MS] [--out out/serve_load]
+
+The two modes' main runs are minutes apart; the paired rounds (both services up, the largest load
+alternating between them) give the throughput ratio with the machine's drift shared.
 
 The clients share the 2 cores with the service (one asyncio process): figures are of the pair.
 """
@@ -22,6 +26,7 @@ import asyncio
 import json
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +157,30 @@ async def probe(url: str, names: list[str], texts: list[str]) -> list:
     return out
 
 
+def paired_ratios(folder: Path, args, names: list[str], texts: list[str], clients: int) -> list[float]:
+    """Both services up at once, the load alternating between them in slices of `args.paired_seconds`
+    (`args.paired_rounds` each, the order swapped every round): batching on / off throughput per round.
+    The main runs measure the two modes minutes apart, and this machine's speed drifts over minutes."""
+    procs = {b: start(folder, args.profile, b, args.threads, args.window_ms) for b in (False, True)}
+    ratios = []
+    try:
+        for k in range(args.paired_rounds):
+            rps = {}
+            for b in (False, True) if k % 2 == 0 else (True, False):
+                row = asyncio.run(
+                    run_load(procs[b][1], names, texts, clients, args.paired_seconds, False, folder)
+                )
+                rps[b] = row["rps"]
+            ratios.append(rps[True] / rps[False])
+            print(f"paired round {k + 1}: on {rps[True]:.1f} / off {rps[False]:.1f} req/s = {ratios[-1]:.2f}x",
+                  flush=True)  # fmt: skip
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(30)
+    return ratios
+
+
 PASS_SIZES = (1, 2, 4, 8, 16)
 
 
@@ -214,6 +243,12 @@ def main() -> int:
         default=None,
         help="the longest a pass waits after the last one for its clients, ms (default: the profile's serve_window_ms)",
     )
+    ap.add_argument("--paired-rounds", type=int, default=3,
+                    help="rounds of the largest load alternating between both services, up at once (default 3; 0: "
+                         "none)")  # fmt: skip
+    ap.add_argument(
+        "--paired-seconds", type=float, default=10, help="seconds of each paired slice (default 10)"
+    )
     ap.add_argument("--out", default="out/serve_load", help="folder for serve_load.json and .png")
     # the fresh process's part of the run: the pass-cost curve, printed as JSON
     ap.add_argument("--pass-cost-only", action="store_true", help=argparse.SUPPRESS)
@@ -226,8 +261,13 @@ def main() -> int:
         print(json.dumps(pass_cost(folder, args.profile, args.threads)))
         return 0
     counts = sorted({int(c) for c in args.clients.split(",")})
-    if not 1 <= counts[0] <= counts[-1] <= 64 or args.seconds > 600 or args.sweep_seconds > 600:
+    if (
+        not 1 <= counts[0] <= counts[-1] <= 64
+        or max(args.seconds, args.sweep_seconds, args.paired_seconds) > 600
+    ):
         sys.exit("error: clients must be in 1..64 and seconds at most 600")
+    if not 0 <= args.paired_rounds <= 20:
+        sys.exit("error: --paired-rounds must be in 0..20")
     texts = [ln.split("\t", 1)[1] for ln in SST2_DEV.read_text().splitlines()[1:]]
     from edge_tune.profiles import load_profile
 
@@ -272,6 +312,10 @@ def main() -> int:
         f"\n{counts[-1]} clients: throughput on / off {top_on['rps'] / top_off['rps']:.2f}x; p99 on "
         f"{top_on['p99_ms']:.1f} ms vs 2x off's p50 at {counts[0]} client(s) {2 * off['rows'][0]['p50_ms']:.1f} ms"
     )
+    if args.paired_rounds:
+        ratios = results["paired_ratios"] = paired_ratios(folder, args, names, texts, counts[-1])
+        print(f"{counts[-1]} clients, paired ({args.paired_rounds} rounds of {args.paired_seconds:g} s a mode): "
+              f"on / off {min(ratios):.2f}-{max(ratios):.2f}x, median {statistics.median(ratios):.2f}x")  # fmt: skip
     for mode in ("off", "on"):
         r, top = results[mode], results[mode]["rows"][-1]
         print(f"batching {mode}: {top['reloads']} reloads, {top['failed']} failed, {top['wrong_patch']} wrong-patch, "

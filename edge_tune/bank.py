@@ -212,9 +212,8 @@ class PatchBank:
             for s in range(0, len(order), batch_size):  # packed passes: padding costs nothing to cut around
                 idx = torch.tensor(order[s : s + batch_size])
                 ids, mask = collate([tokens[i] for i in idx.tolist()])
-                token_patch = pid[idx].repeat_interleave(mask.sum(1))[
-                    :, None
-                ]  # (N, 1): a packed token's patch
+                # (N, 1): each packed token's patch
+                token_patch = pid[idx].repeat_interleave(mask.sum(1))[:, None]
                 for lin, (a, b, col_patch, col_scale) in terms.items():
                     lin.lora_rows = (a, b, (token_patch == col_patch) * col_scale)
                 feats = model.pool(ids, mask, packed=True)

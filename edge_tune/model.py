@@ -257,14 +257,15 @@ class Encoder(nn.Module):
             emb = torch.cat([prompt.expand(ids.shape[0], P, -1), emb], 1)
             mask = torch.cat([mask.new_ones(ids.shape[0], P), mask], 1)
         B, T = mask.shape
-        x = layer_norm(self.emb_ln, emb + self.pos[:T] + self.typ)
+        x = emb + self.pos[:T] + self.typ
         attn_mask = mask.bool()[:, None, None, :]
         packing = None
-        if packed:
+        if packed:  # from here on the real tokens only, the embeddings' LayerNorm included
             offsets = torch.zeros(B + 1, dtype=torch.long, device=mask.device)
             torch.cumsum(mask.sum(1), 0, out=offsets[1:])
             packing = Packing(mask.flatten().nonzero().squeeze(1), offsets)
             x = x.reshape(B * T, -1).index_select(0, packing.slots)
+        x = layer_norm(self.emb_ln, x)
         prefixes = self.prefix_encoder() if self.prefix_encoder is not None else None
         for i, layer in enumerate(self.layers):
             prefix = None if prefixes is None else prefixes[i]

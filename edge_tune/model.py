@@ -90,7 +90,8 @@ class QuantLinear(nn.Module):
             # Two small matmuls for all the batch's patches: the zeros of the row scale keep each row to its
             # own patch's ranks (no gather or scatter per patch; within float rounding of a one-patch pass).
             a, b, row_scale = self.lora_rows
-            y = y + ((x @ a.t()) * row_scale) @ b.t()
+            t = (x @ a.t()).mul_(row_scale)
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), b.t()).view(y.shape)
         if self.out_scale is not None:
             y = y * self.out_scale
         if self.adapter_down is not None:

@@ -1,9 +1,12 @@
 """Where the milliseconds go: a LoRA r8 training step (16 sentences x 64 tokens) and a batch-1 call on the
 int8 base, under torch.profiler, by op (self time) and by layer (embeddings, each encoder layer forward and
 backward, the head), on the machine it runs on; plus the step's integer GEMM work and the rate the int8
-ops reached (GMAC/s), the figure to hold against the kernels' peak (tools/bench_kernels.py).
+ops reached (GMAC/s), the figure to hold against the kernels' peak (tools/bench_kernels.py). With
+--patches, also a serving pass as `edge-tune serve` runs one: `PatchBank.predict` of --pass-sentences
+SST-2 dev sentences, the folder's patches taking turns by row (one mixed, packed pass for LoRA patches).
 
-    python tools/step_breakdown.py [--threads 2] [--steps 10] [--calls 50] [--out out/step_breakdown]
+    python tools/step_breakdown.py [--threads 2] [--steps 10] [--calls 50] [--patches out/tasks]
+                                   [--pass-sentences 16] [--out out/step_breakdown]
 
 The ISA is this CPU's best unless forced for the whole process (EDGE_TUNE_INT8_ISA=avx2). Profiled times
 include the profiler's own cost (a few %): the wall-clock step and call, timed without it, come first.
@@ -129,6 +132,39 @@ def print_part(title: str, wall_ms: float, ops: list[dict], layers: list[dict], 
             "gemm_gmac": macs / 1e9, "gemm_gmac_per_s": rate}  # fmt: skip
 
 
+def serving_pass(folder: Path, sentences: int, reps: int, top: int, wall) -> tuple[str, dict]:
+    """A serving pass over `folder`'s patches, profiled: (title, part). The tensor cache gets the slack
+    `edge-tune serve` gives it where the budget has room (a pass's sizes seldom recur exactly)."""
+    import random
+
+    from edge_tune.bank import PatchBank
+    from edge_tune.memory import TENSOR_CACHE_AUTO_MB
+    from edge_tune.rss import set_tensor_cache_slack, tensor_cache_slack_set_by_env
+    from edge_tune.tokens import encode
+
+    if not tensor_cache_slack_set_by_env():
+        set_tensor_cache_slack(TENSOR_CACHE_AUTO_MB)
+    bank = PatchBank(precision="int8")
+    names = [bank.load(p, name=p.stem) for p in sorted(folder.glob("*.patch"))]
+    dev = (ROOT / "data" / "sst2" / "dev.tsv").read_text().splitlines()[1:]
+    rng = random.Random(0)
+    texts = [rng.choice(dev).split("\t", 1)[1] for _ in range(sentences)]
+    patches = [names[i % len(names)] for i in range(sentences)]
+    tokens = sum(len(encode(bank.base.tokenizer, [t], bank.patches[n].manifest.seq_len)[0])
+                 for t, n in zip(texts, patches, strict=True))  # fmt: skip
+
+    def serve_pass():
+        bank.predict(texts, patches=patches)
+
+    ms = wall(serve_pass, reps)
+    handles, _ = bracket_layers(bank.base.model)
+    ops, layers = profile(serve_pass, reps)
+    for h in handles:
+        h.remove()
+    title = f"serving pass, {sentences} sentences ({tokens} tokens), {len(names)} patches"
+    return title, print_part(title, ms, ops, layers, gemm_macs(bank.base.model, tokens, False), top)
+
+
 def plot(parts: dict, path: Path, top: int) -> None:
     import matplotlib
 
@@ -153,10 +189,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="profiled training steps (default 10)")
     ap.add_argument("--calls", type=int, default=50, help="profiled batch-1 calls (default 50)")
     ap.add_argument("--top", type=int, default=15, help="ops listed per part (default 15)")
+    ap.add_argument("--patches", help="folder of .patch files (tools/build_task_patches.py): also profile a "
+                                      "serving pass over them")  # fmt: skip
+    ap.add_argument("--pass-sentences", type=int, default=16, help="sentences in that pass (default 16)")
     ap.add_argument("--out", default="out/step_breakdown", help="folder for the JSON and the PNG")
     a = ap.parse_args()
-    if a.threads < 1 or a.steps < 1 or a.calls < 1 or a.top < 1:
-        ap.error("--threads, --steps, --calls and --top must be at least 1")
+    if min(a.threads, a.steps, a.calls, a.top, a.pass_sentences) < 1:
+        ap.error("--threads, --steps, --calls, --top and --pass-sentences must be at least 1")
+    folder = Path(a.patches) if a.patches else None
+    if folder is not None and not sorted(folder.glob("*.patch")):
+        ap.error(f"no .patch files in {folder}")
     import torch
     import torch.nn.functional as F
 
@@ -214,6 +256,9 @@ def main() -> int:
     parts[f"batch 1, {tokens} tokens"] = print_part(
         f"batch 1, {tokens} tokens", call_ms, ops, layers, gemm_macs(model, tokens, False), a.top
     )
+    if folder is not None:
+        title, part = serving_pass(folder, a.pass_sentences, a.calls, a.top, wall)
+        parts[title] = part
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_breakdown.json").write_text(json.dumps(parts, indent=1))

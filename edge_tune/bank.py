@@ -33,7 +33,7 @@ from .data import Dataset, collate
 from .errors import PatchError
 from .manifest import Prediction
 from .methods import MethodSpec
-from .model import QuantLinear
+from .model import QuantLinear, prepack_linears
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
 from .tokens import encode
@@ -45,6 +45,8 @@ class PatchBank:
     def __init__(self, base: Base | None = None, precision: str = "int8", max_rank: int | None = None):
         apply_process_settings()
         self.base = base or load_base(precision=precision)
+        # every pass here is inference: the int8 weights packed once, not per call (+ their size in RSS)
+        prepack_linears(self.base.model)
         self.max_rank = max_rank
         self.patches: dict[str, Patch] = {}
         # Per patch: (module, attribute, patch tensor, base tensor or None) for every slot it re-points.

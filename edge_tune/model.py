@@ -63,6 +63,9 @@ class QuantLinear(nn.Module):
         # row's scale per stacked rank, (B, 1, R) or (N, R) for packed tokens (Encoder.forward): its patch's
         # alpha / r on its patch's ranks, 0 elsewhere.
         self.lora_rows: tuple[Tensor, Tensor, Tensor] | None = None
+        # The int8 weight packed once for the kernels' panels (prepack_linears), used by passes without
+        # autograd; not state: never saved, made again in each process (the layout is the CPU's).
+        self.packed: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.in_scale is not None:
@@ -71,7 +74,9 @@ class QuantLinear(nn.Module):
         if self.weight_full is not None:
             y = dense_linear(x, self.weight_full, self.bias)
         elif self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
-            if self.lora_A is not None:
+            if self.packed is not None and x.is_cpu and not torch.is_grad_enabled():
+                y = ops.int8_linear_dynamic_packed(x, self.w_q, *self.packed, self.scale, self.bias)
+            elif self.lora_A is not None:
                 y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
                                                float(self.lora_scale)), True  # fmt: skip
             else:
@@ -327,6 +332,19 @@ class Classifier(nn.Module):
         self.train(was_training)
         out = torch.cat(parts) if parts else torch.empty(0, self.head.weight.shape[0])
         return out[torch.argsort(torch.tensor(order, dtype=torch.long))] if parts else out
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Pack every int8 linear's weight once for the kernels' panels, so that inference passes (no autograd)
+    stop packing it per call: a short sentence's int8 GEMM spent about as long packing as multiplying.
+    Returns the bytes added (about the int8 weights' own size). For processes that serve: training keeps
+    packing per call, within its memory plan. CPU weights only (the CUDA kernels read w_q as it is)."""
+    added = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.precision == "int8" and m.w_q.is_cpu and m.packed is None:
+            m.packed = ops.int8_pack_weight(m.w_q)
+            added += sum(t.numel() * t.element_size() for t in m.packed)
+    return added
 
 
 def layer_of(name: str) -> int | None:

@@ -55,6 +55,25 @@ def int8_linear_dynamic_ref(x: Tensor, w_q: Tensor, scale: Tensor, bias: Tensor 
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 
+PACK_HEADER = 5  # int8_pack_weight's sums start with: magic, int8 cores, block columns, out, in
+
+
+def int8_pack_weight_ref(w_q: Tensor) -> tuple[Tensor, Tensor]:
+    """w_q (out, in) int8 -> (packed, sums): the weight in the int8 kernels' panel layout, packed once for
+    inference passes, and a header (PACK_HEADER int32: which layout) then w_q's row sums (out,) int32. The
+    reference keeps no layout: no bytes, and a header no kernel accepts (magic 0)."""
+    header = torch.tensor([0, -1, 0, w_q.shape[0], w_q.shape[1]], dtype=torch.int32, device=w_q.device)
+    return w_q.new_empty(0), torch.cat([header, w_q.sum(1, dtype=torch.int32)])
+
+
+def int8_linear_dynamic_packed_ref(
+    x: Tensor, w_q: Tensor, packed: Tensor, sums: Tensor, scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    """int8_linear_dynamic(x, w_q, scale, bias) with w_q also given packed (int8_pack_weight), bit for bit;
+    inference only (no autograd)."""
+    return int8_linear_dynamic_ref(x, w_q, scale, bias)
+
+
 def int8_linear_dynamic_grad_input_ref(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     """grad_x = grad_out @ (scale * W) with grad_out * scale quantized per row like the activations (the
     scale lies along the reduction, so it is folded in before quantizing); int32-exact accumulation."""
@@ -222,6 +241,12 @@ SCHEMAS = {
         "(Tensor grad_out, Tensor w_q, Tensor scale) -> Tensor",
         int8_linear_dynamic_grad_input_ref,
     ),
+    # inference passes over a weight packed once (model.prepack_linears)
+    "int8_pack_weight": ("(Tensor w_q) -> (Tensor, Tensor)", int8_pack_weight_ref),
+    "int8_linear_dynamic_packed": (
+        "(Tensor x, Tensor w_q, Tensor packed, Tensor sums, Tensor scale, Tensor? bias) -> Tensor",
+        int8_linear_dynamic_packed_ref,
+    ),
     "lora_linear": (
         "(Tensor x, Tensor w_q, Tensor scale, Tensor? bias, Tensor A, Tensor B, float lora_scale) -> Tensor",
         lora_linear_ref,
@@ -267,6 +292,8 @@ int4_linear_dynamic = torch.ops.edge_tune.int4_linear_dynamic.default
 int8_linear_dynamic = torch.ops.edge_tune.int8_linear_dynamic.default
 lora_linear = torch.ops.edge_tune.lora_linear.default
 int8_linear_dynamic_grad_input = torch.ops.edge_tune.int8_linear_dynamic_grad_input.default
+int8_pack_weight = torch.ops.edge_tune.int8_pack_weight.default
+int8_linear_dynamic_packed = torch.ops.edge_tune.int8_linear_dynamic_packed.default
 int8_linear_grad_input = torch.ops.edge_tune.int8_linear_grad_input.default
 int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
@@ -287,6 +314,18 @@ def _(x, w_q, scale, bias):
 
 @torch.library.register_fake("edge_tune::int8_linear_dynamic", lib=_lib)
 def _(x, w_q, scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("edge_tune::int8_pack_weight", lib=_lib)
+def _(w_q):
+    # the packed bytes depend on the int8 cores this CPU runs (their block width): a size known at run time
+    size = torch.library.get_ctx().new_dynamic_size()
+    return w_q.new_empty((size,)), w_q.new_empty((PACK_HEADER + w_q.shape[0],), dtype=torch.int32)
+
+
+@torch.library.register_fake("edge_tune::int8_linear_dynamic_packed", lib=_lib)
+def _(x, w_q, packed, sums, scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
@@ -433,6 +472,8 @@ ALL_OPS = {
     "int8_linear_dynamic": int8_linear_dynamic,
     "lora_linear": lora_linear,
     "int8_linear_dynamic_grad_input": int8_linear_dynamic_grad_input,
+    "int8_pack_weight": int8_pack_weight,
+    "int8_linear_dynamic_packed": int8_linear_dynamic_packed,
     "int4_linear": int4_linear,
     "int4_linear_dynamic": int4_linear_dynamic,
     "int8_linear_grad_input": int8_linear_grad_input,

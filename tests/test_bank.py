@@ -358,3 +358,33 @@ def test_every_method_survives_the_bad_patch_table(bank, base_int8, tmp_path, me
         bank.load(bad)
     assert "\n" not in str(e.value)
     assert bank.active == "cr" and set(bank.patches) == set(TASKS) and _probs(bank, None) == before
+
+
+def test_a_bank_packs_its_int8_weights_once_and_answers_with_the_same_bits(bank, ids_mask):
+    """PatchBank packs every int8 linear's weight once (model.prepack_linears) for its inference passes: each
+    patch's answers, and a mixed pass's, are those of the same model packing per call; a pass under
+    autograd (training) still packs per call, its output and gradients unchanged."""
+    from edge_tune.model import QuantLinear, prepack_linears
+
+    linears = [m for m in bank.base.model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.packed is not None for m in linears)
+    assert prepack_linears(bank.base.model) == 0  # once
+    names = [("sst2", "cr")[i % 2] for i in range(len(TEXTS))]  # the two LoRA patches: one mixed pass
+    packed = {n: _probs(bank, n) for n in TASKS}, bank.predict(TEXTS, patches=names)
+    kept = [m.packed for m in linears]
+    for m in linears:
+        m.packed = None
+    assert packed == ({n: _probs(bank, n) for n in TASKS}, bank.predict(TEXTS, patches=names))
+    # under autograd the packing is never read: a forward and backward with it equal one without
+    bank.activate("sst2")
+    model, (ids, mask) = bank.base.model.train(), ids_mask
+    lora = [p.requires_grad_() for n, p in model.named_parameters() if "lora_" in n]
+    runs = []
+    for packs in ([None] * len(linears), kept):
+        for m, k in zip(linears, packs, strict=True):
+            m.packed = k
+        torch.manual_seed(0)  # the same dropout masks
+        out = model(ids, mask)
+        runs.append((out.detach(), torch.autograd.grad(out.sum(), lora)))
+    assert lora and torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))

@@ -118,6 +118,8 @@ def test_cuda_opcheck():
     samples = {
         "int8_linear": (x, q8, s8, bias),
         "int8_linear_dynamic": (x, q8, s8, bias),
+        "int8_pack_weight": (q8,),  # no CUDA kernels for these two: references on CUDA tensors
+        "int8_linear_dynamic_packed": (x, q8, *ops.int8_pack_weight(q8), s8, bias),
         "lora_linear": (x, q8, s8, bias, A, B, 2.0),
         "int4_linear": (x, q4, s4, bias),
         "int4_linear_dynamic": (x, q4, s4, bias),  # no CUDA kernel: the reference runs on CUDA tensors
@@ -136,7 +138,7 @@ def test_cuda_opcheck():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
                 and "grad_input" not in name and "embedding" not in name and "gelu" not in name
-                and "attention" not in name else a for i, a in enumerate(args)]  # fmt: skip
+                and "attention" not in name and "packed" not in name else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
 
 

@@ -125,6 +125,50 @@ def test_dynamic_int8_rows_do_not_depend_on_their_batch():
 
 
 @needs_kernels
+@pytest.mark.parametrize(("k", "n"), SHAPES + [(385, 40), (30, 7)])
+def test_packed_weight_gives_the_per_call_packing_bits(k, n):
+    """int8_linear_dynamic_packed over a weight packed once (int8_pack_weight) is int8_linear_dynamic bit for
+    bit, on both paths (<= 4 rows: tiles with the stored row sums; more: the stored panels), at every
+    thread count, and the reference's bits; the packing is ~the weight's size, the sums its row sums."""
+    g = torch.Generator().manual_seed(k * n)
+    q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g)
+    packed, sums = ops.int8_pack_weight(q8)
+    assert torch.equal(sums[ops.PACK_HEADER :], q8.sum(1, dtype=torch.int32))
+    assert (
+        q8.numel() <= packed.numel() < q8.numel() + 64 * ((k + 3) // 4 * 4)
+    )  # one part-filled block at most
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for m in ROWS + [5]:
+                x = torch.randn(m, k, generator=g)
+                y = ops.int8_linear_dynamic_packed(x, q8, packed, sums, s8, b)
+                assert torch.equal(y, ops.int8_linear_dynamic(x, q8, s8, b))
+                assert torch.equal(y, ops.int8_linear_dynamic_ref(x, q8, s8, b))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_packed_weight_of_another_weight_or_the_reference_is_refused():
+    """A packing is used only with the weight and the int8 cores it was made for: one from the reference
+    (no layout), one of another shape, or a damaged header is an error, never a wrong result."""
+    g = torch.Generator().manual_seed(1)
+    q8, s8 = quant.quantize_int8(torch.randn(384, 384, generator=g))
+    other, _ = quant.quantize_int8(torch.randn(384, 96, generator=g))
+    x = torch.randn(8, 384, generator=g)
+    good = ops.int8_pack_weight(q8)
+    damaged = good[1].clone()
+    damaged[1] += 1  # another ISA's
+    for packed, sums in (ops.int8_pack_weight_ref(q8), ops.int8_pack_weight(other), (good[0], damaged),
+                         (good[0][:-1], good[1]), (good[0], good[1][:-1])):  # fmt: skip
+        with pytest.raises(RuntimeError, match="pack it again"):
+            ops.int8_linear_dynamic_packed(x, q8, packed, sums, s8, None)
+
+
+@needs_kernels
 @pytest.mark.parametrize(("m", "k", "n"), [(1029, 385, 40), (700, 1536, 96), (24, 384, 1536), (9, 384, 384)])
 def test_dynamic_int8_split_never_changes_a_result(m, k, n):
     """The GEMM's parallel split (row chunks where x outweighs the weight, column blocks otherwise, one
@@ -462,6 +506,8 @@ def test_every_int8_isa_gives_the_same_outputs(tmp_path):
         "xs.append(torch.where(xs[3] > 1, -0.0, xs[3]))\n"
         "xs[-1][5] = 0.0; xs[-1][7, 100] = float('inf'); xs[-1][9, 384] = float('nan')\n"
         "out = [ops.int8_linear_dynamic(x, q8, s8, b) for x in xs]\n"
+        "packed = ops.int8_pack_weight(q8)\n"  # each ISA's own layout
+        "out += [ops.int8_linear_dynamic_packed(x, q8, *packed, s8, b) for x in xs]\n"
         "out.append(ops.int8_linear_dynamic_grad_input(torch.randn(40, 96, generator=g), q8, s8))\n"
         "q4, s4 = quant.quantize_int4(torch.randn(96, 384, generator=g))\n"
         "out += [ops.int4_linear_dynamic(x[:, :384], q4, s4, b) for x in xs]\n"

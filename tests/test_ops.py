@@ -34,6 +34,11 @@ def _op_samples():
         "int4_linear_dynamic": [(x4, w4, s4, b4), (x4.detach()[:0], w4, s4, None)],
         "int8_linear_grad_input": [(g, w8, s8)],
         "int8_linear_dynamic_grad_input": [(g, w8, s8), (g[:0], w8, s8)],
+        "int8_pack_weight": [(w8,), (w8[:0],)],
+        "int8_linear_dynamic_packed": [
+            (x8.detach(), w8, *ops.int8_pack_weight(w8), s8, b8.detach()),
+            (x8.detach()[:0], w8, *ops.int8_pack_weight(w8), s8, None),
+        ],
         "int4_linear_grad_input": [(g, w4, s4)],
         "int8_embedding": [(ids, e8["w_q"], e8["scale"])],
         "int4_embedding": [(ids, e4["w_q"], e4["scale"])],

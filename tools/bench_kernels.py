@@ -196,12 +196,14 @@ def model_worker(inputs: str, repeats: int) -> dict:
 
     from edge_tune.base import load_base
     from edge_tune.methods import MethodSpec, apply_method
+    from edge_tune.model import prepack_linears
     from edge_tune.optim import AdamW
     from edge_tune.rss import apply_process_settings
 
     apply_process_settings()  # as `edge-tune train` and PatchBank do (mmap threshold, tensor cache)
     base = load_base(precision="int8")
     model = base.model
+    prepack_linears(model)  # as PatchBank serves (inference only: the training step packs per call)
     one, (ids, mask), _ = read_model_inputs(inputs)
     with torch.inference_mode():
         latency = median_us(lambda: model(*one), repeats) / 1e3

@@ -204,6 +204,7 @@ def main() -> int:
 
     from edge_tune.base import load_base
     from edge_tune.methods import MethodSpec, apply_method
+    from edge_tune.model import prepack_linears
     from edge_tune.optim import AdamW
     from edge_tune.rss import apply_process_settings
 
@@ -249,6 +250,7 @@ def main() -> int:
     model.eval()
     for h in handles:
         h.remove()
+    prepack_linears(model)  # as PatchBank serves a call (the step above packs per call)
     call_ms = wall(call, a.calls)
     handles, _ = bracket_layers(model)
     ops, layers = profile(call, a.calls)

@@ -1,5 +1,5 @@
 // CPU kernels of the dynamic int8 ops (int8_linear_dynamic, its input gradient, lora_linear): activations
-// quantized per token, int8 x int8 -> int32 products, one fused epilogue. Schemas and references: ops.py.
+// quantized per token, int8 x int8 -> int32 products, one fused epilogue. Schemas: ops.py; references: op_references.py.
 
 #include "row_quant.h"
 

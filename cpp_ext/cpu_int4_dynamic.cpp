@@ -1,5 +1,5 @@
 // CPU kernel of int4_linear_dynamic: int4 weights in groups of 32 (quant.py's packing) against per-token
-// dynamic int8 activations, on the int8 panels of int8_panels.h. Schema and reference: ops.py.
+// dynamic int8 activations, on the int8 panels of int8_panels.h. Schema: ops.py; reference: op_references.py.
 
 #include "row_quant.h"
 

@@ -1,4 +1,4 @@
-// CPU kernels for the edge_tune:: ops (schemas and references live in edge_tune/ops.py).
+// CPU kernels for the edge_tune:: ops (schemas in edge_tune/ops.py, references in edge_tune/op_references.py).
 //
 // Where a well-kept GEMM is the fastest thing available (many tokens: training, batched inference) the
 // kernels dequantize the frozen weight once and call it (MKL/oneDNN through at::addmm). Where it is not

@@ -1,4 +1,4 @@
-// CUDA kernels for the edge_tune:: ops (schemas and references in edge_tune/ops.py; CPU twins in
+// CUDA kernels for the edge_tune:: ops (schemas in edge_tune/ops.py, references in op_references.py; CPU twins in
 // cpu_kernels.cpp). Many rows: dequantize the frozen weight once on the GPU and use cuBLAS (at::addmm).
 // Few rows (inference): one warp per output feature reads the quantized row directly. Dynamic int8: a
 // per-row quantization kernel, then cuBLASLt's int8 GEMM (at::_int_mm, int32 out) and a fused dequantize +

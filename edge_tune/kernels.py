@@ -4,7 +4,7 @@ Build: `torch.utils.cpp_extension.load` (ninja), into `$TORCH_EXTENSIONS_DIR` (d
 ~/.cache/torch_extensions) under a name that hashes the sources and the torch version, so an edit or a
 torch upgrade rebuilds and a cached build loads with `torch.ops.load_library` alone (no compiler import).
 No compiler, a failed build, or `EDGE_TUNE_KERNELS=0`: one log line, and the ops keep their pure-PyTorch
-references (ops.py), which compute the same results.
+references (op_references.py), which compute the same results.
 """
 
 from __future__ import annotations

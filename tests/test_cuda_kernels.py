@@ -1,4 +1,4 @@
-"""cpp_ext/cuda_kernels.cu against the references of ops.py (run on CPU), across MiniLM's shapes, odd sizes,
+"""cpp_ext/cuda_kernels.cu against the references of op_references.py (run on CPU), across MiniLM's shapes, odd sizes,
 the few-row and many-row paths and an empty batch; opcheck and gradients on CUDA tensors. Skipped where
 torch has no CUDA device (the CI machine): run it on a GPU machine with
 `python -m pytest tests/test_cuda_kernels.py`."""

@@ -1,4 +1,4 @@
-"""The C++ kernels of cpp_ext/ against the references of ops.py, across shapes, dtypes and gradients; the
+"""The C++ kernels of cpp_ext/ against the references of op_references.py, across shapes, dtypes and gradients; the
 quantized formats against fp32 by SQNR; and the fallback when no compiler works. Kernel tests skip (with
 the reason) when the kernels are off: EDGE_TUNE_KERNELS=0 runs the whole suite on the references."""
 

@@ -1,5 +1,6 @@
-// CPU kernels of the dynamic int8 ops (int8_linear_dynamic, its input gradient, lora_linear): activations
-// quantized per token, int8 x int8 -> int32 products, one fused epilogue. Schemas: ops.py; references: op_references.py.
+// CPU kernels of the dynamic int8 ops (int8_linear_dynamic, over a weight packed once too, its input
+// gradient, lora_linear): activations quantized per token, int8 x int8 -> int32 products, one fused
+// epilogue. Schemas: ops.py; references: op_references.py.
 
 #include "row_quant.h"
 
@@ -223,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor& w_q) {
   int32_t* h = sums.data_ptr<int32_t>();
   h[0] = kPackMagic, h[1] = static_cast<int32_t>(picked_isa()), h[2] = static_cast<int32_t>(lay.bcols);
   h[3] = static_cast<int32_t>(n), h[4] = static_cast<int32_t>(k);
-  if (n > 0 && k > 0) pack_weight_into(wq.data_ptr<int8_t>(), k, n, false, lay, packed.data_ptr<int8_t>(), h + kPackHeader);
+  if (n > 0 && k > 0)
+    pack_weight_into(wq.data_ptr<int8_t>(), k, n, false, lay, packed.data_ptr<int8_t>(), h + kPackHeader);
   return {packed, sums};
 }
 

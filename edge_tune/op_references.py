@@ -154,7 +154,7 @@ def lora_linear_backward_ref(
     return lora_scale * (gb.t() @ x2), lora_scale * (g2.t() @ (x2 @ A.t()))
 
 
-def _empty_heads_last(t: Tensor) -> Tensor:
+def empty_heads_last(t: Tensor) -> Tensor:
     """An empty fp32 (B, H, T, Dh) tensor like t, laid out (B, T, H, Dh): the layout the model's heads come
     from and go back to, which every attention op returns (kernels, references and fakes alike)."""
     B, H, T, Dh = t.shape
@@ -162,7 +162,7 @@ def _empty_heads_last(t: Tensor) -> Tensor:
 
 
 def _heads_last(t: Tensor) -> Tensor:
-    return _empty_heads_last(t).copy_(t)
+    return empty_heads_last(t).copy_(t)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:

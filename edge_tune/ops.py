@@ -16,11 +16,11 @@ from torch import Tensor
 from .op_references import (  # the references, also reached as ops.<name>
     ACT_LEVELS,  # noqa: F401  (re-exported: the ONNX export)
     PACK_HEADER,
-    _empty_heads_last,
     add_lora_term,  # noqa: F401  (re-exported: the rank-r term model.py adds)
     attention_backward_ref,
     attention_packed_ref,
     attention_ref,
+    empty_heads_last,
     gelu_backward_half_ref,
     half_saturated_ref,
     int4_embedding_ref,
@@ -191,7 +191,7 @@ def _(grad, x, A, B, lora_scale, grad_x):
 
 @torch.library.register_fake("edge_tune::attention", lib=_lib)
 def _(q, k, v, key_mask):
-    return _empty_heads_last(q)
+    return empty_heads_last(q)
 
 
 @torch.library.register_fake("edge_tune::attention_packed", lib=_lib)
@@ -201,7 +201,7 @@ def _(q, k, v, offsets):
 
 @torch.library.register_fake("edge_tune::attention_backward", lib=_lib)
 def _(grad, q, k, v, key_mask):
-    return _empty_heads_last(grad), _empty_heads_last(grad), _empty_heads_last(grad)
+    return empty_heads_last(grad), empty_heads_last(grad), empty_heads_last(grad)
 
 
 @torch.library.register_fake("edge_tune::half_saturated", lib=_lib)

@@ -9,7 +9,9 @@
 // q, k and v (model._AttentionHalfSaved, fp16: the backward reads them as they are).
 //
 // Every internal dimension is padded to a multiple of 8 with zeros (padded keys are masked), so the vector
-// loops have no tails. softmax's exp is a Cephes-style polynomial (~1 ulp): results are within ~1e-6 of
+// loops have no tails. The forward reads q and v and writes its output where they lie (a head dim that is a
+// multiple of 8, as every BERT's is) and copies only k, transposed; a short sentence's pair is a few
+// thousand cycles, so copies and the GEMM's blocking for 8-24 columns decide its speed. softmax's exp is a Cephes-style polynomial (~1 ulp): results are within ~1e-6 of
 // torch's SDPA, not bit-identical, and the same for every batch a sequence sits in. The model runs this op
 // with and without autograd alike, so training, inference and checkpointing see the same bits.
 
@@ -38,38 +40,60 @@ __attribute__((target("avx,f16c"))) void half8_to_f32(const c10::Half* src, floa
 
 // C (m x n) = op(A) . B (k x n); n a multiple of 8, rows of B and C n-contiguous; op(A) = A (m x k, rows
 // lda apart) or, with TA, A^T for A stored (k x m) (then C = A^T B needs no transposed copy: the broadcast
-// reads A down a column). Two rows of C at a time against 32 columns of B (8 accumulators), so each
-// loaded vector of B feeds two FMAs.
-template <int NV, bool TA>
+// reads A down a column). R rows of C against NV vectors of B's columns, R * NV accumulators: each loaded
+// vector of B feeds R FMAs, and enough independent sums are in flight to cover the FMA latency even where
+// n is a short sequence's 8-24 columns (one 8-wide block with two rows left the FMA units mostly idle).
+// Every element's sum runs over k in order whatever the blocking, so the bits are the same for any shape.
+template <int R, int NV, bool TA>
 ET_INLINE void gemm_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                          int64_t rows, int64_t k) {
-  v8f acc0[NV] = {}, acc1[NV] = {};
+                          int64_t k) {
+  v8f acc[R][NV] = {};
   for (int64_t p = 0; p < k; ++p) {
-    const float* a = TA ? A + p * lda : A + p;
-    const int64_t next = TA ? 1 : lda;
-    const v8f a0 = splat(a[0]), a1 = splat(rows > 1 ? a[next] : 0.f);
-    for (int v = 0; v < NV; ++v) {
-      const v8f b = load8(B + p * ldb + 8 * v);
-      acc0[v] += a0 * b;
-      acc1[v] += a1 * b;
+    v8f b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load8(B + p * ldb + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const v8f a = splat(TA ? A[p * lda + r] : A[r * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    store8(C + 8 * v, acc0[v]);
-    if (rows > 1) store8(C + ldc + 8 * v, acc1[v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store8(C + r * ldc + 8 * v, acc[r][v]);
+}
+
+// The last rows < R of a column block, as one smaller block.
+template <int R, int NV, bool TA>
+ET_INLINE void gemm_rows_tail(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                              int64_t ldc, int64_t k) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      gemm_block<R, NV, TA>(A, lda, B, ldb, C, ldc, k);
+    else
+      gemm_rows_tail<R - 1, NV, TA>(rows, A, lda, B, ldb, C, ldc, k);
   }
+}
+
+// Rows of R (as many as 16 vector registers hold with B's vectors: 2 x 4, 3 x 3, 4 x 2, 6 x 1) down one
+// block of NV column vectors.
+template <int NV, bool TA>
+ET_INLINE void gemm_columns(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            int64_t m, int64_t k) {
+  constexpr int R = NV == 4 ? 2 : NV == 3 ? 3 : NV == 2 ? 4 : 6;
+  const int64_t step = TA ? 1 : lda;  // from one row of op(A) to the next
+  int64_t i = 0;
+  for (; i + R <= m; i += R) gemm_block<R, NV, TA>(A + i * step, lda, B, ldb, C + i * ldc, ldc, k);
+  if (i < m) gemm_rows_tail<R - 1, NV, TA>(m - i, A + i * step, lda, B, ldb, C + i * ldc, ldc, k);
 }
 
 template <bool TA>
 ET_INLINE void gemm_any(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                         int64_t m, int64_t n, int64_t k) {
-  for (int64_t i = 0; i < m; i += 2) {
-    const int64_t rows = std::min<int64_t>(2, m - i);
-    const float* a = TA ? A + i : A + i * lda;
-    float* c = C + i * ldc;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) gemm_block<4, TA>(a, lda, B + j, ldb, c + j, ldc, rows, k);
-    for (; j < n; j += 8) gemm_block<1, TA>(a, lda, B + j, ldb, c + j, ldc, rows, k);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) gemm_columns<4, TA>(A, lda, B + j, ldb, C + j, ldc, m, k);
+  switch ((n - j) / 8) {
+    case 3: gemm_columns<3, TA>(A, lda, B + j, ldb, C + j, ldc, m, k); break;
+    case 2: gemm_columns<2, TA>(A, lda, B + j, ldb, C + j, ldc, m, k); break;
+    case 1: gemm_columns<1, TA>(A, lda, B + j, ldb, C + j, ldc, m, k); break;
+    default: break;
   }
 }
 
@@ -83,10 +107,9 @@ ET_CLONES_V3 void gemm_ta(const float* A, int64_t lda, const float* B, int64_t l
   gemm_any<true>(A, lda, B, ldb, C, ldc, m, n, k);
 }
 
-// One (batch, head) of a (B, H, T, Dh) tensor with any strides but a unit last one, as fp32 into a buffer
-// zero-padded to `rows` x `ld`: row-major (T, Dh) or, with transposed, (Dh, T).
-void rows_f32(const float* src, int64_t t, int64_t dh, float* out) { std::memcpy(out, src, dh * sizeof(float)); }
-void rows_f32(const c10::Half* src, int64_t t, int64_t dh, float* out) {
+// t rows of dh values (st apart, fp32 or fp16) as fp32 into a buffer zero-padded to `rows` x `ld`.
+void rows_f32(const float* src, int64_t dh, float* out) { std::memcpy(out, src, dh * sizeof(float)); }
+void rows_f32(const c10::Half* src, int64_t dh, float* out) {
   int64_t d = 0;
 #ifdef ET_X86
   if (has_f16c())
@@ -96,15 +119,33 @@ void rows_f32(const c10::Half* src, int64_t t, int64_t dh, float* out) {
 }
 
 template <typename T>
-void gather(const T* base, int64_t st, int64_t t, int64_t dh, float* out, int64_t ld, int64_t rows,
-            bool transposed, float* row_buf) {
+void gather(const T* base, int64_t st, int64_t t, int64_t dh, float* out, int64_t ld, int64_t rows) {
   std::fill(out, out + rows * ld, 0.f);
-  for (int64_t r = 0; r < t; ++r) {
-    if (!transposed) {
-      rows_f32(base + r * st, t, dh, out + r * ld);
-    } else {
-      rows_f32(base + r * st, t, dh, row_buf);
-      for (int64_t d = 0; d < dh; ++d) out[d * ld + r] = row_buf[d];
+  for (int64_t r = 0; r < t; ++r) rows_f32(base + r * st, dh, out + r * ld);
+}
+
+// k (T rows, ldk apart; head dim dh a multiple of 8) as kt (dh x ld), columns T.. zero: eight rows by eight
+// dims at a time through a register transpose (a scalar scatter was a fifth of a short pair's time).
+ET_CLONES_V3 void transpose_rows(const float* k, int64_t ldk, int64_t T, int64_t dh, float* kt, int64_t ld) {
+  for (int64_t r0 = 0; r0 < ld; r0 += 8) {
+    for (int64_t d0 = 0; d0 < dh; d0 += 8) {
+      v8f r[8];
+      for (int i = 0; i < 8; ++i) r[i] = r0 + i < T ? load8(k + (r0 + i) * ldk + d0) : splat(0.f);
+      v8f t[8], u[8];
+      for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+        t[i] = __builtin_shuffle(r[i], r[i + 1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+      }
+      for (int i = 0; i < 8; i += 4) {  // quads: u[i + j] holds dims j and j + 4 of four rows
+        u[i + 0] = __builtin_shuffle(t[i], t[i + 2], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], v8i{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], v8i{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+      for (int j = 0; j < 4; ++j) {
+        store8(kt + (d0 + j) * ld + r0, __builtin_shuffle(u[j], u[j + 4], v8i{0, 1, 2, 3, 8, 9, 10, 11}));
+        store8(kt + (d0 + j + 4) * ld + r0, __builtin_shuffle(u[j], u[j + 4], v8i{4, 5, 6, 7, 12, 13, 14, 15}));
+      }
     }
   }
 }
@@ -183,15 +224,13 @@ std::vector<float> keep_row(const at::Tensor& mask, int64_t b, int64_t tp) {
   return keep;
 }
 
-// One (batch, head) pair's q, k or v (any strides, unit last one; fp32 or fp16) into a padded fp32 buffer.
-void load_pair(const at::Tensor& t, int64_t b, int64_t h, const Dims& d, float* out, bool transposed,
-               float* row_buf) {
+// One (batch, head) pair's q, k or v (any strides, unit last one; fp32 or fp16) into a padded fp32 (tp, dp).
+void load_pair(const at::Tensor& t, int64_t b, int64_t h, const Dims& d, float* out) {
   const int64_t off = b * t.stride(0) + h * t.stride(1);
-  const int64_t ld = transposed ? d.tp : d.dp, rows = transposed ? d.dp : d.tp;
   if (t.scalar_type() == at::kHalf)
-    gather(t.data_ptr<c10::Half>() + off, t.stride(2), d.T, d.Dh, out, ld, rows, transposed, row_buf);
+    gather(t.data_ptr<c10::Half>() + off, t.stride(2), d.T, d.Dh, out, d.dp, d.tp);
   else
-    gather(t.data_ptr<float>() + off, t.stride(2), d.T, d.Dh, out, ld, rows, transposed, row_buf);
+    gather(t.data_ptr<float>() + off, t.stride(2), d.T, d.Dh, out, d.dp, d.tp);
 }
 
 void store_pair(at::Tensor& t, int64_t b, int64_t h, const Dims& d, const float* src) {
@@ -206,6 +245,36 @@ void probabilities(const float* Q, const float* Kt, const float* keep, const Dim
   std::fill(S + d.T * d.tp, S + d.tp * d.tp, 0.f);  // padded query rows
 }
 
+// Work buffers of one thread, sized for pairs of up to tp tokens and dp (padded) head dims.
+struct ForwardBuffers {
+  std::vector<float> Q, Kt, V, P, O;
+  ForwardBuffers(int64_t tp, int64_t dp) : Q(tp * dp), Kt(dp * tp), V(tp * dp), P(tp * tp), O(tp * dp) {}
+};
+
+// One (sequence, head) pair's forward: o (T rows, ldo apart) = softmax(scale * q k^T, keep) v, for fp32
+// q, k, v rows ldq / ldk / ldv apart. Only k^T is copied (the product needs its columns contiguous); where
+// the head dim is a multiple of 8, q and v are read and o written where they lie. Otherwise they go
+// through zero-padded buffers. Either way each output's sums are the same: a padded key's zero probability
+// times its zero row adds +0, which changes no sum (none is ever -0), so the bits match a padded pass.
+void forward_pair(const float* q, int64_t ldq, const float* k, int64_t ldk, const float* v, int64_t ldv, float* o,
+                  int64_t ldo, int64_t T, int64_t Dh, const float* keep, float scale, ForwardBuffers& buf) {
+  const Dims d{1, 1, T, Dh, pad8(T), pad8(Dh)};
+  if (Dh % 8 == 0) {
+    transpose_rows(k, ldk, T, Dh, buf.Kt.data(), d.tp);
+    gemm(q, ldq, buf.Kt.data(), d.tp, buf.P.data(), d.tp, T, d.tp, Dh);
+    softmax_rows(buf.P.data(), T, d.tp, keep, scale);
+    gemm(buf.P.data(), d.tp, v, ldv, o, ldo, T, Dh, T);  // O = P V over the real keys
+    return;
+  }
+  gather(k, ldk, T, Dh, buf.O.data(), d.dp, d.tp);  // O is free until P V
+  transpose_rows(buf.O.data(), d.dp, T, d.dp, buf.Kt.data(), d.tp);
+  gather(q, ldq, T, Dh, buf.Q.data(), d.dp, d.tp);
+  gather(v, ldv, T, Dh, buf.V.data(), d.dp, d.tp);
+  probabilities(buf.Q.data(), buf.Kt.data(), keep, d, scale, buf.P.data());
+  gemm(buf.P.data(), d.tp, buf.V.data(), d.dp, buf.O.data(), d.dp, T, d.dp, d.tp);
+  for (int64_t r = 0; r < T; ++r) std::memcpy(o + r * ldo, buf.O.data() + r * d.dp, Dh * sizeof(float));
+}
+
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& key_mask) {
   const Dims d = check(q_in, k_in, v_in, key_mask, "attention");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat && v_in.scalar_type() == at::kFloat,
@@ -213,18 +282,17 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   const at::Tensor q = contiguous_last(q_in), k = contiguous_last(k_in), v = contiguous_last(v_in);
   at::Tensor out = empty_bthd(d, q.options());
   const float scale = 1.f / std::sqrt(static_cast<float>(d.Dh));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t p0, int64_t p1) {
-    const int64_t tp = d.tp, dp = d.dp;
-    std::vector<float> Q(tp * dp), Kt(dp * tp), V(tp * dp), S(tp * tp), O(tp * dp), keep, row(dp);
+    ForwardBuffers buf(d.tp, d.dp);
+    std::vector<float> keep;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / d.H, h = p % d.H;
-      if (p == p0 || h == 0) keep = keep_row(key_mask, b, tp);
-      load_pair(q, b, h, d, Q.data(), false, row.data());
-      load_pair(k, b, h, d, Kt.data(), true, row.data());
-      load_pair(v, b, h, d, V.data(), false, row.data());
-      probabilities(Q.data(), Kt.data(), keep.data(), d, scale, S.data());
-      gemm(S.data(), tp, V.data(), dp, O.data(), dp, d.T, dp, tp);  // O = P V
-      store_pair(out, b, h, d, O.data());
+      if (p == p0 || h == 0) keep = keep_row(key_mask, b, d.tp);
+      const auto pair_at = [&](const at::Tensor& t) { return b * t.stride(0) + h * t.stride(1); };
+      forward_pair(qp + pair_at(q), q.stride(2), kp + pair_at(k), k.stride(2), vp + pair_at(v), v.stride(2),
+                   op + pair_at(out), out.stride(2), d.T, d.Dh, keep.data(), scale, buf);
     }
   });
   return out;
@@ -256,22 +324,16 @@ at::Tensor attention_packed(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, S * H, 1, [&](int64_t p0, int64_t p1) {
-    const int64_t tpm = pad8(longest), dp = pad8(Dh);
-    std::vector<float> Q(tpm * dp), Kt(dp * tpm), V(tpm * dp), P(tpm * tpm), O(tpm * dp), keep(tpm), row(dp);
+    ForwardBuffers buf(pad8(longest), pad8(Dh));
+    std::vector<float> keep(pad8(longest));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t s = p / H, h = p % H, T = off[s + 1] - off[s];
       if (T == 0) continue;
-      const Dims d{1, H, T, Dh, pad8(T), dp};
       std::fill(keep.begin(), keep.end(), 0.f);
       std::fill(keep.begin(), keep.begin() + T, 1.f);
       const auto pair_at = [&](const at::Tensor& t) { return off[s] * t.stride(0) + h * t.stride(1); };
-      gather(qp + pair_at(q), q.stride(0), T, Dh, Q.data(), dp, d.tp, false, row.data());
-      gather(kp + pair_at(k), k.stride(0), T, Dh, Kt.data(), d.tp, dp, true, row.data());
-      gather(vp + pair_at(v), v.stride(0), T, Dh, V.data(), dp, d.tp, false, row.data());
-      probabilities(Q.data(), Kt.data(), keep.data(), d, scale, P.data());
-      gemm(P.data(), d.tp, V.data(), dp, O.data(), dp, T, dp, d.tp);  // O = P V
-      float* o = op + pair_at(out);
-      for (int64_t r = 0; r < T; ++r) std::memcpy(o + r * out.stride(0), O.data() + r * dp, Dh * sizeof(float));
+      forward_pair(qp + pair_at(q), q.stride(0), kp + pair_at(k), k.stride(0), vp + pair_at(v), v.stride(0),
+                   op + pair_at(out), out.stride(0), T, Dh, keep.data(), scale, buf);
     }
   });
   return out;
@@ -294,15 +356,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t p0, int64_t p1) {
     const int64_t tp = d.tp, dp = d.dp;
     std::vector<float> Q(tp * dp), K(tp * dp), Kt(dp * tp), Vt(dp * tp), G(tp * dp), P(tp * tp), dS(tp * tp),
-        R(tp * dp), keep, row(dp);
+        R(tp * dp), keep;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / d.H, h = p % d.H;
       if (p == p0 || h == 0) keep = keep_row(key_mask, b, tp);
-      load_pair(q, b, h, d, Q.data(), false, row.data());
-      load_pair(k, b, h, d, K.data(), false, row.data());
-      load_pair(k, b, h, d, Kt.data(), true, row.data());
-      load_pair(v, b, h, d, Vt.data(), true, row.data());
-      load_pair(g, b, h, d, G.data(), false, row.data());
+      load_pair(q, b, h, d, Q.data());
+      load_pair(k, b, h, d, K.data());
+      transpose_rows(K.data(), dp, d.T, dp, Kt.data(), tp);
+      load_pair(v, b, h, d, R.data());  // R is free until dV
+      transpose_rows(R.data(), dp, d.T, dp, Vt.data(), tp);
+      load_pair(g, b, h, d, G.data());
       probabilities(Q.data(), Kt.data(), keep.data(), d, scale, P.data());
       gemm_ta(P.data(), tp, G.data(), dp, R.data(), dp, tp, dp, tp);  // dV = P^T dO
       store_pair(dv, b, h, d, R.data());

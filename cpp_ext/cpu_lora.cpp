@@ -1,4 +1,5 @@
-// The backward of LoRA's rank-r term, s * (x A^T) B^T, in one pass over the activation and gradient rows.
+// The backward of LoRA's rank-r term, s * (x A^T) B^T, in one pass over the activation and gradient rows;
+// and the forward of a mixed-patch pass's terms, each row its own patch's (lora_rows, at the end).
 //
 // As GEMMs it is five skinny products (M x 384 by 384 x 8, and so on), each reading a whole activation or
 // gradient for r columns of work; BLAS ran them at ~20 GMAC/s here (~160 us each at M = 1024, ~10 ms of a
@@ -17,6 +18,8 @@ using namespace edge_tune_vec;
 
 constexpr int64_t kMaxRank = 64;    // above it the GEMM composition runs (ranks here are 4-16)
 constexpr int64_t kRowBlock = 64;   // rows per partial of dA and dB
+
+inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 
 
 // out[t] = sum_i a[t * k + i] * v[i] for t < JN: JN independent accumulators, so the FMAs do not wait on
@@ -139,8 +142,162 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad, 
   return {grad_A, grad_Bt.t().contiguous()};
 }
 
+// ---- lora_rows: a mixed-patch inference pass's terms ----
+constexpr int kRowsAtOnce = 4;  // rows of one patch that share each load of its A^T and B^T
+
+// t[r * ra + j] = s * sum_i x_r[i] at[i * ra + j] for ROWS rows of one patch and its rank columns in chunks
+// of 8 (at zero-padded to ra, a multiple of 8). Two partial sums a row, over even and odd i, added at the
+// end: one chain a row would wait on the FMA latency. The order is fixed by k alone.
+template <int ROWS>
+ET_INLINE void rank_products(const float* const* x, const float* at, int64_t ra, int64_t k, float s, float* t) {
+  for (int64_t c = 0; c < ra; c += 8) {
+    v8f even[ROWS] = {}, odd[ROWS] = {};
+    int64_t i = 0;
+    for (; i + 2 <= k; i += 2) {
+      const v8f a0 = load8(at + i * ra + c), a1 = load8(at + (i + 1) * ra + c);
+      for (int r = 0; r < ROWS; ++r) {
+        even[r] += splat(x[r][i]) * a0;
+        odd[r] += splat(x[r][i + 1]) * a1;
+      }
+    }
+    if (i < k)
+      for (int r = 0; r < ROWS; ++r) even[r] += splat(x[r][i]) * load8(at + i * ra + c);
+    for (int r = 0; r < ROWS; ++r) store8(t + r * ra + c, (even[r] + odd[r]) * splat(s));
+  }
+}
+
+// out_q = y_q + sum_j t[q * ra + j] bt[j * n + :] for ROWS rows, the sum over j in order from y; 16 columns
+// at a time, so twice ROWS sums are in flight.
+template <int ROWS, int NV>
+ET_INLINE void add_ranks_cols(const float* const* y, const float* bt, const float* t, int64_t ra, int64_t r,
+                              int64_t n, int64_t i, float* const* out) {
+  v8f acc[ROWS][NV];
+  for (int q = 0; q < ROWS; ++q)
+    for (int v = 0; v < NV; ++v) acc[q][v] = load8(y[q] + i + 8 * v);
+  for (int64_t j = 0; j < r; ++j) {
+    v8f b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load8(bt + j * n + i + 8 * v);
+    for (int q = 0; q < ROWS; ++q) {
+      const v8f tq = splat(t[q * ra + j]);
+      for (int v = 0; v < NV; ++v) acc[q][v] += tq * b[v];
+    }
+  }
+  for (int q = 0; q < ROWS; ++q)
+    for (int v = 0; v < NV; ++v) store8(out[q] + i + 8 * v, acc[q][v]);
+}
+
+template <int ROWS>
+ET_INLINE void add_ranks(const float* const* y, const float* bt, const float* t, int64_t ra, int64_t r, int64_t n,
+                         float* const* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) add_ranks_cols<ROWS, 2>(y, bt, t, ra, r, n, i, out);
+  for (; i + 8 <= n; i += 8) add_ranks_cols<ROWS, 1>(y, bt, t, ra, r, n, i, out);
+  for (; i < n; ++i)
+    for (int q = 0; q < ROWS; ++q) {
+      float acc = y[q][i];
+      for (int64_t j = 0; j < r; ++j) acc += t[q * ra + j] * bt[j * n + i];
+      out[q][i] = acc;
+    }
+}
+
+template <int ROWS>
+ET_INLINE void lora_rows_block(const float* const* x, const float* const* y, float* const* out, const float* at,
+                               int64_t ra, const float* bt, int64_t r, int64_t k, int64_t n, float s, float* t) {
+  rank_products<ROWS>(x, at, ra, k, s, t);
+  add_ranks<ROWS>(y, bt, t, ra, r, n, out);
+}
+
+// Up to kRowsAtOnce rows of one patch: at (k x ra) its A^T, bt (r x n) its B^T.
+ET_CLONES_V3 void lora_rows_rows(int rows, const float* const* x, const float* const* y, float* const* out,
+                                 const float* at, int64_t ra, const float* bt, int64_t r, int64_t k, int64_t n,
+                                 float s, float* t) {
+  switch (rows) {
+    case 4: return lora_rows_block<4>(x, y, out, at, ra, bt, r, k, n, s, t);
+    case 3: return lora_rows_block<3>(x, y, out, at, ra, bt, r, k, n, s, t);
+    case 2: return lora_rows_block<2>(x, y, out, at, ra, bt, r, k, n, s, t);
+    case 1: return lora_rows_block<1>(x, y, out, at, ra, bt, r, k, n, s, t);
+    default: return;
+  }
+}
+
+// y + each row's own patch's LoRA term, for a pass whose rows belong to several patches (reference:
+// lora_rows_ref). The rows are taken patch by patch, four at a time: t = s_p (x A_p^T) as a broadcast
+// product against A_p^T (its ranks side by side in a vector, no horizontal sums), then y + t B_p^T, each load
+// of A_p^T or B_p^T serving four rows. Each row does only its own patch's ranks (the stacked matmul this
+// replaces ran every row against every patch's), and a row's sums run in an order that depends on nothing
+// but the row: a sentence gets the same bits whichever pass, batch, neighbours or thread count it has.
+at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A_in, const at::Tensor& Bt_in,
+                     const at::Tensor& row_patch_in, const at::Tensor& rank_offsets_in, const at::Tensor& scales_in) {
+  const int64_t R = A_in.size(0), k = A_in.size(1), n = Bt_in.size(1);
+  TORCH_CHECK(A_in.dim() == 2 && Bt_in.dim() == 2 && Bt_in.size(0) == R && x.size(-1) == k && y.size(-1) == n,
+              "lora_rows: A must be (R, in), Bt (R, out), x (..., in) and y (..., out)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && A_in.scalar_type() == at::kFloat &&
+                  Bt_in.scalar_type() == at::kFloat,
+              "lora_rows: y, x, A and Bt must be float32");
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous(), y2 = y.reshape({-1, n}).contiguous();
+  const int64_t m = x2.size(0);
+  const at::Tensor row_patch = row_patch_in.to(at::kLong).contiguous(),
+                   offsets = rank_offsets_in.to(at::kLong).contiguous(),
+                   scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t P = scales.numel();
+  TORCH_CHECK(y2.size(0) == m && row_patch.numel() == m, "lora_rows: x, y and row_patch must have the same rows");
+  TORCH_CHECK(offsets.numel() == P + 1, "lora_rows: rank_offsets must be (patches + 1,), non-decreasing, from 0, within A's ranks");
+  const int64_t *rp = row_patch.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(P == 0 || off[0] >= 0, "lora_rows: rank_offsets must be non-decreasing, from 0, within A's ranks");
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(off[p + 1] >= off[p] && off[p + 1] <= R,
+                "lora_rows: rank_offsets must be non-decreasing, from 0, within A's ranks");
+  // each patch's A^T, ranks zero-padded to a multiple of 8 (k x ra_p), and its rows in order
+  std::vector<int64_t> at_off(P + 1, 0), count(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) at_off[p + 1] = at_off[p] + k * pad8(off[p + 1] - off[p]);
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < P, "lora_rows: every row_patch must name one of the patches");
+    ++count[rp[i] + 1];
+  }
+  for (int64_t p = 0; p < P; ++p) count[p + 1] += count[p];
+  std::vector<int64_t> order(m), fill(count.begin(), count.end() - 1);
+  for (int64_t i = 0; i < m; ++i) order[fill[rp[i]]++] = i;
+  const at::Tensor A = A_in.contiguous(), Bt = Bt_in.contiguous();
+  std::vector<float> at(at_off[P], 0.f);
+  const float* ap = A.data_ptr<float>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t r = off[p + 1] - off[p], ra = pad8(r);
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t i = 0; i < k; ++i) at[at_off[p] + i * ra + j] = ap[(off[p] + j) * k + i];
+  }
+  // work items: up to kRowsAtOnce rows of one patch, a start in `order`
+  std::vector<int64_t> items;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = count[p]; i < count[p + 1]; i += kRowsAtOnce) items.push_back(i);
+  at::Tensor out = at::empty({m, n}, y2.options());
+  const float *xp = x2.data_ptr<float>(), *yp = y2.data_ptr<float>(), *bp = Bt.data_ptr<float>(),
+              *sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 4, [&](int64_t w0, int64_t w1) {
+    std::vector<float> t(kRowsAtOnce * std::max<int64_t>(pad8(R), 8));
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t start = items[w], p = rp[order[start]], r = off[p + 1] - off[p];
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsAtOnce, count[p + 1] - start));
+      const float* xr[kRowsAtOnce];
+      const float* yr[kRowsAtOnce];
+      float* orow[kRowsAtOnce];
+      for (int q = 0; q < rows; ++q) {
+        const int64_t i = order[start + q];
+        xr[q] = xp + i * k, yr[q] = yp + i * n, orow[q] = op + i * n;
+      }
+      if (r == 0) {
+        for (int q = 0; q < rows; ++q) std::memcpy(orow[q], yr[q], n * sizeof(float));
+        continue;
+      }
+      lora_rows_rows(rows, xr, yr, orow, at.data() + at_off[p], pad8(r), bp + off[p] * n, r, k, n, sp[p], t.data());
+    }
+  });
+  return out.view(y.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(edge_tune, CPU, m) {
   m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_rows", &lora_rows);
 }

@@ -13,11 +13,11 @@ a parallel torch op keeps its own OpenMP team, and once the teams hold more thre
 libgomp stops spinning between parallel regions and a pass runs ~2.5x slower.
 
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
-pass: every targeted linear adds all the batch's patches' rank-r terms in two stacked matmuls, a per-row
-scale keeping each row to its own patch's ranks (the frozen base, the expensive part, runs once). A row
-matches a one-patch pass to float rounding; with dynamic int8 activations the next requantization can turn
-that into a one-step change, as a different padding does. BitFit patches change every bias and LayerNorm,
-so a mix with BitFit runs one pass per patch instead (same results, more passes)."""
+pass: every targeted linear adds each row's own patch's rank-r term (ops.lora_rows; the frozen base, the
+expensive part, runs once). The term's sums depend on the row alone, and a one-patch pass adds its term the
+same way, so a row gets its one-patch pass's bits (given a batch of the same size: the pooling and the head
+still round by a batch's shape). BitFit patches change every bias and LayerNorm, so a mix with BitFit runs
+one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
 
@@ -214,10 +214,9 @@ class PatchBank:
             for s in range(0, len(order), batch_size):  # packed passes: padding costs nothing to cut around
                 idx = torch.tensor(order[s : s + batch_size])
                 ids, mask = collate([tokens[i] for i in idx.tolist()])
-                # (N, 1): each packed token's patch
-                token_patch = pid[idx].repeat_interleave(mask.sum(1))[:, None]
-                for lin, (a, b, col_patch, col_scale) in terms.items():
-                    lin.lora_rows = (a, b, (token_patch == col_patch) * col_scale)
+                token_patch = pid[idx].repeat_interleave(mask.sum(1))  # (N,): each packed token's patch
+                for lin, (a, bt, offsets, scales) in terms.items():
+                    lin.lora_rows = (a, bt, token_patch, offsets, scales)
                 feats = model.pool(ids, mask, packed=True)
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
@@ -235,11 +234,12 @@ class PatchBank:
         return out
 
     def _lora_terms(self, names: list[str]) -> dict[QuantLinear, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """For every linear any of `names` adds a term to (Method.row_terms): the patches' A stacked (R, in),
-        B stacked (out, R), and per stacked rank its patch's index in `names` (R,) and scale (R,)."""
+        """For every linear any of `names` adds a term to (Method.row_terms), as ops.lora_rows takes them:
+        the patches' A stacked (R, in) and B^T stacked (R, out), each patch's ranks in the stack as offsets
+        (P + 1,) (an empty range for a patch with no term there) and its scale (P,), P = len(names)."""
         if self._row_terms is not None and self._row_terms[0] == tuple(names):
             return self._row_terms[1]
-        found: dict[QuantLinear, list[tuple[int, Tensor, Tensor, float]]] = {}
+        found: dict[QuantLinear, dict[int, tuple[Tensor, Tensor, float]]] = {}
         for u, n in enumerate(names):
             spec = self._specs[n]
             if spec.method.row_terms is None:
@@ -247,16 +247,16 @@ class PatchBank:
             for lin, (a, b, scale) in spec.method.row_terms(
                 self._modules, self.patches[n].tensors, spec
             ).items():
-                found.setdefault(lin, []).append((u, a, b, scale))
-        stacked = {
-            lin: (
-                torch.cat([a for _, a, _, _ in terms]),
-                torch.cat([b for _, _, b, _ in terms], dim=1),
-                torch.cat([torch.full((a.shape[0],), u) for u, a, _, _ in terms]),
-                torch.cat([torch.full((a.shape[0],), float(s)) for _, a, _, s in terms]),
+                found.setdefault(lin, {})[u] = (a, b, float(scale))
+        stacked = {}
+        for lin, terms in found.items():
+            ranks = [terms[u][0].shape[0] if u in terms else 0 for u in range(len(names))]
+            stacked[lin] = (
+                torch.cat([a for a, _, _ in terms.values()]).contiguous(),
+                torch.cat([b.t() for _, b, _ in terms.values()]).contiguous(),
+                torch.tensor([0, *ranks]).cumsum(0),
+                torch.tensor([terms[u][2] if u in terms else 0.0 for u in range(len(names))]),
             )
-            for lin, terms in found.items()
-        }
         self._row_terms = (tuple(names), stacked)
         return stacked
 

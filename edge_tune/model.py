@@ -59,10 +59,10 @@ class QuantLinear(nn.Module):
         self.register_parameter("out_scale", None)  # (out,): multiplies the output, bias included
         for slot in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias", "weight_full"):
             self.register_parameter(slot, None)
-        # LoRA for a batch that mixes patches: every patch's A stacked (R, in), B stacked (out, R), and each
-        # row's scale per stacked rank, (B, 1, R) or (N, R) for packed tokens (Encoder.forward): its patch's
-        # alpha / r on its patch's ranks, 0 elsewhere.
-        self.lora_rows: tuple[Tensor, Tensor, Tensor] | None = None
+        # LoRA for a packed batch that mixes patches (ops.lora_rows): every patch's A stacked (R, in) and B^T
+        # stacked (R, out), each packed token's patch (N,), each patch's ranks as offsets into the stack
+        # (P + 1,) and its alpha / r (P,).
+        self.lora_rows: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
         # The int8 weight packed once for the kernels' panels (prepack_linears), used by passes without
         # autograd; not state: never saved, made again in each process (the layout is the CPU's).
         self.packed: tuple[Tensor, Tensor] | None = None
@@ -71,12 +71,17 @@ class QuantLinear(nn.Module):
         if self.in_scale is not None:
             x = x * self.in_scale
         lora_done = False
+        # an inference-mode pass (every prediction: PatchBank, predict_proba) adds LoRA's term as mixed passes
+        # do (ops.lora_rows), so a sentence gets the same bits alone, in a one-patch batch or in a mixed one
+        # (batching on or off in a service); training's passes, checkpointing's no-grad one included, keep
+        # lora_linear's, whose backward they need to match
+        inference = x.is_cpu and torch.is_inference_mode_enabled()
         if self.weight_full is not None:
             y = dense_linear(x, self.weight_full, self.bias)
         elif self.precision == "int8" and INT8_ACTIVATIONS == "dynamic":
             if self.packed is not None and x.is_cpu and not torch.is_grad_enabled():
                 y = ops.int8_linear_dynamic_packed(x, self.w_q, *self.packed, self.scale, self.bias)
-            elif self.lora_A is not None:
+            elif self.lora_A is not None and not inference:
                 y, lora_done = ops.lora_linear(x, self.w_q, self.scale, self.bias, self.lora_A, self.lora_B,
                                                float(self.lora_scale)), True  # fmt: skip
             else:
@@ -90,19 +95,25 @@ class QuantLinear(nn.Module):
         else:
             y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and not lora_done:
-            y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
+            if inference:
+                y = ops.lora_rows(y, x, self.lora_A, self.lora_B.t(), *self._one_patch_rows(x))
+            else:
+                y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
         if self.lora_rows is not None:
-            # Two small matmuls for all the batch's patches: the zeros of the row scale keep each row to its
-            # own patch's ranks (no gather or scatter per patch; within float rounding of a one-patch pass).
-            a, b, row_scale = self.lora_rows
-            t = (x @ a.t()).mul_(row_scale)
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), b.t()).view(y.shape)
+            # each row its own patch's ranks only, in the sums a one-patch inference pass runs
+            y = ops.lora_rows(y, x, *self.lora_rows)
         if self.out_scale is not None:
             y = y * self.out_scale
         if self.adapter_down is not None:
             z = F.relu(F.linear(y, self.adapter_down, self.adapter_down_bias))
             y = y + F.linear(z, self.adapter_up, self.adapter_up_bias)
         return y
+
+    def _one_patch_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ops.lora_rows' row patches, rank offsets and scale for every row of x under this linear's LoRA."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        offsets = torch.tensor([0, self.lora_A.shape[0]])
+        return torch.zeros(rows, dtype=torch.long), offsets, torch.tensor([float(self.lora_scale)])
 
     def extra_repr(self) -> str:
         lora = f", lora_rank={self.lora_A.shape[0]}" if self.lora_A is not None else ""

@@ -92,12 +92,36 @@ def lora_linear_ref(
 
 
 def add_lora_term(y: Tensor, x: Tensor, A: Tensor, B: Tensor, lora_scale: float) -> Tensor:
-    """y + lora_scale * (x @ A.T) @ B.T as one addmm over the flattened rows. The one formula of the rank-r
-    term: lora_linear's kernel (cpp_ext/cpu_dynamic.cpp, the same addmm in place), its reference, the fp32 and
-    int4 bases all use it, so a row gets the same bits from each, given the same rows (BLAS's rounding may
-    depend on the row count)."""
+    """y + lora_scale * (x @ A.T) @ B.T as one addmm over the flattened rows. The rank-r term of training
+    passes: lora_linear's kernel (cpp_ext/cpu_dynamic.cpp, the same addmm in place), its reference, the fp32
+    and int4 bases all use it, so a row gets the same bits from each, given the same rows (BLAS's rounding
+    may depend on the row count). Inference-mode passes use lora_rows, whose rounding does not."""
     k, n = x.shape[-1], y.shape[-1]
     return torch.addmm(y.reshape(-1, n), x.reshape(-1, k) @ A.t(), B.t(), alpha=lora_scale).view(y.shape)
+
+
+def lora_rows_ref(
+    y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, row_patch: Tensor, rank_offsets: Tensor, scales: Tensor
+) -> Tensor:
+    """y + each row's own patch's LoRA term, for a pass whose rows belong to P patches: y (N, out), x (N, in)
+    fp32; A (R, in) and Bt (R, out) every patch's A and B^T stacked; row_patch (N,) each row's patch p,
+    whose ranks are rank_offsets[p] to rank_offsets[p + 1] (P + 1,) and scale scales[p] (P,) -> (N, out)."""
+    offsets, out = rank_offsets.tolist(), y.clone()
+    if (
+        len(offsets) != scales.shape[0] + 1
+        or offsets != sorted(offsets)
+        or not 0 <= offsets[0] <= offsets[-1] <= A.shape[0]
+    ):
+        raise RuntimeError(
+            "lora_rows: rank_offsets must be (patches + 1,), non-decreasing, from 0, within A's ranks"
+        )
+    if row_patch.numel() and not 0 <= int(row_patch.min()) <= int(row_patch.max()) < scales.shape[0]:
+        raise RuntimeError("lora_rows: every row_patch must name one of the patches")
+    for p, (r0, r1) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+        rows = (row_patch == p).nonzero().flatten()
+        if rows.numel() and r1 > r0:
+            out[rows] += (x[rows] @ A[r0:r1].t() * scales[p]) @ Bt[r0:r1]
+    return out
 
 
 def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -36,6 +36,7 @@ from .op_references import (  # the references, also reached as ops.<name>
     int8_pack_weight_ref,
     lora_linear_backward_ref,
     lora_linear_ref,
+    lora_rows_ref,
     quantize_rows_ref,  # noqa: F401  (re-exported)
 )
 
@@ -86,6 +87,11 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
         lora_linear_backward_ref,
     ),
+    # a mixed-patch inference pass's LoRA terms, each row its own patch's (model.QuantLinear.lora_rows)
+    "lora_rows": (
+        "(Tensor y, Tensor x, Tensor A, Tensor Bt, Tensor row_patch, Tensor rank_offsets, Tensor scales) -> Tensor",
+        lora_rows_ref,
+    ),
     # self-attention (half_saved.attention; half_saved._AttentionHalfSaved owns the autograd and runs the backward)
     "attention": ("(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor", attention_ref),
     "attention_packed": ("(Tensor q, Tensor k, Tensor v, Tensor offsets) -> Tensor", attention_packed_ref),
@@ -114,6 +120,7 @@ int4_linear_grad_input = torch.ops.edge_tune.int4_linear_grad_input.default
 int8_embedding = torch.ops.edge_tune.int8_embedding.default
 int4_embedding = torch.ops.edge_tune.int4_embedding.default
 lora_linear_backward = torch.ops.edge_tune.lora_linear_backward.default
+lora_rows = torch.ops.edge_tune.lora_rows.default
 attention = torch.ops.edge_tune.attention.default
 attention_packed = torch.ops.edge_tune.attention_packed.default
 attention_backward = torch.ops.edge_tune.attention_backward.default
@@ -187,6 +194,11 @@ def _(ids, w_packed, scale):
 @torch.library.register_fake("edge_tune::lora_linear_backward", lib=_lib)
 def _(grad, x, A, B, lora_scale, grad_x):
     return torch.empty_like(A), torch.empty_like(B)
+
+
+@torch.library.register_fake("edge_tune::lora_rows", lib=_lib)
+def _(y, x, A, Bt, row_patch, rank_offsets, scales):
+    return torch.empty_like(y)
 
 
 @torch.library.register_fake("edge_tune::attention", lib=_lib)
@@ -296,6 +308,7 @@ ALL_OPS = {
     "int8_embedding": int8_embedding,
     "int4_embedding": int4_embedding,
     "lora_linear_backward": lora_linear_backward,
+    "lora_rows": lora_rows,
     "attention": attention,
     "attention_packed": attention_packed,
     "attention_backward": attention_backward,

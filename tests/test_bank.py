@@ -106,7 +106,7 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
     # With BitFit in the mix: one pass per patch over its own rows; without: one pass, per-row LoRA. Each
     # is compared with a per-patch pass over the same sentences (the same batch size, so the same summation
-    # orders where a batch's size sets them: pooling, the head).
+    # orders where a batch's size still sets them: pooling, the head).
     for mix, grouped in ((names, True), ([n for n in names if n != "subj"], False)):
         rows = [(t, n) for t, n in zip(texts, names, strict=True) if n in mix]
         batch = [t for t, _ in rows]
@@ -120,14 +120,23 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
                 )
                 want = ref if grouped else [ref[i] for i in idx]
                 for i, w in zip(idx, want, strict=True):
+                    # a pass per patch, or one pass whose LoRA terms are each row's own patch's in sums that
+                    # depend on the row alone (ops.lora_rows, as a one-patch inference pass adds its term):
+                    # either way the one-patch pass's bits
                     assert mixed[i].patch == n
-                    if grouped:  # a pass per patch: the one-patch pass's bits
-                        assert mixed[i].probability == w.probability
-                    elif activations == "fp32":  # the stacked LoRA terms sum in another order: float rounding
-                        assert abs(mixed[i].probability - w.probability) < 1e-5
-                    else:  # and the next layer's int8 requantization may turn that into a one-step change,
-                        # as padded passes did (tools/batch_invariance.py: max |dp| 0.034 over SST-2 dev)
-                        assert abs(mixed[i].probability - w.probability) < 0.05
+                    assert mixed[i].probability == w.probability
+
+
+def test_a_sentence_gets_its_answer_alone_or_in_any_mixed_batch(bank):
+    """Batching on or off in a service: a sentence's LoRA terms have the same bits alone or among others
+    (ops.lora_rows in every inference pass), so only the pooling's and the head's summation orders, which
+    follow a batch's shape, may move its probability, by a rounding (no int8 requantization comes after)."""
+    names = [("sst2", "cr")[i % 2] for i in range(len(TEXTS))]  # the two LoRA patches: one mixed pass
+    mixed = bank.predict(TEXTS, patches=names)
+    for i, (text, name) in enumerate(zip(TEXTS, names, strict=True)):
+        alone = bank.predict([text], patch=name)[0]
+        assert (alone.label, alone.patch) == (mixed[i].label, mixed[i].patch)
+        assert abs(alone.probability - mixed[i].probability) <= 1e-6
 
 
 @pytest.mark.parametrize("method", list(METHODS))

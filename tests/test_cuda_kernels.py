@@ -128,7 +128,18 @@ def test_cuda_opcheck():
         "int4_linear_grad_input": (gy, q4, s4),
         "int8_embedding": (ids, *e8),
         "int4_embedding": (ids, *e4),
+        "lora_linear_backward": (gy, x, A, B, 2.0, torch.randn(5, 64)),
+        "lora_rows": (
+            gy,
+            x,
+            A,
+            B.t().contiguous(),
+            torch.tensor([1, 0, 1, 1, 0]),
+            torch.tensor([0, 2, 4]),
+            torch.tensor([2.0, 0.5]),
+        ),  # fmt: skip
         "attention": (*qkv, keys),  # no CUDA kernels for these: the references run on CUDA tensors
+        "attention_packed": (*(torch.randn(7, 3, 8) for _ in range(3)), torch.tensor([0, 3, 7])),
         "attention_backward": (torch.randn(2, 3, 5, 8), *qkv, keys),
         "half_saturated": (gy,),
         "gelu_backward_half": (gy, ops.half_saturated(gy * 3)),
@@ -138,7 +149,7 @@ def test_cuda_opcheck():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
                 and "grad_input" not in name and "embedding" not in name and "gelu" not in name
-                and "attention" not in name and "packed" not in name else a for i, a in enumerate(args)]  # fmt: skip
+                and "attention" not in name and "packed" not in name and name not in ("lora_rows", "lora_linear_backward") else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
 
 

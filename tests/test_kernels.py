@@ -264,6 +264,78 @@ def test_lora_kernels_match_references(k, n, m, r):
     )
 
 
+def _lora_rows_inputs(m, k, n, ranks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = sum(ranks)
+    x, y = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    A, Bt = torch.randn(R, k, generator=g) * 0.2, torch.randn(R, n, generator=g) * 0.2
+    row_patch = torch.randint(0, len(ranks), (m,), generator=g)
+    offsets = torch.tensor([0, *ranks]).cumsum(0)
+    scales = torch.rand(len(ranks), generator=g) * 4
+    return y, x, A, Bt, row_patch, offsets, scales
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(300, 384, 384), (17, 384, 1536), (5, 37, 19), (1, 8, 8), (0, 384, 384)]
+)
+@pytest.mark.parametrize("ranks", [[8, 8, 8, 8], [8, 0, 16, 4], [3], [5, 70]])
+def test_lora_rows_kernel_matches_its_reference(m, k, n, ranks):
+    """A mixed-patch pass's LoRA terms (cpp_ext/cpu_lora.cpp), each row its own patch's ranks: odd sizes,
+    ranks not a multiple of 8 or above 64, a patch with no term, no rows."""
+    args = _lora_rows_inputs(m, k, n, ranks)
+    got, want = ops.lora_rows(*args), ops.lora_rows_ref(*args)
+    assert got.shape == want.shape == (m, n) and got.is_contiguous()
+    torch.testing.assert_close(
+        got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item() if m else 1.0)
+    )
+    no_terms = ops.lora_rows(*args[:5], torch.zeros(len(ranks) + 1, dtype=torch.long), args[6])
+    assert torch.equal(no_terms, args[0])
+
+
+@needs_kernels
+def test_lora_rows_gives_a_row_the_same_bits_whatever_its_neighbours_or_threads():
+    """The sums of a row depend on the row alone: alone, in another order, or on other thread counts, each
+    row's result is bit for bit the batch's (a sentence's answer does not depend on who shared its pass)."""
+    y, x, A, Bt, row_patch, offsets, scales = _lora_rows_inputs(203, 384, 384, [8, 16, 4, 8])
+    whole = ops.lora_rows(y, x, A, Bt, row_patch, offsets, scales)
+    for i in (0, 1, 2, 57, 202):
+        assert torch.equal(
+            ops.lora_rows(y[i : i + 1], x[i : i + 1], A, Bt, row_patch[i : i + 1], offsets, scales),
+            whole[i : i + 1],
+        )
+    perm = torch.randperm(203, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ops.lora_rows(y[perm], x[perm], A, Bt, row_patch[perm], offsets, scales), whole[perm])
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(ops.lora_rows(y, x, A, Bt, row_patch, offsets, scales), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: (*a[:4], a[4] + 5, *a[5:]), "every row_patch must name one of the patches"),
+        (lambda a: (*a[:4], a[4] - 1, *a[5:]), "every row_patch must name one of the patches"),
+        (lambda a: (*a[:5], a[5].flip(0), a[6]), "rank_offsets must be"),
+        (lambda a: (*a[:5], a[5][:-1], a[6]), "rank_offsets must be"),
+        (lambda a: (*a[:5], a[5] * 2, a[6]), "rank_offsets must be .*within A's ranks"),
+    ],
+)
+def test_lora_rows_refuses_rows_or_ranks_it_cannot_place(impl, change, message):
+    if impl == "kernel" and not LOADED:
+        pytest.skip(f"C++ kernels off: {fallback_reason()}")
+    y, x, A, Bt, _, offsets, scales = _lora_rows_inputs(6, 16, 8, [8, 8])
+    args = change((y, x, A, Bt, torch.tensor([0, 1, 0, 1, 1, 0]), offsets, scales))
+    op = ops.lora_rows if impl == "kernel" else ops.lora_rows_ref
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
+
+
 @needs_kernels
 def test_lora_backward_does_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(0)

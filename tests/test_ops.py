@@ -46,6 +46,26 @@ def _op_samples():
             (g, x8.detach(), A.detach(), B.detach(), 2.0, torch.randn(5, 64)),
             (g[:0], x8.detach()[:0], A.detach(), B.detach(), 0.5, None),
         ],  # fmt: skip
+        "lora_rows": [
+            (
+                g,
+                x8.detach(),
+                A.detach(),
+                B.detach().t().contiguous(),
+                torch.tensor([1, 0, 1, 1, 0]),
+                torch.tensor([0, 4, 4]),
+                torch.tensor([2.0, 0.5]),
+            ),
+            (
+                g[:0],
+                x8.detach()[:0],
+                A.detach(),
+                B.detach().t(),
+                torch.tensor([], dtype=torch.long),
+                torch.tensor([0, 2, 4]),
+                torch.tensor([2.0, 0.5]),
+            ),
+        ],  # fmt: skip
         "attention": [(qkv[0], qkv[1], qkv[2], keys), (qkv[0][:0], qkv[1][:0], qkv[2][:0], keys[:0])],
         "attention_packed": [
             (*(torch.randn(7, 3, 8) for _ in range(3)), torch.tensor([0, 3, 7])),

@@ -29,6 +29,7 @@ from bench_kernels import read_model_inputs, write_model_inputs  # noqa: E402  (
 FORWARD_UNDER_AUTOGRAD = "GeneratedBackwardFor_edge_tune_"
 INT8_GEMM_OPS = (
     "edge_tune::int8_linear_dynamic",
+    "edge_tune::int8_linear_dynamic_packed",  # inference passes over prepacked weights
     "edge_tune::lora_linear",
     "edge_tune::int8_linear_dynamic_grad_input",
 )

@@ -15,8 +15,8 @@ libgomp stops spinning between parallel regions and a pass runs ~2.5x slower.
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
 pass: every targeted linear adds each row's own patch's rank-r term (ops.lora_rows; the frozen base, the
 expensive part, runs once). The term's sums depend on the row alone, and a one-patch pass adds its term the
-same way, so a row gets its one-patch pass's bits (given a batch of the same size: the pooling and the head
-still round by a batch's shape). BitFit patches change every bias and LayerNorm, so a mix with BitFit runs
+same way; with the pooling and the head (model.head_logits) per row too, a sentence gets the same bits alone,
+in a one-patch batch or in a mixed one. BitFit patches change every bias and LayerNorm, so a mix with BitFit runs
 one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import threading
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Base, load_base
@@ -33,7 +32,7 @@ from .data import Dataset, collate
 from .errors import PatchError
 from .manifest import Prediction
 from .methods import MethodSpec
-from .model import QuantLinear, prepack_linears
+from .model import QuantLinear, head_logits, prepack_linears
 from .patch import Patch, load_patch
 from .rss import apply_process_settings
 from .tokens import encode
@@ -221,8 +220,7 @@ class PatchBank:
                 for u in pid[idx].unique().tolist():
                     sel = (pid[idx] == u).nonzero().flatten()
                     t = self.patches[names[u]].tensors
-                    # the head over the whole batch, like the one-patch pass (a subset may round differently)
-                    probs = F.linear(feats, t["head.weight"], t["head.bias"])[sel].softmax(-1)
+                    probs = head_logits(feats[sel], t["head.weight"], t["head.bias"]).softmax(-1)
                     for i, pred in zip(idx[sel].tolist(), self._to_predictions(probs, self.patches[names[u]].manifest.label_names, names[u]), strict=True):  # fmt: skip
                         out[i] = pred
         finally:

@@ -302,7 +302,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.cfg.hidden_size, num_labels)
+        self.head = LinearHead(encoder.cfg.hidden_size, num_labels)
         self.reset_head(num_labels, seed)
 
     def reset_head(self, num_labels: int, seed: int = 0) -> None:
@@ -343,6 +343,24 @@ class Classifier(nn.Module):
         self.train(was_training)
         out = torch.cat(parts) if parts else torch.empty(0, self.head.weight.shape[0])
         return out[torch.argsort(torch.tensor(order, dtype=torch.long))] if parts else out
+
+
+def head_logits(feats: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """feats (B, D) -> logits (B, labels) of a linear head. In inference mode each row's dot products are a
+    multiply and a sum over D, whose order D alone sets, not a BLAS call, whose rounding changes with the
+    row count: with the pooling's (per sentence) and lora_rows' sums, a sentence's answer has the same bits
+    alone or in any batch. Otherwise (training) F.linear."""
+    if not (feats.is_cpu and torch.is_inference_mode_enabled()):
+        return F.linear(feats, weight, bias)
+    logits = (feats[:, None, :] * weight).sum(-1)
+    return logits + bias if bias is not None else logits
+
+
+class LinearHead(nn.Linear):
+    """The classifier's head: nn.Linear, whose inference passes run head_logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return head_logits(x, self.weight, self.bias)
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -127,16 +127,22 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
                     assert mixed[i].probability == w.probability
 
 
-def test_a_sentence_gets_its_answer_alone_or_in_any_mixed_batch(bank):
-    """Batching on or off in a service: a sentence's LoRA terms have the same bits alone or among others
-    (ops.lora_rows in every inference pass), so only the pooling's and the head's summation orders, which
-    follow a batch's shape, may move its probability, by a rounding (no int8 requantization comes after)."""
+def test_a_sentence_gets_its_answer_alone_or_in_any_batch(bank):
+    """Batching on or off in a service: every sum of an inference pass runs in an order its own sentence
+    sets (packed matmuls and attention, ops.lora_rows' LoRA terms, the pooling, model.head_logits), so a
+    sentence's answer has the same bits alone, in a one-patch batch or in a mixed one, on 1 or 2 threads."""
     names = [("sst2", "cr")[i % 2] for i in range(len(TEXTS))]  # the two LoRA patches: one mixed pass
     mixed = bank.predict(TEXTS, patches=names)
-    for i, (text, name) in enumerate(zip(TEXTS, names, strict=True)):
-        alone = bank.predict([text], patch=name)[0]
-        assert (alone.label, alone.patch) == (mixed[i].label, mixed[i].patch)
-        assert abs(alone.probability - mixed[i].probability) <= 1e-6
+    batched = {n: bank.predict(TEXTS, patch=n) for n in ("sst2", "cr")}
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for i, (text, name) in enumerate(zip(TEXTS, names, strict=True)):
+                alone = bank.predict([text], patch=name)[0]
+                assert alone == mixed[i] == batched[name][i]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -1,6 +1,7 @@
 """How much a sentence's prediction depends on the batch it is served in: every dev sentence alone vs in
-batches. Passes run packed (model.Encoder.forward): no matmul and no attention sees another sentence's
-length, so what is left is float rounding in the pooling and the head; this measures it.
+batches. Every sum of an inference pass runs in an order its own sentence sets (packed matmuls and
+attention, ops.lora_rows, the pooling, model.head_logits), so the answers should be identical; this checks
+it on real sentences (with EDGE_TUNE_INT8_ACTIVATIONS=fp32 the weight-only linears' BLAS calls do not).
 
     python tools/batch_invariance.py [--patch out/sst2.patch] [--data sst2] [--batch 64]
 """

@@ -92,9 +92,8 @@ def test_answers_equal_an_in_process_bank_for_each_patch(server, folder, base_in
         status, r = server.call("POST", "/v1/predict", {"texts": TEXTS, "patch": name})
         assert status == 200 and all(x["patch"] == name for x in r["results"]) and r["latency_ms"] > 0
         got = [(x["label"], x["probability"]) for x in r["results"]]
-        want = _expected(base_int8, folder, name)
-        assert [g[0] for g in got] == [w[0] for w in want]
-        assert max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True)) < 1e-4
+        # the same bits as an in-process bank's (the service sends probabilities to 6 decimals)
+        assert got == [(label, round(p, 6)) for label, p in _expected(base_int8, folder, name)]
 
 
 def test_per_text_patches_and_concurrent_requests_for_different_patches(server):
@@ -114,10 +113,8 @@ def test_per_text_patches_and_concurrent_requests_for_different_patches(server):
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(64)))
-    for i, a in enumerate(answers):
-        want = alone[names[i % 4]]
-        assert a["patch"] == want["patch"] and a["label"] == want["label"]
-        assert abs(a["probability"] - want["probability"]) < 0.05  # batch composition rounds int8 a little
+    for i, a in enumerate(answers):  # whoever shared its pass, a sentence gets its answer alone
+        assert a == alone[names[i % 4]]
     status, text = server.call("GET", "/metrics", raw=True)
     assert (
         status == 200

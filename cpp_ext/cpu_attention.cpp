@@ -25,7 +25,6 @@ namespace {
 using namespace edge_tune_cpu;
 using namespace edge_tune_vec;
 
-inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
 
 
 #ifdef ET_X86

@@ -19,8 +19,6 @@ using namespace edge_tune_vec;
 constexpr int64_t kMaxRank = 64;    // above it the GEMM composition runs (ranks here are 4-16)
 constexpr int64_t kRowBlock = 64;   // rows per partial of dA and dB
 
-inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
-
 
 // out[t] = sum_i a[t * k + i] * v[i] for t < JN: JN independent accumulators, so the FMAs do not wait on
 // each other (one accumulator per dot ran at a quarter of the FMA rate, bound by its latency).
@@ -241,12 +239,11 @@ at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
                    scales = scales_in.to(at::kFloat).contiguous();
   const int64_t P = scales.numel();
   TORCH_CHECK(y2.size(0) == m && row_patch.numel() == m, "lora_rows: x, y and row_patch must have the same rows");
-  TORCH_CHECK(offsets.numel() == P + 1, "lora_rows: rank_offsets must be (patches + 1,), non-decreasing, from 0, within A's ranks");
+  const char* bad_offsets = "lora_rows: rank_offsets must be (patches + 1,), non-decreasing, from 0, within A's ranks";
+  TORCH_CHECK(offsets.numel() == P + 1, bad_offsets);
   const int64_t *rp = row_patch.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(P == 0 || off[0] >= 0, "lora_rows: rank_offsets must be non-decreasing, from 0, within A's ranks");
-  for (int64_t p = 0; p < P; ++p)
-    TORCH_CHECK(off[p + 1] >= off[p] && off[p + 1] <= R,
-                "lora_rows: rank_offsets must be non-decreasing, from 0, within A's ranks");
+  TORCH_CHECK(off[0] >= 0, bad_offsets);
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(off[p + 1] >= off[p] && off[p + 1] <= R, bad_offsets);
   // each patch's A^T, ranks zero-padded to a multiple of 8 (k x ra_p), and its rows in order
   std::vector<int64_t> at_off(P + 1, 0), count(P + 1, 0);
   for (int64_t p = 0; p < P; ++p) at_off[p + 1] = at_off[p] + k * pad8(off[p + 1] - off[p]);
@@ -284,10 +281,6 @@ at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
       for (int q = 0; q < rows; ++q) {
         const int64_t i = order[start + q];
         xr[q] = xp + i * k, yr[q] = yp + i * n, orow[q] = op + i * n;
-      }
-      if (r == 0) {
-        for (int q = 0; q < rows; ++q) std::memcpy(orow[q], yr[q], n * sizeof(float));
-        continue;
       }
       lora_rows_rows(rows, xr, yr, orow, at.data() + at_off[p], pad8(r), bp + off[p] * n, r, k, n, sp[p], t.data());
     }

@@ -21,6 +21,9 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define ET_CLONES_V3
 #endif
 
+// n rounded up to a whole number of 8-float vectors (the padded sizes of the kernels' buffers)
+inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
 ET_INLINE v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof(v));

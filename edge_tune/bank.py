@@ -15,9 +15,9 @@ libgomp stops spinning between parallel regions and a pass runs ~2.5x slower.
 Mixed batches: `predict(texts, patches=[...])` runs LoRA (and head-only) patches row by row in one forward
 pass: every targeted linear adds each row's own patch's rank-r term (ops.lora_rows; the frozen base, the
 expensive part, runs once). The term's sums depend on the row alone, and a one-patch pass adds its term the
-same way; with the pooling and the head (model.head_logits) per row too, a sentence gets the same bits alone,
-in a one-patch batch or in a mixed one. BitFit patches change every bias and LayerNorm, so a mix with BitFit runs
-one pass per patch instead (same results, more passes)."""
+same way; with the pooling and the head (model.head_logits) per row too, a sentence gets the same bits
+alone, in a one-patch batch or in a mixed one. BitFit patches change every bias and LayerNorm, so a mix
+with BitFit runs one pass per patch instead (same results, more passes)."""
 
 from __future__ import annotations
 

@@ -71,10 +71,8 @@ class QuantLinear(nn.Module):
         if self.in_scale is not None:
             x = x * self.in_scale
         lora_done = False
-        # an inference-mode pass (every prediction: PatchBank, predict_proba) adds LoRA's term as mixed passes
-        # do (ops.lora_rows), so a sentence gets the same bits alone, in a one-patch batch or in a mixed one
-        # (batching on or off in a service); training's passes, checkpointing's no-grad one included, keep
-        # lora_linear's, whose backward they need to match
+        # inference-mode passes (every prediction) add LoRA's term by ops.lora_rows, as mixed passes do: the
+        # same bits batched or alone. Training's, checkpointing's no-grad one too, keep lora_linear's.
         inference = x.is_cpu and torch.is_inference_mode_enabled()
         if self.weight_full is not None:
             y = dense_linear(x, self.weight_full, self.bias)
@@ -100,8 +98,7 @@ class QuantLinear(nn.Module):
             else:
                 y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
         if self.lora_rows is not None:
-            # each row its own patch's ranks only, in the sums a one-patch inference pass runs
-            y = ops.lora_rows(y, x, *self.lora_rows)
+            y = ops.lora_rows(y, x, *self.lora_rows)  # each row its own patch's term
         if self.out_scale is not None:
             y = y * self.out_scale
         if self.adapter_down is not None:
@@ -295,6 +292,24 @@ class Encoder(nn.Module):
         return x[:, P:] if P else x
 
 
+def head_logits(feats: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """feats (B, D) -> logits (B, labels) of a linear head. In inference mode each row's dot products are a
+    multiply and a sum over D, whose order D alone sets, not a BLAS call, whose rounding changes with the
+    row count: with the pooling's (per sentence) and lora_rows' sums, a sentence's answer has the same bits
+    alone or in any batch. Otherwise (training) F.linear."""
+    if not (feats.is_cpu and torch.is_inference_mode_enabled()):
+        return F.linear(feats, weight, bias)
+    logits = (feats[:, None, :] * weight).sum(-1)
+    return logits + bias if bias is not None else logits
+
+
+class LinearHead(nn.Linear):
+    """The classifier's head: nn.Linear, whose inference passes run head_logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return head_logits(x, self.weight, self.bias)
+
+
 class Classifier(nn.Module):
     """Encoder -> mean over real tokens -> dropout -> linear head (D -> num_labels)."""
 
@@ -343,24 +358,6 @@ class Classifier(nn.Module):
         self.train(was_training)
         out = torch.cat(parts) if parts else torch.empty(0, self.head.weight.shape[0])
         return out[torch.argsort(torch.tensor(order, dtype=torch.long))] if parts else out
-
-
-def head_logits(feats: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """feats (B, D) -> logits (B, labels) of a linear head. In inference mode each row's dot products are a
-    multiply and a sum over D, whose order D alone sets, not a BLAS call, whose rounding changes with the
-    row count: with the pooling's (per sentence) and lora_rows' sums, a sentence's answer has the same bits
-    alone or in any batch. Otherwise (training) F.linear."""
-    if not (feats.is_cpu and torch.is_inference_mode_enabled()):
-        return F.linear(feats, weight, bias)
-    logits = (feats[:, None, :] * weight).sum(-1)
-    return logits + bias if bias is not None else logits
-
-
-class LinearHead(nn.Linear):
-    """The classifier's head: nn.Linear, whose inference passes run head_logits."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return head_logits(x, self.weight, self.bias)
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -87,7 +87,7 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor A, Tensor B, float lora_scale, Tensor(a!)? grad_x) -> (Tensor, Tensor)",
         lora_linear_backward_ref,
     ),
-    # a mixed-patch inference pass's LoRA terms, each row its own patch's (model.QuantLinear.lora_rows)
+    # LoRA's term in inference-mode passes, each row its own patch's (model.QuantLinear.forward)
     "lora_rows": (
         "(Tensor y, Tensor x, Tensor A, Tensor Bt, Tensor row_patch, Tensor rank_offsets, Tensor scales) -> Tensor",
         lora_rows_ref,
@@ -198,7 +198,7 @@ def _(grad, x, A, B, lora_scale, grad_x):
 
 @torch.library.register_fake("edge_tune::lora_rows", lib=_lib)
 def _(y, x, A, Bt, row_patch, rank_offsets, scales):
-    return torch.empty_like(y)
+    return y.new_empty(y.shape)  # contiguous, as the kernel's
 
 
 @torch.library.register_fake("edge_tune::attention", lib=_lib)

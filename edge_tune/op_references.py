@@ -132,9 +132,9 @@ def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | N
 def int4_linear_dynamic_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x: (..., in) fp32, quantized per token like int8_linear_dynamic; w_packed / scale: int4 in groups
     (quant.py). Per group, in order: the exact integer product of the 7-bit activations and the int4 values,
-    less the zero point times the group's weight sum, times the group's scale, summed in fp32; then times
-    the row scale, plus bias -> (..., out) fp32. The C++ kernel computes the same operations in the same
-    order, so the two agree bit for bit."""
+    times the group's scale, summed in fp32; less the zero point times the same sum over the groups' weight
+    sums; times the row scale, plus bias -> (..., out) fp32. The C++ kernel computes the same operations in
+    the same order, so the two agree bit for bit."""
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     groups = scale.shape[1]
     size = k // groups if groups else 0
@@ -142,11 +142,12 @@ def int4_linear_dynamic_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Te
     xu, sx, zp = quantize_rows_ref(x2.nan_to_num(0.0, 0.0, 0.0))
     q = quant.unpack_int4(w_packed).double()
     acc = x2.new_zeros(x2.shape[0], n)
+    corr = x2.new_zeros(n)
     for g in range(groups):
         part = slice(g * size, (g + 1) * size)
-        d = xu[:, part].double() @ q[:, part].t() - zp[:, None].double() * q[:, part].sum(1)[None, :]
-        acc = acc + d.float() * scale[:, g].float()[None, :]
-    y = acc * sx[:, None]
+        acc = acc + (xu[:, part].double() @ q[:, part].t()).float() * scale[:, g].float()[None, :]
+        corr = corr + q[:, part].sum(1).float() * scale[:, g].float()
+    y = (acc - zp[:, None].float() * corr[None, :]) * sx[:, None]
     if bias is not None:
         y = y + bias
     bad = ~torch.isfinite(x2).all(1) if k else torch.zeros(x2.shape[0], dtype=torch.bool)

@@ -16,7 +16,8 @@ sentences) and batch-1 inference latency, on the int8 base with the kernels on a
 our step at most 0.5x, batch-1 at most 0.4x of PEFT's, measured in the same run).
 
 Then the thread-scaling table (issue #23): int8_linear_dynamic and int4_linear_dynamic against fbgemm on
-MiniLM's three shapes at 1024 rows, at 1, 2 and all cores, interleaved; ours / fbgemm per thread count and
+MiniLM's three shapes at 1024 rows, at 1, 2 and all cores, interleaved (and int8_linear_dynamic_packed, the
+weight packed once as fbgemm's is, where the plain op packs it every call); ours / fbgemm per thread count and
 each one's parallel efficiency (1-thread time / (threads x time)). Each ISA in a fresh process: `native`
 (this CPU's best cores, fbgemm's too) and `avx2` (both forced to AVX2 with EDGE_TUNE_INT8_ISA and
 FBGEMM_ENABLE_INSTRUCTIONS: an AVX2-only CPU's instructions on this machine's cores, not its caches).
@@ -260,7 +261,8 @@ ISA_ENV = {"native": {}, "avx2": {"EDGE_TUNE_INT8_ISA": "avx2", "FBGEMM_ENABLE_I
 
 
 def _scaling_cells(k: int, n: int) -> dict:
-    """fbgemm's dynamic linear and our two dynamic ops on one (n, k) weight, 1024 rows."""
+    """fbgemm's dynamic linear and our two dynamic ops on one (n, k) weight, 1024 rows; the int8 op also on
+    a weight packed once (`int8_linear_dynamic_packed`, as the serving bank runs it), as fbgemm's is."""
     import torch
 
     from edge_tune import ops, quant
@@ -270,9 +272,11 @@ def _scaling_cells(k: int, n: int) -> dict:
     q8, s8 = quant.quantize_int8(w)
     q4, s4 = quant.quantize_int4(w)
     dyn = fbgemm_linear(w, b)
+    packed = ops.int8_pack_weight(q8)
     return {
         "fbgemm": lambda: dyn(x),
         "int8 ours": lambda: ops.int8_linear_dynamic(x, q8, s8, b),
+        "int8 packed": lambda: ops.int8_linear_dynamic_packed(x, q8, *packed, s8, b),
         "int4 ours": lambda: ops.int4_linear_dynamic(x, q4, s4, b),
     }
 
@@ -317,14 +321,16 @@ def print_scaling(table: dict[str, list[dict]]) -> None:
         meta, rows = rows[-1], rows[:-1]
         print(f"\nthread scaling, 1024 rows, median µs ({isa}: our cores {meta['isa']}, "
               f"fbgemm {meta['fbgemm_env'] or 'its best'})")  # fmt: skip
-        print(f"{'shape':10} {'threads':>7} {'fbgemm':>9} {'int8 ours':>10} {'int4 ours':>10} "
-              f"{'int8/fbgemm':>12} {'int4/fbgemm':>12} {'eff fbgemm':>11} {'eff int8':>9} {'eff int4':>9}")  # fmt: skip
+        print(f"{'shape':10} {'threads':>7} {'fbgemm':>9} {'int8 ours':>10} {'int4 ours':>10} {'int8 packed':>12} "
+              f"{'int8/fbgemm':>12} {'int4/fbgemm':>12} {'packed/fbgemm':>14} "
+              f"{'eff fbgemm':>11} {'eff int8':>9} {'eff int4':>9}")  # fmt: skip
         one = {r["shape"]: r for r in rows if r["threads"] == 1}
         for r in rows:
             o, t = one[r["shape"]], r["threads"]
             eff = {c: o[c] / (t * r[c]) for c in ("fbgemm", "int8 ours", "int4 ours")}
             print(f"{r['shape']:10} {t:7d} {r['fbgemm']:9.0f} {r['int8 ours']:10.0f} {r['int4 ours']:10.0f} "
-                  f"{r['int8 ours'] / r['fbgemm']:11.2f}x {r['int4 ours'] / r['fbgemm']:11.2f}x "
+                  f"{r['int8 packed']:12.0f} {r['int8 ours'] / r['fbgemm']:11.2f}x {r['int4 ours'] / r['fbgemm']:11.2f}x "
+                  f"{r['int8 packed'] / r['fbgemm']:13.2f}x "
                   f"{eff['fbgemm']:11.2f} {eff['int8 ours']:9.2f} {eff['int4 ours']:9.2f}")  # fmt: skip
 
 

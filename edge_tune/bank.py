@@ -199,15 +199,17 @@ class PatchBank:
         model, was_active, was_training = self.base.model, self.active, self.base.model.training
         pid = torch.tensor([names.index(p) for p in patches])
         tokens: list = [None] * len(texts)
-        for u, n in enumerate(names):  # each text is cut at its own patch's trained length
-            rows = (pid == u).nonzero().flatten().tolist()
-            enc = encode(self.base.tokenizer, [texts[i] for i in rows], self.patches[n].manifest.seq_len)
+        cut = [self.patches[p].manifest.seq_len for p in patches]  # each text at its own patch's length
+        for seq_len in sorted(set(cut)):  # one tokenizer call per length (patches mostly share one)
+            rows = [i for i, c in enumerate(cut) if c == seq_len]
+            enc = encode(self.base.tokenizer, [texts[i] for i in rows], seq_len)
             for j, i in enumerate(rows):
                 tokens[i] = enc[j]
         terms = self._lora_terms(names)
         out: list[Prediction | None] = [None] * len(texts)
         self.deactivate()
-        model.eval()
+        if was_training:  # a no-op eval() still walks every module (~0.1 ms a pass)
+            model.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
             for s in range(0, len(order), batch_size):  # packed passes: padding costs nothing to cut around
@@ -226,7 +228,8 @@ class PatchBank:
         finally:
             for lin in terms:
                 lin.lora_rows = None
-            model.train(was_training)
+            if was_training:
+                model.train()
             if was_active is not None:
                 self.activate(was_active)
         return out

@@ -96,7 +96,7 @@ def logits(base, ids_mask):
         return base.model(*ids_mask)
 
 
-def synthetic_patch(base, path, task, spec, seed, labels=("0", "1")):
+def synthetic_patch(base, path, task, spec, seed, labels=("0", "1"), seq_len=64):
     """A patch with random (non-zero) deltas of the right shapes: swap mechanics do not need training."""
     g = torch.Generator().manual_seed(seed)
     defaults = dict(base.model.named_parameters())
@@ -106,7 +106,14 @@ def synthetic_patch(base, path, task, spec, seed, labels=("0", "1")):
         keep = n in defaults and not n.startswith("head.")
         tensors[n] = defaults[n].detach() + noise if keep else noise
     m = Manifest(
-        spec.name, spec.hyper(), list(labels), base.fingerprint, base.precision, "", task=task, seq_len=64
+        spec.name,
+        spec.hyper(),
+        list(labels),
+        base.fingerprint,
+        base.precision,
+        "",
+        task=task,
+        seq_len=seq_len,
     )
     save_patch(path, tensors, m)
     return path

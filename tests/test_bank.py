@@ -127,6 +127,27 @@ def test_mixed_batch_equals_per_patch_passes(bank, monkeypatch):
                     assert mixed[i].probability == w.probability
 
 
+def test_a_mixed_pass_cuts_each_text_at_its_own_patchs_length(base_int8, tmp_path):
+    """Patches trained at different lengths in one mixed pass: each text is cut where its own patch's
+    single-patch pass cuts it, so the answers are that pass's."""
+    bank = PatchBank(copy.deepcopy(base_int8))
+    spec = MethodSpec("lora", rank=4, alpha=8.0, targets=("q", "v"))
+    for seed, (name, seq_len) in enumerate((("short", 8), ("long", 64))):
+        bank.load(synthetic_patch(base_int8, tmp_path / f"{name}.patch", name, spec, seed, seq_len=seq_len))
+    texts = TEXTS * 2
+    names = ["short", "long"] * len(TEXTS)
+    mixed = bank.predict(texts, patches=names)
+    for n in ("short", "long"):
+        idx = [i for i, m in enumerate(names) if m == n]
+        alone = bank.predict([texts[i] for i in idx], patch=n)
+        assert [(mixed[i].patch, mixed[i].probability) for i in idx] == [(n, p.probability) for p in alone]
+    # the same deltas cut at 64 tokens answer otherwise: the comparison above can tell the cuts apart
+    bank.load(synthetic_patch(base_int8, tmp_path / "short64.patch", "short64", spec, 0, seq_len=64))
+    short = [i for i, m in enumerate(names) if m == "short"]
+    at64 = bank.predict([texts[i] for i in short], patch="short64")
+    assert [p.probability for p in at64] != [mixed[i].probability for i in short]
+
+
 def test_a_sentence_gets_its_answer_alone_or_in_any_batch(bank):
     """Batching on or off in a service: every sum of an inference pass runs in an order its own sentence
     sets (packed matmuls and attention, ops.lora_rows' LoRA terms, the pooling, model.head_logits), so a

@@ -33,8 +33,7 @@ __attribute__((target("avx2"))) void tile_avx2(const uint8_t* x, int64_t ldx, co
 }
 
 // One k-quad kb of R rows against 16 packed columns (a block `bcols` wide): vpmaddubsw + vpmaddwd leave 8
-// columns' partial sums in one register, so no horizontal sums. Shared by panel_avx2 and the int4 group
-// panel (cpu_int4_dynamic.cpp), which run their own loops over kb.
+// columns' partial sums in one register, so no horizontal sums.
 template <int R>
 __attribute__((target("avx2"), always_inline)) inline void quad_avx2(const uint8_t* x, int64_t ldx, const int8_t* pw,
                                                                     int64_t kb, int64_t bcols, __m256i ones,

@@ -86,8 +86,9 @@ def test_dynamic_int8_and_lora_kernels_match_references(k, n, m):
 
 
 @needs_kernels
-# k a multiple of the int4 group (32); n 17: a part-filled panel strip
-@pytest.mark.parametrize(("k", "n"), [(384, 1536), (1536, 384), (64, 17)])
+# k a multiple of the int4 group (32); n 17: a part-filled panel strip; n 100: a part-filled block whose
+# columns unpack 16 at a time and then one by one
+@pytest.mark.parametrize(("k", "n"), [(384, 1536), (1536, 384), (64, 17), (288, 100)])
 @pytest.mark.parametrize("m", ROWS)
 def test_int4_dynamic_kernel_equals_its_reference(k, n, m):
     """Integer group products, then the same fp32 operations in the same order: bit for bit, and a row's

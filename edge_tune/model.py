@@ -4,6 +4,7 @@ classification head. Shapes: B = batch, T = tokens, D = hidden (384), H = heads 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,6 +64,7 @@ class QuantLinear(nn.Module):
         # stacked (R, out), each packed token's patch (N,), each patch's ranks as offsets into the stack
         # (P + 1,) and its alpha / r (P,).
         self.lora_rows: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
+        self._one_patch: tuple | None = None  # _one_patch_rows' tensors and what they were made from
         # The int8 weight packed once for the kernels' panels (prepack_linears), used by passes without
         # autograd; not state: never saved, made again in each process (the layout is the CPU's).
         self.packed: tuple[Tensor, Tensor] | None = None
@@ -94,7 +96,7 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x, self.weight, self.bias)
         if self.lora_A is not None and not lora_done:
             if inference:
-                y = ops.lora_rows(y, x, self.lora_A, self.lora_B.t(), *self._one_patch_rows(x))
+                y = ops.lora_rows(y, x, self.lora_A, *self._one_patch_rows(x))
             else:
                 y = ops.add_lora_term(y, x, self.lora_A, self.lora_B, float(self.lora_scale))
         if self.lora_rows is not None:
@@ -106,11 +108,19 @@ class QuantLinear(nn.Module):
             y = y + F.linear(z, self.adapter_up, self.adapter_up_bias)
         return y
 
-    def _one_patch_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """ops.lora_rows' row patches, rank offsets and scale for every row of x under this linear's LoRA."""
+    def _one_patch_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ops.lora_rows' B^T, row patches, rank offsets and scale for every row of x under this linear's
+        LoRA. Kept until A, B (the same tensors, not changed in place since: their version counters) or
+        the scale change, or more rows come: making them each call was ~7% of a one-sentence prediction."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        offsets = torch.tensor([0, self.lora_A.shape[0]])
-        return torch.zeros(rows, dtype=torch.long), offsets, torch.tensor([float(self.lora_scale)])
+        a, b, scale = self.lora_A, self.lora_B, float(self.lora_scale)
+        key = (a._version, b._version, scale)
+        c = self._one_patch
+        if c is None or c[0]() is not a or c[1]() is not b or c[2] != key or c[4].shape[0] < rows:
+            made = (b.t().contiguous(), torch.zeros(max(rows, 64), dtype=torch.long),
+                    torch.tensor([0, a.shape[0]]), torch.tensor([scale]))  # fmt: skip
+            c = self._one_patch = (weakref.ref(a), weakref.ref(b), key, *made)
+        return c[3], c[4][:rows], c[5], c[6]
 
     def extra_repr(self) -> str:
         lora = f", lora_rank={self.lora_A.shape[0]}" if self.lora_A is not None else ""

@@ -129,3 +129,41 @@ def test_half_saved_layer_norm_gradients_match_layer_norm():
     got = torch.autograd.grad((out * up).sum(), [x, ln.weight, ln.bias])
     for r, v in zip(ref, got, strict=True):
         assert ((v - r).norm() / r.norm()).item() < 3e-3
+
+
+def test_an_inference_pass_follows_lora_changed_in_place_or_swapped():
+    """Inference passes keep LoRA's B^T and row tensors between calls (QuantLinear._one_patch_rows); an
+    in-place update (an optimizer step), a swapped tensor, a new scale or more rows must each show in the
+    next pass's output, which must equal the term computed afresh."""
+    from edge_tune import ops, quant
+    from edge_tune.model import QuantLinear
+
+    g = torch.Generator().manual_seed(5)
+    lin = QuantLinear(
+        quant.quantize(torch.randn(48, 64, generator=g) * 0.05, "int8"), torch.zeros(48), "int8"
+    )
+    lin.lora_A = torch.nn.Parameter(torch.randn(4, 64, generator=g))
+    lin.lora_B = torch.nn.Parameter(torch.randn(48, 4, generator=g))
+    lin.lora_scale = 2.0
+    x = torch.randn(7, 64, generator=g)
+
+    def fresh(rows):
+        base = ops.int8_linear_dynamic(x[:rows], lin.w_q, lin.scale, lin.bias)
+        return base + lin.lora_scale * (x[:rows] @ lin.lora_A.detach().t()) @ lin.lora_B.detach().t()
+
+    def check(rows=3):
+        with torch.inference_mode():
+            got = lin(x[:rows])
+        torch.testing.assert_close(got, fresh(rows), rtol=1e-4, atol=1e-4)
+        return got
+
+    first = check()
+    with torch.no_grad():
+        lin.lora_B.mul_(3.0)  # in place, as an optimizer step
+    assert not torch.allclose(check(), first)
+    lin.lora_A = torch.nn.Parameter(torch.randn(4, 64, generator=g))  # swapped, as a patch activation
+    check()
+    lin.lora_scale = 0.5
+    check()
+    check(rows=7)  # more rows than the kept row tensor had
+    check(rows=1)

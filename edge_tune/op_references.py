@@ -103,9 +103,11 @@ def add_lora_term(y: Tensor, x: Tensor, A: Tensor, B: Tensor, lora_scale: float)
 def lora_rows_ref(
     y: Tensor, x: Tensor, A: Tensor, Bt: Tensor, row_patch: Tensor, rank_offsets: Tensor, scales: Tensor
 ) -> Tensor:
-    """y + each row's own patch's LoRA term, for a pass whose rows belong to P patches: y (N, out), x (N, in)
-    fp32; A (R, in) and Bt (R, out) every patch's A and B^T stacked; row_patch (N,) each row's patch p,
-    whose ranks are rank_offsets[p] to rank_offsets[p + 1] (P + 1,) and scale scales[p] (P,) -> (N, out)."""
+    """y + each row's own patch's LoRA term, for a pass whose rows belong to P patches: y (..., out), x
+    (..., in) fp32 with N rows; A (R, in) and Bt (R, out) every patch's A and B^T stacked; row_patch (N,)
+    each row's patch p, whose ranks are rank_offsets[p] to rank_offsets[p + 1] (P + 1,) and scale scales[p]
+    (P,) -> y's shape."""
+    shape, x, y = y.shape, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     offsets, out = rank_offsets.tolist(), y.clone()
     if (
         len(offsets) != scales.shape[0] + 1
@@ -121,7 +123,7 @@ def lora_rows_ref(
         rows = (row_patch == p).nonzero().flatten()
         if rows.numel() and r1 > r0:
             out[rows] += (x[rows] @ A[r0:r1].t() * scales[p]) @ Bt[r0:r1]
-    return out
+    return out.reshape(shape)
 
 
 def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

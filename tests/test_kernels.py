@@ -295,6 +295,18 @@ def test_lora_rows_kernel_matches_its_reference(m, k, n, ranks):
 
 
 @needs_kernels
+def test_lora_rows_takes_rows_in_any_leading_shape():
+    """y and x as (batch, tokens, features), as a padded pass hands them over: the kernel and the reference
+    (which the model runs without a compiler) give y's shape and the 2-D call's values."""
+    y, x, *rest = _lora_rows_inputs(12, 40, 24, [4, 8])
+    flat_kernel, flat_ref = ops.lora_rows(y, x, *rest), ops.lora_rows_ref(y, x, *rest)
+    for impl, flat in ((ops.lora_rows, flat_kernel), (ops.lora_rows_ref, flat_ref)):
+        got = impl(y.reshape(3, 4, 24), x.reshape(3, 4, 40), *rest)
+        assert got.shape == (3, 4, 24)
+        assert torch.equal(got.reshape(12, 24), flat)
+
+
+@needs_kernels
 def test_lora_rows_gives_a_row_the_same_bits_whatever_its_neighbours_or_threads():
     """The sums of a row depend on the row alone: alone, in another order, or on other thread counts, each
     row's result is bit for bit the batch's (a sentence's answer does not depend on who shared its pass)."""

@@ -22,6 +22,7 @@ from conftest import SENTENCES, synthetic_patch
 from test_bank import TASKS
 
 from edge_tune.bank import PatchBank
+from edge_tune.kernels import load_kernels
 from edge_tune.patch import load_patch, save_patch
 
 pytest.importorskip("aiohttp")
@@ -113,8 +114,16 @@ def test_per_text_patches_and_concurrent_requests_for_different_patches(server):
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(64)))
+    # bit for bit with the kernels; the references' fp32 matmuls round by the rows a patch has in the pass,
+    # and a last-bit change may flip an int8 requantization step (test_bank's packed-pass test)
+    exact = load_kernels()
     for i, a in enumerate(answers):  # whoever shared its pass, a sentence gets its answer alone
-        assert a == alone[names[i % 4]]
+        want = alone[names[i % 4]]
+        if exact:
+            assert a == want
+        else:
+            assert (a["label"], a["patch"]) == (want["label"], want["patch"])
+            assert a["probability"] == pytest.approx(want["probability"], abs=0.05)
     status, text = server.call("GET", "/metrics", raw=True)
     assert (
         status == 200

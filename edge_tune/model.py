@@ -111,15 +111,24 @@ class QuantLinear(nn.Module):
     def _one_patch_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """ops.lora_rows' B^T, row patches, rank offsets and scale for every row of x under this linear's
         LoRA. Kept until A, B (the same tensors, not changed in place since: their version counters) or
-        the scale change, or more rows come: making them each call was ~7% of a one-sentence prediction."""
+        the scale change, or more rows come: making them each call was ~7% of a one-sentence prediction.
+        Inference tensors (made under torch.inference_mode) have no version counter: made afresh."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         a, b, scale = self.lora_A, self.lora_B, float(self.lora_scale)
-        key = (a._version, b._version, scale)
+        key = None if a.is_inference() or b.is_inference() else (a._version, b._version, scale)
         c = self._one_patch
-        if c is None or c[0]() is not a or c[1]() is not b or c[2] != key or c[4].shape[0] < rows:
+        if (
+            key is None
+            or c is None
+            or c[0]() is not a
+            or c[1]() is not b
+            or c[2] != key
+            or c[4].shape[0] < rows
+        ):
             made = (b.t().contiguous(), torch.zeros(max(rows, 64), dtype=torch.long),
                     torch.tensor([0, a.shape[0]]), torch.tensor([scale]))  # fmt: skip
-            c = self._one_patch = (weakref.ref(a), weakref.ref(b), key, *made)
+            c = (weakref.ref(a), weakref.ref(b), key, *made)
+            self._one_patch = c if key is not None else None
         return c[3], c[4][:rows], c[5], c[6]
 
     def extra_repr(self) -> str:

@@ -167,3 +167,28 @@ def test_an_inference_pass_follows_lora_changed_in_place_or_swapped():
     check()
     check(rows=7)  # more rows than the kept row tensor had
     check(rows=1)
+
+
+def test_an_inference_pass_takes_lora_made_under_inference_mode():
+    """LoRA tensors that are inference tensors (a patch loaded inside torch.inference_mode) carry no version
+    counter: the pass must still run, and equal the term computed afresh."""
+    from edge_tune import ops, quant
+    from edge_tune.model import QuantLinear
+
+    g = torch.Generator().manual_seed(6)
+    lin = QuantLinear(
+        quant.quantize(torch.randn(48, 64, generator=g) * 0.05, "int8"), torch.zeros(48), "int8"
+    )
+    a, b, x = (
+        torch.randn(4, 64, generator=g),
+        torch.randn(48, 4, generator=g),
+        torch.randn(5, 64, generator=g),
+    )
+    with torch.inference_mode():
+        lin.lora_A, lin.lora_B = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+        lin.lora_scale = 2.0
+        assert lin.lora_A.is_inference()
+        for _ in range(2):
+            got = lin(x)
+            want = ops.int8_linear_dynamic(x, lin.w_q, lin.scale, lin.bias) + 2.0 * (x @ a.t()) @ b.t()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -33,8 +33,11 @@ def encode(tokenizer, texts: list[str], max_len: int, chunk: int = 2048) -> Toke
     `chunk` texts at a time so tokenizers' per-text objects never pile up."""
     # One growing int32 buffer, not a numpy array per text: 67k small arrays cost ~10 MB of headers.
     flat, lengths = array.array("i"), array.array("q", [0])
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads (16 SST-2
+    # sentences: 0.44 against 0.56 ms)
+    batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     for s in range(0, len(texts), chunk):
-        for e in tokenizer.encode_batch(list(texts[s : s + chunk])):
+        for e in batch(list(texts[s : s + chunk])):
             ids = e.ids
             flat.extend(ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:])
             lengths.append(min(len(ids), max_len))

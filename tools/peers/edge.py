@@ -13,8 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import protocol  # noqa: E402
 
 
-def main() -> int:
-    a = protocol.worker_args()
+def main(a) -> int:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -87,5 +86,24 @@ def main() -> int:
     return 0
 
 
+def serve(a) -> int:
+    """Batch-1 as edge_tune deploys the patch (the `serve` phase, a fresh process): a PatchBank over a fresh
+    base of the row's precision, its int8 weights packed once as `edge-tune serve` and `predict` run them."""
+    import torch
+
+    from edge_tune.bank import PatchBank
+    from edge_tune.base import load_base
+
+    torch.set_num_threads(a.threads)
+    bank = PatchBank(load_base(a.model_dir, precision=a.variant))
+    bank.activate(bank.load(Path(a.work) / "sst2.patch"))
+    model = bank.base.model.eval()
+    one = tuple(torch.from_numpy(t) for t in protocol.one_sentence(protocol.load_arrays(a.arrays)))
+    with torch.inference_mode():
+        protocol.add_to_result(a.result, served_batch1_ms=protocol.median_ms(lambda: model(*one)))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    args = protocol.worker_args()
+    sys.exit(serve(args) if args.phase == "serve" else main(args))

@@ -1,7 +1,9 @@
-"""Peer: ONNX Runtime on-device training (onnxruntime-training-cpu, its artifacts + training API), run in
+"""Peer: ONNX Runtime on-device training (onnxruntime-training 1.19.2, its artifacts + training API), run in
 its own venv. `--phase prep` exports the fp32 model to ONNX (opset 14: gradient building failed at 17) and
 generates the training artifacts with only the method's tensors trainable; `--phase train` (a fresh
-process, so peak RSS is the training runtime's own) trains, evaluates and times batch-1 inference.
+process, so peak RSS is the training runtime's own) trains, evaluates, times batch-1 inference on the
+training module and exports the inference graph; `--phase serve` times batch-1 on that graph in an
+InferenceSession (a fresh process: ONNX Runtime's deployed path).
 
 Methods: bitfit (every bias + classifier) and lora (r8 on query/value + classifier). For LoRA the factors
 are exported non-zero (the exporter folds identical zero-initialised B matrices into one shared
@@ -95,13 +97,25 @@ def train(a) -> None:
         adapter_kb=n_train * 4 / 1024, batch1_ms=batch1, trainable=int(n_train),
         note="fp32 model; no gradient clipping in the training API; adapter = trainable fp32 tensors",
     )  # fmt: skip
+    # for `serve`, after the result (and its peak RSS) is written: the export holds a second copy of the model
+    module.export_model_for_inferencing(str(Path(a.work) / "inference.onnx"), ["logits"])
+
+
+def serve(a) -> None:
+    """Batch-1 as ONNX Runtime deploys the trained model: the inference graph `train` exported, in an
+    InferenceSession (all graph optimizations, the protocol's threads), in a fresh process."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = a.threads, 1
+    sess = ort.InferenceSession(
+        str(Path(a.work) / "inference.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
+    ids, mask = protocol.one_sentence(protocol.load_arrays(a.arrays))
+    feed = {"input_ids": ids, "attention_mask": mask}
+    protocol.add_to_result(a.result, served_batch1_ms=protocol.median_ms(lambda: sess.run(["logits"], feed)))
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    phase = argv[argv.index("--phase") + 1] if "--phase" in argv else "train"
-    if "--phase" in argv:
-        i = argv.index("--phase")
-        del argv[i : i + 2]
-    args = protocol.worker_args(argv)
-    prep(args) if phase == "prep" else train(args)
+    args = protocol.worker_args()
+    {"prep": prep, "train": train, "serve": serve}[args.phase](args)

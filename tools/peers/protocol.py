@@ -101,10 +101,19 @@ def write_result(path: str | Path, **row) -> None:
     Path(path).write_text(json.dumps(row))
 
 
+def add_to_result(path: str | Path, **fields) -> None:
+    """Add fields to the JSON a worker's earlier phase wrote (its peak RSS stays that phase's)."""
+    row = json.loads(Path(path).read_text())
+    Path(path).write_text(json.dumps({**row, **fields}))
+
+
 def worker_args(argv: list[str] | None = None):
     import argparse
 
     ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--phase", default="train", help="train (all runtimes), prep / serve (where a runtime has them)"
+    )
     ap.add_argument("--method", required=True)
     ap.add_argument("--variant", default="")
     ap.add_argument("--arrays", required=True)

@@ -274,6 +274,11 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xscale("log")  # ExecuTorch's portable kernels are ~50x slower than the rest
         ax.set_xlabel(unit + ", log scale")
         ax.tick_params(axis="y", labelsize=6)
+    served = [(j, r["served_batch1_ms"]) for j, r in enumerate(ok.values()) if r.get("served_batch1_ms")]
+    if served:  # the bars are batch-1 in the training process; the marks, through the deployed path
+        axes[2].scatter([v for _, v in served], [j for j, _ in served], marker="D", s=16, color="k", zorder=3,
+                        label="served (deployed path, fresh process)")  # fmt: skip
+        axes[2].legend(fontsize=7)
     fig.suptitle("edge_tune vs peers, SST-2, MiniLM-L6, 2 threads, each row a fresh process")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
             y = nn.functional.linear(x, buf["weight"], p["bias"])
         if lora_a is not None and not lora_done:
             if inference:
-                y = ops.lora_rows(y, x, lora_a, *self._one_patch_rows(x))
+                y = ops.lora_rows(y, x, lora_a, *self._one_patch_rows(x, lora_a, p["lora_B"]))
             else:
                 y = ops.add_lora_term(y, x, lora_a, p["lora_B"], float(self.lora_scale))
         if self.lora_rows is not None:
@@ -112,13 +112,14 @@ class QuantLinear(nn.Module):
             y = y + F.linear(z, p["adapter_up"], p["adapter_up_bias"])
         return y
 
-    def _one_patch_rows(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _one_patch_rows(self, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """ops.lora_rows' B^T, row patches, rank offsets and scale for every row of x under this linear's
-        LoRA. Kept until A, B (the same tensors, not changed in place since: their version counters) or
-        the scale change, or more rows come: making them each call was ~7% of a one-sentence prediction.
-        Inference tensors (made under torch.inference_mode) have no version counter: made afresh."""
+        LoRA (A = a, B = b, as forward read them). Kept until A, B (the same tensors, not changed in place
+        since: their version counters) or the scale change, or more rows come: making them each call was
+        ~7% of a one-sentence prediction. Inference tensors (made under torch.inference_mode) have no
+        version counter: made afresh."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        a, b, scale = self.lora_A, self.lora_B, float(self.lora_scale)
+        scale = float(self.lora_scale)
         key = None if a.is_inference() or b.is_inference() else (a._version, b._version, scale)
         c = self._one_patch
         if (

@@ -86,7 +86,7 @@ def ensure_venv(name: str) -> tuple[Path | None, str]:
     pip = [str(py), "-m", "pip", "install", "-q", "-c", str(pins)]
     for cmd in (
         [sys.executable, "-m", "venv", str(VENV_ROOT / name)],
-        pip + ["torch==2.13.0"],
+        pip + ["torch"],  # the version constraints.txt pins
         pip + VENVS[name],
     ):
         p = subprocess.run(cmd, capture_output=True, text=True)

@@ -32,6 +32,7 @@ CPU_SOURCES = [
         "cpu_int4_dynamic.cpp",
         "cpu_lora.cpp",
         "cpu_attention.cpp",
+        "cpu_encoder_layer.cpp",
         "cpu_half_saved.cpp",
         "cpu_allocator.cpp",
     )

@@ -243,3 +243,39 @@ def int8_linear_grad_input_ref(grad_out: Tensor, w_q: Tensor, scale: Tensor) -> 
 
 def int4_linear_grad_input_ref(grad_out: Tensor, w_packed: Tensor, scale: Tensor) -> Tensor:
     return grad_out @ quant.dequantize_int4(w_packed, scale)
+
+
+def encoder_layer_ref(
+    x: Tensor,
+    mask: Tensor,
+    packed: bool,
+    heads: int,
+    linears: list[Tensor],
+    lora: list[Tensor | None],
+    ln: list[Tensor],
+    eps: float,
+) -> Tensor:
+    """One encoder layer's inference pass, as model.EncoderLayer runs it without a prefix: x (B, T, D) with
+    mask the key mask (B, T) bool, or `packed` x (N, D) with mask the sentences' offsets (B + 1,). linears:
+    for q, k, v, o, ff1, ff2 in turn, w_q, its packing (int8_pack_weight's two tensors), scale and bias;
+    lora: for each, lora_rows' A, Bt, row_patch, rank_offsets, scales, or five Nones; ln: ln1's weight and
+    bias, then ln2's -> x's shape."""
+    D = x.shape[-1]
+
+    def linear(t: Tensor, i: int) -> Tensor:
+        w_q, _, _, scale, bias = linears[5 * i : 5 * i + 5]
+        y = int8_linear_dynamic_ref(t, w_q, scale, bias)
+        return y if lora[5 * i] is None else lora_rows_ref(y, t, *lora[5 * i : 5 * i + 5])
+
+    if packed:
+        split = lambda t: t.view(-1, heads, D // heads)  # noqa: E731
+        a = attention_packed_ref(split(linear(x, 0)), split(linear(x, 1)), split(linear(x, 2)), mask)
+        a = a.view(-1, D)
+    else:
+        B, T = x.shape[:2]
+        split = lambda t: t.view(B, T, heads, D // heads).transpose(1, 2)  # noqa: E731
+        a = attention_ref(split(linear(x, 0)), split(linear(x, 1)), split(linear(x, 2)), mask)
+        a = a.transpose(1, 2).reshape(B, T, D)
+    h = torch.nn.functional.layer_norm(x + linear(a, 3), (D,), ln[0], ln[1], eps)
+    f = torch.nn.functional.gelu(linear(h, 4))
+    return torch.nn.functional.layer_norm(h + linear(f, 5), (D,), ln[2], ln[3], eps)

@@ -21,6 +21,7 @@ from .op_references import (  # the references, also reached as ops.<name>
     attention_packed_ref,
     attention_ref,
     empty_heads_last,
+    encoder_layer_ref,
     gelu_backward_half_ref,
     half_saturated_ref,
     int4_embedding_ref,
@@ -99,6 +100,12 @@ SCHEMAS = {
         "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor key_mask) -> (Tensor, Tensor, Tensor)",
         attention_backward_ref,
     ),
+    # a whole encoder layer's inference pass in one call (model.EncoderLayer, inference mode, int8 packed)
+    "encoder_layer": (
+        "(Tensor x, Tensor mask, bool packed, int heads, Tensor[] linears, Tensor?[] lora, Tensor[] ln, "
+        "float eps) -> Tensor",
+        encoder_layer_ref,
+    ),
     # the activations training keeps in fp16 (half_saved.py's functions, which own the autograd)
     "half_saturated": ("(Tensor x) -> Tensor", half_saturated_ref),
     "gelu_backward_half": ("(Tensor grad, Tensor h16) -> Tensor", gelu_backward_half_ref),
@@ -124,6 +131,7 @@ lora_rows = torch.ops.edge_tune.lora_rows.default
 attention = torch.ops.edge_tune.attention.default
 attention_packed = torch.ops.edge_tune.attention_packed.default
 attention_backward = torch.ops.edge_tune.attention_backward.default
+encoder_layer = torch.ops.edge_tune.encoder_layer.default
 half_saturated = torch.ops.edge_tune.half_saturated.default
 gelu_backward_half = torch.ops.edge_tune.gelu_backward_half.default
 
@@ -209,6 +217,11 @@ def _(q, k, v, key_mask):
 @torch.library.register_fake("edge_tune::attention_packed", lib=_lib)
 def _(q, k, v, offsets):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.register_fake("edge_tune::encoder_layer", lib=_lib)
+def _(x, mask, packed, heads, linears, lora, ln, eps):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
 @torch.library.register_fake("edge_tune::attention_backward", lib=_lib)
@@ -312,6 +325,7 @@ ALL_OPS = {
     "attention": attention,
     "attention_packed": attention_packed,
     "attention_backward": attention_backward,
+    "encoder_layer": encoder_layer,
     "half_saturated": half_saturated,
     "gelu_backward_half": gelu_backward_half,
 }

@@ -5,6 +5,7 @@ torch has no CUDA device (the CI machine): run it on a GPU machine with
 
 import pytest
 import torch
+from test_ops import encoder_layer_args
 
 from edge_tune import ops, quant
 from edge_tune.kernels import fallback_reason, load_kernels
@@ -143,13 +144,18 @@ def test_cuda_opcheck():
         "attention_backward": (torch.randn(2, 3, 5, 8), *qkv, keys),
         "half_saturated": (gy,),
         "gelu_backward_half": (gy, ops.half_saturated(gy * 3)),
+        "encoder_layer": encoder_layer_args(),  # no CUDA kernel (CPU inference only): the reference
     }
     assert set(samples) == set(ops.ALL_OPS)
     for name, args in samples.items():
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        args = [
+            [t.cuda() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else a
+            for a in args
+        ]
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i in (0, 3, 4, 5)
                 and "grad_input" not in name and "embedding" not in name and "gelu" not in name
-                and "attention" not in name and "packed" not in name and name not in ("lora_rows", "lora_linear_backward") else a for i, a in enumerate(args)]  # fmt: skip
+                and "attention" not in name and "packed" not in name and name not in ("lora_rows", "lora_linear_backward", "encoder_layer") else a for i, a in enumerate(args)]  # fmt: skip
         torch.library.opcheck(ops.ALL_OPS[name], args)
 
 

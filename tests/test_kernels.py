@@ -442,6 +442,53 @@ def test_packed_attention_kernel_matches_its_reference_and_the_padded_op(lengths
     assert torch.equal(out, want)
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    ("B", "T", "D", "F", "heads"), [(1, 13, 384, 1536, 12), (3, 9, 64, 96, 4), (2, 1, 16, 32, 2)]
+)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_encoder_layer_kernel_matches_its_reference_on_any_thread_count(
+    B, T, D, F, heads, packed, pack_weights
+):
+    """cpp_ext/cpu_encoder_layer.cpp, one layer's inference pass in one call, against its reference within
+    float rounding: padded or packed, sentences of different lengths, LoRA by row on three linears, weights
+    packed or not; and bit for bit the same on 1, 2 and 3 threads."""
+    # imported here: a subprocess below imports this file as tests.test_kernels, where test_ops is not found
+    from test_ops import encoder_layer_args
+
+    lengths = [T - i * T // (B + 1) for i in range(B)]
+    args = encoder_layer_args(
+        B, T, D, F, heads, packed, lora=(0, 2, 5), lengths=lengths, pack_weights=pack_weights
+    )
+    got = ops.encoder_layer(*args)
+    want = ops.encoder_layer_ref(*args)
+    assert got.shape == args[0].shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(ops.encoder_layer(*args), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(lambda a: a[4].pop(), "linears must hold 30"), (lambda a: a[5].append(None), "lora must hold 30"),
+     (lambda a: a[6].pop(), "ln must hold"), (lambda a: a.__setitem__(3, 5), "5 heads do not divide")],
+)  # fmt: skip
+@needs_kernels
+def test_encoder_layer_kernel_refuses_arguments_it_cannot_place(change, message):
+    from test_ops import encoder_layer_args
+
+    args = list(encoder_layer_args())
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.encoder_layer(*args)
+
+
 def test_packed_attention_refuses_offsets_that_do_not_cover_the_tokens():
     q = torch.zeros(6, 2, 8)
     for bad in ([0, 4], [1, 6], [0, 4, 3, 6]):

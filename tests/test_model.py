@@ -192,3 +192,51 @@ def test_an_inference_pass_takes_lora_made_under_inference_mode():
             got = lin(x)
             want = ops.int8_linear_dynamic(x, lin.w_q, lin.scale, lin.bias) + 2.0 * (x @ a.t()) @ b.t()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_inference_layers_run_as_one_op_with_the_op_by_op_bits(monkeypatch, prepacked):
+    """In inference mode an int8 layer runs as one ops.encoder_layer call (the same ops, chained in C++),
+    padded and packed, with LoRA from the slot (a fine-tuned patch) or by row (a mixed pass), weights packed
+    (serving) or not (a training process's evaluation): logits bit for bit those of the op-by-op path. A
+    slot the op does not apply (IA3's scale) sends that layer op by op."""
+    from edge_tune import model as M
+    from edge_tune import ops
+
+    torch.manual_seed(0)
+    model = M.skeleton(M.BertConfig(num_hidden_layers=3), "int8").eval()
+    q, v = model.encoder.layers[0].q, model.encoder.layers[0].v
+    for lin in (q, v):
+        lin.lora_A = torch.nn.Parameter(torch.randn(4, 384) * 0.1)
+        lin.lora_B = torch.nn.Parameter(torch.randn(384, 4) * 0.1)
+        lin.lora_scale = 2.0
+    model.encoder.layers[1].o.bias.data += 0.5  # a BitFit-like change: the op reads the slot
+    model.encoder.layers[2].o.in_scale = torch.nn.Parameter(torch.rand(384) + 0.5)  # IA3: op by op
+    if prepacked:
+        M.prepack_linears(model)
+    ids = torch.randint(0, 1000, (3, 9))
+    mask = (torch.arange(9)[None, :] < torch.tensor([[9], [4], [1]])).long()
+    ff1 = model.encoder.layers[1].ff1
+    rows = {False: 27, True: 14}  # ops.lora_rows' arguments by row: A (R, in), B^T (R, out), each row's patch
+    terms = lambda n: (torch.randn(12, 384) * 0.1, torch.randn(12, 1536) * 0.1, torch.arange(n) % 2,  # noqa: E731
+                       torch.tensor([0, 4, 12]), torch.tensor([1.0, 0.5]))  # fmt: skip
+    calls = []
+    real_op = ops.encoder_layer
+    monkeypatch.setattr(ops, "encoder_layer", lambda *a: calls.append(1) or real_op(*a))
+
+    def passes():
+        out = []
+        for packed in (False, True):
+            torch.manual_seed(1)
+            ff1.lora_rows = terms(rows[packed])
+            with torch.inference_mode():
+                out.append(model(ids, mask, packed=packed))
+            ff1.lora_rows = None
+        return out
+
+    fused = passes()
+    assert len(calls) == 4  # layers 0 and 1, padded and packed; layer 2 (IA3) op by op
+    monkeypatch.setattr(M.EncoderLayer, "_fused_args", lambda self, x: None)
+    for got, want in zip(fused, passes(), strict=True):
+        assert torch.equal(got, want)
+    assert len(calls) == 4

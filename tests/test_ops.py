@@ -15,6 +15,37 @@ def _linear_inputs(precision, m=5, n_in=64, n_out=48, seed=0):
     return x, buf["w_q"], buf["scale"], b
 
 
+def encoder_layer_args(
+    B=2, T=5, D=16, F=32, heads=2, packed=False, lora=(0, 2), lengths=None, seed=0, pack_weights=True
+):
+    """ops.encoder_layer's arguments for a random layer: x padded (B, T, D) with its key mask, or `packed`
+    (the real tokens of sentences of `lengths`, default all T, back to back) with the offsets; int8 weights
+    (packed with int8_pack_weight unless not `pack_weights`: then empty packings); a LoRA term (rank 4, two
+    patches by row) on the linears numbered in `lora` (q, k, v, o, ff1, ff2 = 0..5)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [T] * B
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
+    if packed:
+        x = torch.randn(sum(lengths), D, generator=g)
+        mask_arg = torch.tensor([0, *lengths]).cumsum(0)
+    else:
+        x, mask_arg = torch.randn(B, T, D, generator=g), mask
+    rows = x.numel() // D
+    linears, terms = [], []
+    for i, (o, k) in enumerate([(D, D)] * 4 + [(F, D), (D, F)]):
+        q = quant.quantize(torch.randn(o, k, generator=g) * 0.3, "int8")
+        packing = ops.int8_pack_weight(q["w_q"]) if pack_weights else (torch.empty(0, dtype=torch.int8),
+                                                                        torch.empty(0, dtype=torch.int32))  # fmt: skip
+        linears += [q["w_q"], *packing, q["scale"], torch.randn(o, generator=g)]
+        if i in lora:
+            terms += [torch.randn(8, k, generator=g) * 0.2, torch.randn(8, o, generator=g) * 0.2,
+                      torch.randint(0, 2, (rows,), generator=g), torch.tensor([0, 4, 8]), torch.tensor([1.5, 0.5])]  # fmt: skip
+        else:
+            terms += [None] * 5
+    ln = [1 + 0.1 * torch.randn(D, generator=g), 0.1 * torch.randn(D, generator=g)] * 2
+    return x, mask_arg, packed, heads, linears, terms, ln, 1e-12
+
+
 def _op_samples():
     x8, w8, s8, b8 = _linear_inputs("int8")
     x4, w4, s4, b4 = _linear_inputs("int4")
@@ -77,6 +108,7 @@ def _op_samples():
         ],  # fmt: skip
         "half_saturated": [(torch.randn(5, 48) * 1e5,), (torch.randn(0, 7),)],
         "gelu_backward_half": [(g, ops.half_saturated(torch.randn(5, 48)))],
+        "encoder_layer": [encoder_layer_args(), encoder_layer_args(packed=True, lengths=[3, 5], lora=(1,))],
     }
 
 

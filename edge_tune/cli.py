@@ -7,9 +7,12 @@ import argparse
 import logging
 import sys
 
-from . import verbs
-from .errors import EdgeTuneError
-from .methods import METHODS
+from .rss import set_openmp_spin
+
+set_openmp_spin()  # here, before `verbs` imports torch: libgomp reads it once, as torch loads it
+from . import verbs  # noqa: E402
+from .errors import EdgeTuneError  # noqa: E402
+from .methods import METHODS  # noqa: E402
 
 log = logging.getLogger("edge_tune")
 

@@ -70,6 +70,26 @@ print(m, *env, bool(rss.tensor_cache_stats().get("on")))
     assert out.splitlines()[-1] == f"True 1 false {cache}", out
 
 
+def test_the_cli_sets_openmp_spin_before_torch_loads_unless_the_user_did():
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: importing the CLI sets it before its verbs
+    import torch; a user's GOMP_SPINCOUNT or OMP_WAIT_POLICY wins; with torch loaded, nothing is set."""
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def spin(code: str, **extra: str) -> str:
+        p = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=base | extra, cwd=ROOT
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.strip()
+
+    cli = "import os, sys, edge_tune.cli; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    assert spin(cli) == "30000 True"
+    assert spin(cli, GOMP_SPINCOUNT="7") == "7 True"
+    assert spin(cli, OMP_WAIT_POLICY="PASSIVE") == "None True"
+    late = "import os, torch; from edge_tune.rss import set_openmp_spin as s; print(s(), os.environ.get('GOMP_SPINCOUNT'))"
+    assert spin(late) == "False None"
+
+
 def _imports(path: Path) -> set[str]:
     """edge_tune modules `path` imports, at module level or inside its functions."""
     found = set()

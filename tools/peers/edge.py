@@ -25,6 +25,7 @@ def main(a) -> int:
     from edge_tune.rss import apply_process_settings
 
     torch.set_num_threads(a.threads)
+    torch.manual_seed(0)  # dropout's masks: the protocol's seed 0, as the other rows seed theirs
     apply_process_settings()  # as `edge-tune train` does
     arrays = protocol.load_arrays(a.arrays)
     base = load_base(a.model_dir, precision=a.variant)
@@ -105,5 +106,8 @@ def serve(a) -> int:
 
 
 if __name__ == "__main__":
+    from edge_tune.rss import set_openmp_spin
+
+    set_openmp_spin()  # as the `edge-tune` CLI does, before anything loads torch
     args = protocol.worker_args()
     sys.exit(serve(args) if args.phase == "serve" else main(args))

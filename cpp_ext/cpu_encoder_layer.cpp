@@ -1,6 +1,6 @@
 // One encoder layer's inference pass in one call (encoder_layer; schema: ops.py, reference:
-// op_references.encoder_layer_ref): the ops model.EncoderLayer runs for it from Python -- the int8 GEMMs
-// and their LoRA terms, attention, the residual adds, the LayerNorms and GELU -- called in the same
+// op_references.encoder_layer_ref): the ops model.EncoderLayer runs for it from Python -- the int8 or int4
+// GEMMs and their LoRA terms, attention, the residual adds, the LayerNorms and GELU -- called in the same
 // order on the same tensors from C++, so the bits are the Python path's. A short sentence's pass was more
 // interpreter and module machinery between ops than ops (a 10-token pass: 36 GEMMs of ~15 us under ~3 ms).
 
@@ -31,6 +31,12 @@ const auto& dynamic_gemm() {
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
   return op;
 }
+const auto& int4_gemm() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("edge_tune::int4_linear_dynamic", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  return op;
+}
 const auto& lora_rows_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("edge_tune::lora_rows", "")
@@ -47,12 +53,13 @@ const auto& attention_op(bool packed) {
   return packed ? packed_op : padded_op;
 }
 
-// QuantLinear.forward on the inference path: the GEMM (over the packed weight, or w_q where the packing is
-// empty: not packed), then the LoRA term where one is given.
+// QuantLinear.forward on the inference path: the GEMM (int4 where w_q is uint8, the int4 packing; int8 over
+// the packed weight, or over w_q where the packing is empty), then the LoRA term where one is given.
 at::Tensor linear(const at::Tensor& x, at::TensorList lins, const OptList& lora, int i) {
   const at::Tensor* w = lins.data() + i * kPerLinear;
-  at::Tensor y = w[1].numel() ? packed_gemm().call(x, w[0], w[1], w[2], w[3], OptTensor(w[4]))
-                              : dynamic_gemm().call(x, w[0], w[3], OptTensor(w[4]));
+  at::Tensor y = w[0].scalar_type() == at::kByte ? int4_gemm().call(x, w[0], w[3], OptTensor(w[4]))
+                 : w[1].numel()                  ? packed_gemm().call(x, w[0], w[1], w[2], w[3], OptTensor(w[4]))
+                                                 : dynamic_gemm().call(x, w[0], w[3], OptTensor(w[4]));
   const OptTensor a = lora.get(i * kPerLora);
   if (!a.has_value()) return y;
   auto t = [&](int j) { return lora.get(i * kPerLora + j).value(); };

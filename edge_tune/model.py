@@ -211,7 +211,7 @@ class EncoderLayer(nn.Module):
 
     def _fused_args(self, x: Tensor) -> tuple | None:
         """ops.encoder_layer's linears, lora, ln and eps for this layer on input x, or None where it cannot
-        run the layer: a linear that is not int8 or has a slot it does not apply (IA3's scales, an adapter,
+        run the layer: a linear that is not int8 / int4 or has a slot it does not apply (IA3's scales, an adapter,
         a full weight), or LoRA both from its slot and by row. Slots are read from the dicts, as in
         QuantLinear.forward: ~7 us a layer."""
         ln1, ln2 = self._modules["ln1"], self._modules["ln2"]
@@ -223,7 +223,7 @@ class EncoderLayer(nn.Module):
             p, buf, rows = lin._parameters, lin._buffers, lin.lora_rows
             a = p["lora_A"]
             if (
-                lin.precision != "int8"
+                lin.precision not in ("int8", "int4")
                 or p["in_scale"] is not None
                 or p["out_scale"] is not None
                 or p["adapter_down"] is not None

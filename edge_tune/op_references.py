@@ -257,14 +257,16 @@ def encoder_layer_ref(
 ) -> Tensor:
     """One encoder layer's inference pass, as model.EncoderLayer runs it without a prefix: x (B, T, D) with
     mask the key mask (B, T) bool, or `packed` x (N, D) with mask the sentences' offsets (B + 1,). linears:
-    for q, k, v, o, ff1, ff2 in turn, w_q, its packing (int8_pack_weight's two tensors), scale and bias;
+    for q, k, v, o, ff1, ff2 in turn, w_q (int8, or uint8: int4 packed), its packing (int8_pack_weight's two
+    tensors; empty ones for int4 or an unpacked int8 weight), scale and bias;
     lora: for each, lora_rows' A, Bt, row_patch, rank_offsets, scales, or five Nones; ln: ln1's weight and
     bias, then ln2's -> x's shape."""
     D = x.shape[-1]
 
     def linear(t: Tensor, i: int) -> Tensor:
         w_q, _, _, scale, bias = linears[5 * i : 5 * i + 5]
-        y = int8_linear_dynamic_ref(t, w_q, scale, bias)
+        gemm = int4_linear_dynamic_ref if w_q.dtype == torch.uint8 else int8_linear_dynamic_ref
+        y = gemm(t, w_q, scale, bias)
         return y if lora[5 * i] is None else lora_rows_ref(y, t, *lora[5 * i : 5 * i + 5])
 
     if packed:

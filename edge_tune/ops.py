@@ -100,7 +100,7 @@ SCHEMAS = {
         "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor key_mask) -> (Tensor, Tensor, Tensor)",
         attention_backward_ref,
     ),
-    # a whole encoder layer's inference pass in one call (model.EncoderLayer, inference mode, int8 packed)
+    # a whole encoder layer's inference pass in one call (model.EncoderLayer: inference mode, int8 / int4)
     "encoder_layer": (
         "(Tensor x, Tensor mask, bool packed, int heads, Tensor[] linears, Tensor?[] lora, Tensor[] ln, "
         "float eps) -> Tensor",

@@ -444,23 +444,20 @@ def test_packed_attention_kernel_matches_its_reference_and_the_padded_op(lengths
 
 @needs_kernels
 @pytest.mark.parametrize(
-    ("B", "T", "D", "F", "heads"), [(1, 13, 384, 1536, 12), (3, 9, 64, 96, 4), (2, 1, 16, 32, 2)]
+    ("B", "T", "D", "F", "heads"), [(1, 13, 384, 1536, 12), (3, 9, 64, 96, 4), (2, 1, 32, 64, 2)]
 )
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("pack_weights", [True, False])
-def test_encoder_layer_kernel_matches_its_reference_on_any_thread_count(
-    B, T, D, F, heads, packed, pack_weights
-):
+@pytest.mark.parametrize("weights", ["int8 packed", "int8", "int4"])
+def test_encoder_layer_kernel_matches_its_reference_on_any_thread_count(B, T, D, F, heads, packed, weights):
     """cpp_ext/cpu_encoder_layer.cpp, one layer's inference pass in one call, against its reference within
-    float rounding: padded or packed, sentences of different lengths, LoRA by row on three linears, weights
-    packed or not; and bit for bit the same on 1, 2 and 3 threads."""
+    float rounding: padded or packed, sentences of different lengths, LoRA by row on three linears, int8
+    weights packed or not, int4 weights; and bit for bit the same on 1, 2 and 3 threads."""
     # imported here: a subprocess below imports this file as tests.test_kernels, where test_ops is not found
     from test_ops import encoder_layer_args
 
     lengths = [T - i * T // (B + 1) for i in range(B)]
-    args = encoder_layer_args(
-        B, T, D, F, heads, packed, lora=(0, 2, 5), lengths=lengths, pack_weights=pack_weights
-    )
+    args = encoder_layer_args(B, T, D, F, heads, packed, lora=(0, 2, 5), lengths=lengths,
+                              pack_weights=weights == "int8 packed", precision=weights.split()[0])  # fmt: skip
     got = ops.encoder_layer(*args)
     want = ops.encoder_layer_ref(*args)
     assert got.shape == args[0].shape

@@ -194,17 +194,17 @@ def test_an_inference_pass_takes_lora_made_under_inference_mode():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prepacked", [True, False])
-def test_inference_layers_run_as_one_op_with_the_op_by_op_bits(monkeypatch, prepacked):
-    """In inference mode an int8 layer runs as one ops.encoder_layer call (the same ops, chained in C++),
-    padded and packed, with LoRA from the slot (a fine-tuned patch) or by row (a mixed pass), weights packed
-    (serving) or not (a training process's evaluation): logits bit for bit those of the op-by-op path. A
-    slot the op does not apply (IA3's scale) sends that layer op by op."""
+@pytest.mark.parametrize("weights", ["int8 prepacked", "int8", "int4"])
+def test_inference_layers_run_as_one_op_with_the_op_by_op_bits(monkeypatch, weights):
+    """In inference mode an int8 or int4 layer runs as one ops.encoder_layer call (the same ops, chained in
+    C++), padded and packed, with LoRA from the slot (a fine-tuned patch) or by row (a mixed pass), int8
+    weights packed (serving) or not (a training process's evaluation): logits bit for bit those of the
+    op-by-op path. A slot the op does not apply (IA3's scale) sends that layer op by op."""
     from edge_tune import model as M
     from edge_tune import ops
 
     torch.manual_seed(0)
-    model = M.skeleton(M.BertConfig(num_hidden_layers=3), "int8").eval()
+    model = M.skeleton(M.BertConfig(num_hidden_layers=3), weights.split()[0]).eval()
     q, v = model.encoder.layers[0].q, model.encoder.layers[0].v
     for lin in (q, v):
         lin.lora_A = torch.nn.Parameter(torch.randn(4, 384) * 0.1)
@@ -212,7 +212,7 @@ def test_inference_layers_run_as_one_op_with_the_op_by_op_bits(monkeypatch, prep
         lin.lora_scale = 2.0
     model.encoder.layers[1].o.bias.data += 0.5  # a BitFit-like change: the op reads the slot
     model.encoder.layers[2].o.in_scale = torch.nn.Parameter(torch.rand(384) + 0.5)  # IA3: op by op
-    if prepacked:
+    if weights == "int8 prepacked":
         M.prepack_linears(model)
     ids = torch.randint(0, 1000, (3, 9))
     mask = (torch.arange(9)[None, :] < torch.tensor([[9], [4], [1]])).long()

@@ -15,13 +15,13 @@ def _linear_inputs(precision, m=5, n_in=64, n_out=48, seed=0):
     return x, buf["w_q"], buf["scale"], b
 
 
-def encoder_layer_args(
-    B=2, T=5, D=16, F=32, heads=2, packed=False, lora=(0, 2), lengths=None, seed=0, pack_weights=True
-):
+def encoder_layer_args(B=2, T=5, D=32, F=64, heads=2, packed=False, lora=(0, 2), lengths=None, seed=0,
+                       pack_weights=True, precision="int8"):  # fmt: skip
     """ops.encoder_layer's arguments for a random layer: x padded (B, T, D) with its key mask, or `packed`
     (the real tokens of sentences of `lengths`, default all T, back to back) with the offsets; int8 weights
-    (packed with int8_pack_weight unless not `pack_weights`: then empty packings); a LoRA term (rank 4, two
-    patches by row) on the linears numbered in `lora` (q, k, v, o, ff1, ff2 = 0..5)."""
+    (packed with int8_pack_weight unless not `pack_weights`: then empty packings) or int4 ones (D and F
+    multiples of 32); a LoRA term (rank 4, two patches by row) on the linears numbered in `lora` (q, k, v,
+    o, ff1, ff2 = 0..5)."""
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [T] * B
     mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
@@ -33,9 +33,9 @@ def encoder_layer_args(
     rows = x.numel() // D
     linears, terms = [], []
     for i, (o, k) in enumerate([(D, D)] * 4 + [(F, D), (D, F)]):
-        q = quant.quantize(torch.randn(o, k, generator=g) * 0.3, "int8")
-        packing = ops.int8_pack_weight(q["w_q"]) if pack_weights else (torch.empty(0, dtype=torch.int8),
-                                                                        torch.empty(0, dtype=torch.int32))  # fmt: skip
+        q = quant.quantize(torch.randn(o, k, generator=g) * 0.3, precision)
+        packing = (ops.int8_pack_weight(q["w_q"]) if pack_weights and precision == "int8"
+                   else (torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.int32)))  # fmt: skip
         linears += [q["w_q"], *packing, q["scale"], torch.randn(o, generator=g)]
         if i in lora:
             terms += [torch.randn(8, k, generator=g) * 0.2, torch.randn(8, o, generator=g) * 0.2,
@@ -108,7 +108,10 @@ def _op_samples():
         ],  # fmt: skip
         "half_saturated": [(torch.randn(5, 48) * 1e5,), (torch.randn(0, 7),)],
         "gelu_backward_half": [(g, ops.half_saturated(torch.randn(5, 48)))],
-        "encoder_layer": [encoder_layer_args(), encoder_layer_args(packed=True, lengths=[3, 5], lora=(1,))],
+        "encoder_layer": [
+            encoder_layer_args(),
+            encoder_layer_args(packed=True, lengths=[3, 5], lora=(1,), precision="int4"),
+        ],
     }
 
 

@@ -200,6 +200,9 @@ def main() -> int:
     folder = Path(a.patches) if a.patches else None
     if folder is not None and not sorted(folder.glob("*.patch")):
         ap.error(f"no .patch files in {folder}")
+    from edge_tune.rss import apply_process_settings, set_openmp_spin
+
+    set_openmp_spin()  # before torch loads, as the `edge-tune` CLI does
     import torch
     import torch.nn.functional as F
 
@@ -207,7 +210,6 @@ def main() -> int:
     from edge_tune.methods import MethodSpec, apply_method
     from edge_tune.model import prepack_linears
     from edge_tune.optim import AdamW
-    from edge_tune.rss import apply_process_settings
 
     torch.set_num_threads(a.threads)
     apply_process_settings()  # as `edge-tune train` does (mmap threshold, tensor cache)

@@ -183,7 +183,7 @@ class EncoderLayer(nn.Module):
         prefix = self.prefix if prefix is None else prefix
         if prefix is None and x.is_cpu and torch.is_inference_mode_enabled():
             fused = self._fused_args(x)
-            if fused is not None:  # the same ops as below, called from C++ (a 10-token pass: ~2x faster)
+            if fused is not None:  # the same ops as below, chained in C++ (a one-sentence call ~15% faster)
                 mask = attn_mask.flatten(1) if packing is None else packing.offsets
                 return ops.encoder_layer(x, mask, packing is not None, self.heads, *fused)
         if packing is not None and prefix is None and not torch.is_grad_enabled():

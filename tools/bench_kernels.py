@@ -192,6 +192,9 @@ def peft_model_worker(inputs: str, repeats: int) -> dict:
 
 
 def model_worker(inputs: str, repeats: int) -> dict:
+    from edge_tune.rss import set_openmp_spin
+
+    set_openmp_spin()  # before torch loads, as the `edge-tune` CLI does
     import torch
     import torch.nn.functional as F
 

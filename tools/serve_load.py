@@ -189,6 +189,9 @@ def pass_cost(folder: Path, profile: str, threads: int | None, rounds: int = 5, 
     of each size over `rounds` interleaved rounds, and the least-squares line ms = fixed + per_sentence x n.
     The line bounds what batching can save: a sentence alone costs fixed + per_sentence, in a full pass
     little more than per_sentence."""
+    from edge_tune.rss import set_openmp_spin
+
+    set_openmp_spin()  # before torch loads, as `edge-tune serve` (the CLI) does
     from edge_tune.bank import PatchBank
     from edge_tune.profiles import load_profile
     from edge_tune.trainer import set_threads

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -140,37 +141,41 @@ def fallback_reason() -> str:
     return _state["reason"]
 
 
+def _registered(source: Path) -> set[str]:
+    """The op names a kernel source registers (its `m.impl("name", ...)` lines)."""
+    return set(re.findall(r'm\.impl\("(\w+)"', source.read_text())) if source.is_file() else set()
+
+
 def kernel_paths(op_names: list[str]) -> dict[str, str]:
-    """Which implementation each of the edge_tune:: ops `op_names` runs now (for `edge-tune doctor`)."""
+    """Which implementation each of the edge_tune:: ops `op_names` runs now (for `edge-tune doctor`): the
+    file that registers its CPU kernel, read from the sources themselves."""
     loaded = load_kernels()
     if not loaded:
         return {name: f"PyTorch reference ({fallback_reason()})" for name in op_names}
-    dynamic = {"int8_linear_dynamic": "cpu_dynamic.cpp", "int8_linear_dynamic_grad_input": "cpu_dynamic.cpp",
-               "lora_linear": "cpu_dynamic.cpp", "int4_linear_dynamic": "cpu_int4_dynamic.cpp"}  # fmt: skip
-    other = {"half_saturated": "cpu_half_saved.cpp", "gelu_backward_half": "cpu_half_saved.cpp",
-             "lora_linear_backward": "cpu_lora.cpp", "attention": "cpu_attention.cpp",
-             "attention_backward": "cpu_attention.cpp"}  # fmt: skip
-    # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load
-    isa = f", {torch.ops.edge_tune.int8_isa()} int8 cores"
-    half = f", {torch.ops.edge_tune.half_saved_isa()} path"  # the fp16-saved activations' ops
-    # on CUDA tensors their references (torch ops) run
-    no_cuda_kernel = {"int4_linear_dynamic", "half_saturated", "gelu_backward_half", "lora_linear_backward",
-                      "attention", "attention_backward"}  # fmt: skip
+    where = {name: src.name for src in CPU_SOURCES for name in _registered(src)}
+    # the dynamic ops' integer cores (cpp_ext/int8_panels.h), as picked for this CPU at load, and the
+    # fp16-saved activations' path
+    detail = {"cpu_dynamic.cpp": f", {torch.ops.edge_tune.int8_isa()} int8 cores",
+              "cpu_int4_dynamic.cpp": f", {torch.ops.edge_tune.int8_isa()} int8 cores",
+              "cpu_half_saved.cpp": f", {torch.ops.edge_tune.half_saved_isa()} path"}  # fmt: skip
+    cuda_ops = _registered(CUDA_SOURCES[0]) if torch.cuda.is_available() else None
 
     def cuda(name: str) -> str:
-        if not torch.cuda.is_available():
+        if cuda_ops is None:
             return ""
+        # without a CUDA kernel, the op's reference (torch ops) runs on CUDA tensors
         return (
-            "; CUDA tensors: PyTorch reference"
-            if name in no_cuda_kernel
-            else "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)"
+            "; CUDA tensors: CUDA (cpp_ext/cuda_kernels.cu)"
+            if name in cuda_ops
+            else "; CUDA tensors: PyTorch reference"
         )
 
-    return {
-        name: f"C++ (cpp_ext/{dynamic.get(name) or other.get(name, 'cpu_kernels.cpp')}"
-        f"{isa if name in dynamic else half if other.get(name) == 'cpu_half_saved.cpp' else ''}){cuda(name)}"
-        for name in op_names
-    }
+    out = {}
+    for name in op_names:
+        src = where.get(name)
+        cpu = f"C++ (cpp_ext/{src}{detail.get(src, '')})" if src else "PyTorch reference (no C++ kernel)"
+        out[name] = cpu + cuda(name)
+    return out
 
 
 def _put_ninja_on_path() -> None:

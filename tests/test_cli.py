@@ -270,6 +270,13 @@ def test_doctor_names_every_op_and_the_tensor_cache(capsys):
         assert any(
             f"{isa} int8 cores" in line for isa in ("scalar", "avx2", "avx512-vnni", "neon", "neon-dotprod")
         )
+        # each op's line names the source file that registers its CPU kernel
+        from edge_tune.kernels import CPP_DIR
+
+        for op in ALL_OPS:
+            line = next(ln for ln in out.splitlines() if f"edge_tune::{op} " in ln)
+            src = line.split("C++ (cpp_ext/", 1)[1].split(",")[0].split(")")[0]
+            assert f'm.impl("{op}"' in (CPP_DIR / src).read_text(), line
     cache_line = next(ln for ln in out.splitlines() if ln.startswith("tensor cache"))
     assert cache_line.split()[2].startswith("on," if load_kernels() else "off")
 

@@ -638,6 +638,10 @@ def test_every_int8_isa_gives_the_same_outputs(tmp_path):
         "packed = ops.int8_pack_weight(q8)\n"  # each ISA's own layout
         "out += [ops.int8_linear_dynamic_packed(x, q8, *packed, s8, b) for x in xs]\n"
         "out.append(ops.int8_linear_dynamic_grad_input(torch.randn(40, 96, generator=g), q8, s8))\n"
+        # 40 outputs: a last panel of 8 columns (VNNI's are 32 wide); no bias (+0 on every path)
+        "q40, s40 = quant.quantize_int8(torch.randn(40, 385, generator=g))\n"
+        "out += [ops.int8_linear_dynamic_packed(x, q40, *ops.int8_pack_weight(q40), s40, None) for x in xs]\n"
+        "out += [ops.int8_linear_dynamic(x, q40, s40, None) for x in xs]\n"
         "q4, s4 = quant.quantize_int4(torch.randn(96, 384, generator=g))\n"
         "out += [ops.int4_linear_dynamic(x[:, :384], q4, s4, b) for x in xs]\n"
         "torch.save((torch.ops.edge_tune.int8_isa(), out), sys.argv[1])\n"

@@ -50,7 +50,7 @@ struct PanelOut {
   int64_t cols;
 };
 
-// panel_vnni (int8_panels_x86.h) with the epilogue applied to its accumulators in registers, 16 columns a
+// panel_vnni (int8_panels_x86.h) with the epilogue applied to its sums in registers, 16 columns a
 // vector, instead of storing them and running epilogue_panel_avx2 over them 8 at a time: the same
 // separately rounded operations (no FMA: the pragma), so the same bits. At K = 384 the store, reload and
 // 8-wide epilogue were ~15% of a panel's dot products.
@@ -59,18 +59,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni_out(const
                                                                             const int8_t* pw, int64_t k4,
                                                                             int64_t bcols, const PanelOut& o) {
   __m512i a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
-  for (int64_t kb = 0; kb < k4 / 4; ++kb) {
-    const int8_t* p = pw + kb * bcols * 4;
-    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
-    for (int r = 0; r < R; ++r) {
-      int32_t f;
-      std::memcpy(&f, x + r * ldx + kb * 4, 4);
-      const __m512i xb = _mm512_set1_epi32(f);
-      a[r][0] = dpbusd(a[r][0], xb, w0);
-      a[r][1] = dpbusd(a[r][1], xb, w1);
-    }
-  }
+  panel_vnni_sums<R>(x, ldx, pw, k4, bcols, a);
   for (int h = 0; h < 2; ++h) {
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, o.cols - 16 * h));
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);

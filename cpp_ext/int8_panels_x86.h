@@ -124,11 +124,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int64_t pack_cols1
 // latency, and each broadcast row quad feeds two of them, so the loads (2 + R a quad) stay under the dot
 // products (2R). The earlier 4 x 16 panel (5 loads per 4 dot products, 8 chains) ran at ~100 GMAC/s a
 // core on a Sapphire Rapids Xeon, below fbgemm's whole op.
+// The panel's sums into a[r][0..1] (columns 0-15, 16-31); panel_vnni stores them, the dynamic op's
+// panel_vnni_out (cpu_dynamic.cpp) applies its epilogue to them in registers.
 template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uint8_t* x, int64_t ldx, const int8_t* pw,
-                                                                        int64_t k4, int64_t bcols, int32_t* out) {
-  __m512i a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void panel_vnni_sums(
+    const uint8_t* x, int64_t ldx, const int8_t* pw, int64_t k4, int64_t bcols, __m512i (&a)[R][2]) {
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
   for (int64_t kb = 0; kb < k4 / 4; ++kb) {
     const int8_t* p = pw + kb * bcols * 4;
     const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
@@ -136,13 +137,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uin
       int32_t f;
       std::memcpy(&f, x + r * ldx + kb * 4, 4);
       const __m512i xb = _mm512_set1_epi32(f);
-      a0[r] = dpbusd(a0[r], xb, w0);
-      a1[r] = dpbusd(a1[r], xb, w1);
+      a[r][0] = dpbusd(a[r][0], xb, w0);
+      a[r][1] = dpbusd(a[r][1], xb, w1);
     }
   }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni(const uint8_t* x, int64_t ldx, const int8_t* pw,
+                                                                        int64_t k4, int64_t bcols, int32_t* out) {
+  __m512i a[R][2];
+  panel_vnni_sums<R>(x, ldx, pw, k4, bcols, a);
   for (int r = 0; r < R; ++r) {
-    _mm512_storeu_si512(out + r * 32, a0[r]);
-    _mm512_storeu_si512(out + r * 32 + 16, a1[r]);
+    _mm512_storeu_si512(out + r * 32, a[r][0]);
+    _mm512_storeu_si512(out + r * 32 + 16, a[r][1]);
   }
 }
 

@@ -2,85 +2,9 @@
 // gradient, lora_linear): activations quantized per token, int8 x int8 -> int32 products, one fused
 // epilogue. Schemas: ops.py; references: op_references.py.
 
-#include "row_quant.h"
+#include "int8_epilogue.h"
 
 namespace {
-
-// y[c] = (acc[c] - zp * wsum[c]) * sx * sw[c] + b[c] for one row's run of columns. The one epilogue of every
-// path, compiled without FMA contraction: a row's output then never depends on which path (few or many rows,
-// so which batch it came in) computed it, and equals the reference's separately rounded float ops.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-ET_CLONES void epilogue_run(const int32_t* acc, int64_t cols, int32_t zp, float sx, const int32_t* wsum,
-                            const float* sw, const float* b, float* y) {
-#pragma omp simd
-  for (int64_t c = 0; c < cols; ++c)
-    y[c] = static_cast<float>(acc[c] - zp * wsum[c]) * sx * (sw ? sw[c] : 1.f) + (b ? b[c] : 0.f);
-}
-#ifdef ET_X86
-// A panel's epilogue (rows x 16 columns, acc[r * lda + c]) in AVX2: the same separately rounded operations as
-// epilogue_run (no FMA in this target; the pragma keeps it so), so the bits match, in one call a panel
-// instead of one a row. A missing scale multiplies by 1 (skipped: exact), a missing bias adds +0 as there.
-__attribute__((target("avx2"))) void epilogue_panel_avx2(const int32_t* acc, int64_t lda, int rows, const int32_t* zp,
-                                                         const float* sx, const int32_t* wsum, const float* sw,
-                                                         const float* b, float* y, int64_t ldy) {
-  for (int h = 0; h < 2; ++h) {
-    const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + h * 8));
-    const __m256 s = sw ? _mm256_loadu_ps(sw + h * 8) : _mm256_set1_ps(1.f);
-    const __m256 bb = b ? _mm256_loadu_ps(b + h * 8) : _mm256_setzero_ps();
-    for (int r = 0; r < rows; ++r) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * lda + h * 8));
-      const __m256i d = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_set1_epi32(zp[r]), ws));
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sx[r]));
-      if (sw) v = _mm256_mul_ps(v, s);
-      _mm256_storeu_ps(y + r * ldy + h * 8, _mm256_add_ps(v, bb));
-    }
-  }
-}
-
-// Where a VNNI panel's rows go: y[r, c] = epilogue_run's value for the panel's first `cols` columns.
-struct PanelOut {
-  const int32_t* zp;
-  const float* sx;
-  const int32_t* wsum;
-  const float* sw;  // may be null: * 1 (skipped: exact)
-  const float* b;   // may be null: + 0, as epilogue_run
-  float* y;
-  int64_t ldy;
-  int64_t cols;
-};
-
-// panel_vnni (int8_panels_x86.h) with the epilogue applied to its sums in registers, 16 columns a
-// vector, instead of storing them and running epilogue_panel_avx2 over them 8 at a time: the same
-// separately rounded operations (no FMA: the pragma), so the same bits. At K = 384 the store, reload and
-// 8-wide epilogue were ~15% of a panel's dot products.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void panel_vnni_out(const uint8_t* x, int64_t ldx,
-                                                                            const int8_t* pw, int64_t k4,
-                                                                            int64_t bcols, const PanelOut& o) {
-  __m512i a[R][2];
-  panel_vnni_sums<R>(x, ldx, pw, k4, bcols, a);
-  for (int h = 0; h < 2; ++h) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, o.cols - 16 * h));
-    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
-    if (!m) break;
-    const __m512i ws = _mm512_maskz_loadu_epi32(m, o.wsum + 16 * h);
-    const __m512 s = o.sw ? _mm512_maskz_loadu_ps(m, o.sw + 16 * h) : _mm512_set1_ps(1.f);
-    const __m512 bb = o.b ? _mm512_maskz_loadu_ps(m, o.b + 16 * h) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512i d = _mm512_sub_epi32(a[r][h], _mm512_mullo_epi32(_mm512_set1_epi32(o.zp[r]), ws));
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(o.sx[r]));
-      if (o.sw) v = _mm512_mul_ps(v, s);
-      _mm512_mask_storeu_ps(o.y + r * o.ldy + 16 * h, m, _mm512_add_ps(v, bb));
-    }
-  }
-}
-using PanelOutFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, const PanelOut&);
-constexpr PanelOutFn kPanelVnniOut[kMaxPanelRows + 1] = {
-    nullptr,           panel_vnni_out<1>, panel_vnni_out<2>, panel_vnni_out<3>, panel_vnni_out<4>,
-    panel_vnni_out<5>, panel_vnni_out<6>, panel_vnni_out<7>, panel_vnni_out<8>};
-#endif
-#pragma GCC pop_options
 
 std::string int8_isa() { return isa_name(picked_isa()); }
 
@@ -151,12 +75,9 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
                 int32_t* colsum, const float* colscale, const float* bias, float* yp,
                 const int8_t* prepacked = nullptr) {
   const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
-  const uint8_t* xu = q.row(0);
   const Int8Kernels& kern = picked();
-  [[maybe_unused]] const bool avx2 = x86_vector_cores();
-  [[maybe_unused]] const bool vnni = picked_isa() == Isa::vnni;
   const PanelSplit sp = split_panels(m, n, k4, kern);
-  const int64_t bcols = sp.bcols, pc = kern.panel_cols, pr = kern.panel_rows;
+  const int64_t bcols = sp.bcols, pr = kern.panel_rows;
   // A tensor, not a vector: from the c10 allocator, so the tensor cache hands back the same pages every call.
   at::Tensor packed;
   const int8_t* pw = prepacked;
@@ -166,43 +87,12 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
     pw = packed.data_ptr<int8_t>();
   }
   at::parallel_for(0, sp.chunks * sp.blocks, sp.grain, [&](int64_t lo, int64_t hi) {
-    int32_t acc[kMaxPanelRows * 32];
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t blk = task % sp.blocks, c0 = blk * bcols;
       const int64_t row_end = std::min(m, (task / sp.blocks + 1) * sp.chunk_rows);
-      const int8_t* pb = pw + blk * k4 * bcols;
-      for (int64_t r0 = task / sp.blocks * sp.chunk_rows; r0 < row_end; r0 += pr) {
-        const int rows = static_cast<int>(std::min<int64_t>(pr, row_end - r0));
-        for (int64_t t = 0; t < bcols / pc && c0 + t * pc < n; ++t) {
-#ifdef ET_X86
-          if (vnni) {
-            const int64_t cc = c0 + t * pc, cols = std::min<int64_t>(pc, n - cc);
-            const PanelOut o{&q.zp[r0], &q.sx[r0], colsum + cc, colscale ? colscale + cc : nullptr,
-                             bias ? bias + cc : nullptr, yp + r0 * n + cc, n, cols};
-            kPanelVnniOut[rows](xu + r0 * k4, k4, pb + t * pc * 4, k4, bcols, o);
-            for (int r = 0; r < rows; ++r)
-              if (q.bad[r0 + r]) std::fill_n(yp + (r0 + r) * n + cc, cols, std::numeric_limits<float>::quiet_NaN());
-            continue;
-          }
-#endif
-          kern.panel[rows](xu + r0 * k4, k4, pb + t * pc * 4, k4, bcols, acc);
-          for (int64_t g = 0; g < pc && c0 + t * pc + g < n; g += 16) {
-            const int64_t cc = c0 + t * pc + g, cols = std::min<int64_t>(16, n - cc);
-            const int32_t* ag = acc + g;  // this 16-column group's sums: row r at ag[r * pc]
-            const float* sw = colscale ? colscale + cc : nullptr;
-            const float* b = bias ? bias + cc : nullptr;
-#ifdef ET_X86
-            if (avx2 && cols == 16)
-              epilogue_panel_avx2(ag, pc, rows, &q.zp[r0], &q.sx[r0], colsum + cc, sw, b, yp + r0 * n + cc, n);
-            else
-#endif
-              for (int r = 0; r < rows; ++r)
-                epilogue_run(ag + r * pc, cols, q.zp[r0 + r], q.sx[r0 + r], colsum + cc, sw, b, yp + (r0 + r) * n + cc);
-            for (int r = 0; r < rows; ++r)
-              if (q.bad[r0 + r]) std::fill(yp + (r0 + r) * n + cc, yp + (r0 + r) * n + cc + cols, std::numeric_limits<float>::quiet_NaN());
-          }
-        }
-      }
+      for (int64_t r0 = task / sp.blocks * sp.chunk_rows; r0 < row_end; r0 += pr)
+        block_rows(q, r0, static_cast<int>(std::min<int64_t>(pr, row_end - r0)), pw + blk * k4 * bcols, bcols, c0, n,
+                   colsum + c0, colscale ? colscale + c0 : nullptr, bias ? bias + c0 : nullptr, yp);
     }
   });
 }

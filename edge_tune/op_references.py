@@ -133,10 +133,15 @@ def int4_linear_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | N
 
 def int4_linear_dynamic_ref(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x: (..., in) fp32, quantized per token like int8_linear_dynamic; w_packed / scale: int4 in groups
-    (quant.py). Per group, in order: the exact integer product of the 7-bit activations and the int4 values,
-    times the group's scale, summed in fp32; less the zero point times the same sum over the groups' weight
-    sums; times the row scale, plus bias -> (..., out) fp32. The C++ kernel computes the same operations in
-    the same order, so the two agree bit for bit."""
+    (quant.py) -> (..., out) fp32. A weight whose group scales fold into int8 (quant.int4_as_int8: every
+    weight quantize_int4 makes) is int8_linear_dynamic_ref of that int8 weight. Any other: per group, in
+    order, the exact integer product of the 7-bit activations and the int4 values, times the group's scale,
+    summed in fp32; less the zero point times the same sum over the groups' weight sums; times the row
+    scale, plus bias. The C++ kernel computes the same operations in the same order, so the two agree bit
+    for bit."""
+    folded = quant.int4_as_int8(w_packed, scale)
+    if folded is not None:
+        return int8_linear_dynamic_ref(x, folded[0], folded[1], bias)
     n, k = w_packed.shape[0], w_packed.shape[1] * 2
     groups = scale.shape[1]
     size = k // groups if groups else 0

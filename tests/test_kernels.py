@@ -90,10 +90,16 @@ def test_dynamic_int8_and_lora_kernels_match_references(k, n, m):
 # columns unpack 16 at a time and then one by one
 @pytest.mark.parametrize(("k", "n"), [(384, 1536), (1536, 384), (64, 17), (288, 100)])
 @pytest.mark.parametrize("m", ROWS)
-def test_int4_dynamic_kernel_equals_its_reference(k, n, m):
-    """Integer group products, then the same fp32 operations in the same order: bit for bit, and a row's
-    output does not depend on the batch it came in."""
+@pytest.mark.parametrize("folds", [True, False])
+def test_int4_dynamic_kernel_equals_its_reference(k, n, m, folds):
+    """Scales that fold into int8 (quantize_int4's) and scales that do not (the group path): the same
+    integers, then the same fp32 operations in the same order: bit for bit, and a row's output does not
+    depend on the batch it came in."""
     _, b, _, (q4, s4) = _weights(k, n, seed=4)
+    if not folds:
+        s4 = s4.clone()
+        s4[:, -1] = (s4[:, -1].float() * 1.01).half()
+    assert (quant.int4_as_int8(q4, s4) is not None) == folds
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
     if m >= 3:
         x[1, 7] = float("nan")  # that row comes out NaN, the others are untouched
@@ -107,6 +113,31 @@ def test_int4_dynamic_kernel_equals_its_reference(k, n, m):
         pieces = torch.cat([ops.int4_linear_dynamic(x[i : i + 3], q4, s4, b) for i in range(0, m, 3)])
         torch.testing.assert_close(
             pieces, ops.int4_linear_dynamic(x, q4, s4, b), rtol=0, atol=0, equal_nan=True
+        )
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 4, 5, 40])  # the tiles (<= 4 rows) and the panels
+def test_int4_weight_that_folds_runs_as_its_int8_weight(m):
+    """quantize_int4's scales fold: the int4 op gives int8_linear_dynamic's bits on the folded int8 weight
+    (a group scale of 0, m = 0, folds too); a negative, NaN or off-grid scale in one row does not fold."""
+    g = torch.Generator().manual_seed(11)
+    q4, s4 = quant.quantize_int4(torch.randn(100, 288, generator=g))
+    s4[3, 2] = 0.0
+    b, x = torch.randn(100, generator=g), torch.randn(m, 288, generator=g)
+    w8, u = quant.int4_as_int8(q4, s4)
+    assert torch.equal(w8.float() * u[:, None], quant.dequantize_int4(q4, s4))
+    assert torch.equal(ops.int4_linear_dynamic(x, q4, s4, b), ops.int8_linear_dynamic(x, w8, u, b))
+    for bad in (-s4[5, 1], float("nan"), s4[5, 1].float() * 1.5):
+        s_bad = s4.clone()
+        s_bad[5, 1] = bad
+        assert quant.int4_as_int8(q4, s_bad) is None
+        torch.testing.assert_close(
+            ops.int4_linear_dynamic(x, q4, s_bad, b),
+            ops.int4_linear_dynamic_ref(x, q4, s_bad, b),
+            rtol=0,
+            atol=0,
+            equal_nan=True,
         )
 
 
@@ -643,6 +674,8 @@ def test_every_int8_isa_gives_the_same_outputs(tmp_path):
         "out += [ops.int8_linear_dynamic_packed(x, q40, *ops.int8_pack_weight(q40), s40, None) for x in xs]\n"
         "out += [ops.int8_linear_dynamic(x, q40, s40, None) for x in xs]\n"
         "q4, s4 = quant.quantize_int4(torch.randn(96, 384, generator=g))\n"
+        "out += [ops.int4_linear_dynamic(x[:, :384], q4, s4, b) for x in xs]\n"  # folds into int8
+        "s4[:, 0] = (s4[:, 0].float() * 1.01).half()\n"  # no longer folds: the group panels
         "out += [ops.int4_linear_dynamic(x[:, :384], q4, s4, b) for x in xs]\n"
         "torch.save((torch.ops.edge_tune.int8_isa(), out), sys.argv[1])\n"
     )

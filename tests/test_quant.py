@@ -25,11 +25,30 @@ def test_int8_error_within_half_a_step(shape):
     assert ((quant.dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-7).all()
 
 
-def test_int4_error_within_half_a_step():
+def test_int4_error_within_half_a_step_and_scales_fold():
+    """Within half a step except where a group's lower multiple clips its extreme (never past one step);
+    each group's squared error no more than at the multiple of u above amax / 7; every row folds into int8."""
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.05
     packed, s = quant.quantize_int4(w)
     step = s.float().repeat_interleave(quant.GROUP_SIZE, dim=1)
-    assert ((quant.dequantize_int4(packed, s) - w).abs() <= step / 2 + 1e-6).all()
+    q, err = quant.unpack_int4(packed), (quant.dequantize_int4(packed, s) - w).abs()
+    inside = (q > -8) & (q < 7)
+    assert (err[inside] <= step[inside] / 2 + 1e-7).all() and (err <= step + 1e-7).all()
+    w8, u = quant.int4_as_int8(packed, s)
+    assert torch.equal(w8.float() * u[:, None], quant.dequantize_int4(packed, s))
+    m = s.float() / u[:, None]
+    assert (m == m.round()).all() and m.amax(1).eq(16).all() and m.amin() >= 1
+    g = w.reshape(96, -1, quant.GROUP_SIZE)
+    ceil_s = torch.ceil(g.abs().amax(2) / 7 / u[:, None]).clamp(1, 16) * u[:, None]
+    ceil_err = ((g / ceil_s[..., None]).round().clamp(-8, 7) * ceil_s[..., None] - g).pow(2).sum(2)
+    assert (err.pow(2).reshape(96, -1, quant.GROUP_SIZE).sum(2) <= ceil_err * (1 + 1e-5) + 1e-12).all()
+
+
+def test_int4_scales_of_all_zero_and_tiny_rows_fold():
+    w = torch.cat([torch.zeros(2, 64), torch.randn(2, 64) * 1e-9, torch.randn(2, 64) * 1e3])
+    packed, s = quant.quantize_int4(w)
+    assert quant.int4_as_int8(packed, s) is not None
+    assert (quant.dequantize_int4(packed, s)[:2] == 0).all()
 
 
 def test_int4_rejects_bad_group():

@@ -142,6 +142,17 @@ def test_int4_weight_that_folds_runs_as_its_int8_weight(m):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m", [2, 9])
+def test_int4_fold_of_a_long_row(m):
+    """k = 8256 (258 groups): a column's multiples and a block's scales past the kernel's stack buffers."""
+    g = torch.Generator().manual_seed(12)
+    q4, s4 = quant.quantize_int4(torch.randn(40, 8256, generator=g))
+    x, b = torch.randn(m, 8256, generator=g), torch.randn(40, generator=g)
+    w8, u = quant.int4_as_int8(q4, s4)
+    assert torch.equal(ops.int4_linear_dynamic(x, q4, s4, b), ops.int8_linear_dynamic(x, w8, u, b))
+
+
+@needs_kernels
 def test_dynamic_int8_rows_do_not_depend_on_their_batch():
     """Few-row and many-row paths share one epilogue (no FMA contraction): a sentence's logits are the same
     whichever batch served it, and equal the reference bit for bit."""

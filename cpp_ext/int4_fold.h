@@ -1,0 +1,244 @@
+// The int4 weights whose group scales fold into int8 (quant.int4_as_int8), for cpu_int4_dynamic.cpp: the
+// test of a row's scales, and the GEMM that unfolds such a weight block by block onto the int8 panels.
+#pragma once
+
+#include "int8_epilogue.h"
+
+#include <array>
+#include <atomic>
+
+namespace {
+
+constexpr int64_t kGroup = 32;  // quant.GROUP_SIZE
+
+// ---- int4 weights whose group scales fold into int8 (quant.int4_as_int8) ----
+// A row whose group scales are m x u (u = its largest scale / 16, m an integer in [0, 16]) is exactly the
+// int8 row q x m (in [-128, 112]) times u: one int8 GEMM then, where the group path (cpu_int4_dynamic.cpp)
+// does a float convert, multiply and add per group of 32 and accumulator (on VNNI ~1/8 more work on the
+// dot products' ports than the int8 op, which no arrangement of the group path removes).
+
+// u and each group's m for one row, if its fp16 scales fold: m is a rounded candidate, then m x u == s
+// exactly (u = largest / 16 has the fp16 scale's 11 significant bits, m <= 16 adds 5: exact in fp32).
+// `f`: the row's fp16 scales as floats.
+bool fold_row(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
+  float top = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!(f[g] >= 0.f && f[g] <= std::numeric_limits<float>::max())) return false;  // negative, inf or NaN
+    top = std::max(top, f[g]);
+  }
+  if (!(top > 0.f)) return false;
+  const float u = top / 16.f, inv = 16.f / top;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int m = static_cast<int>(f[g] * inv + 0.5f);  // f[g] <= top: within [0, 16.5]
+    if (!(m <= 16 && static_cast<float>(m) * u == f[g])) return false;
+    m_out[g] = static_cast<uint8_t>(m);
+  }
+  *u_out = u;
+  return true;
+}
+
+#ifdef ET_X86
+// fold_row in AVX2, 8 groups a vector (the last part-masked): the same test and the same m and u.
+__attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
+  static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+#define ET_LANES(g) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - std::min<int64_t>(8, groups - (g))))
+  const __m256 zero = _mm256_setzero_ps(), big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 top = zero, bad = zero;
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256 v = _mm256_maskload_ps(f + g, ET_LANES(g));  // lanes past the row read 0
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ), _mm256_cmp_ps(v, big, _CMP_GT_OQ)));
+    top = _mm256_max_ps(top, v);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, top);
+  float tm = 0.f;
+  for (float e : t) tm = std::max(tm, e);
+  if (_mm256_movemask_ps(bad) || !(tm > 0.f)) return false;
+  const __m256 u = _mm256_set1_ps(tm / 16.f), inv = _mm256_set1_ps(16.f / tm), half = _mm256_set1_ps(0.5f);
+  const __m256i sixteen = _mm256_set1_epi32(16);
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256 v = _mm256_maskload_ps(f + g, ET_LANES(g));
+    const __m256i m = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, inv), half));
+    const __m256 same = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(m), u), v, _CMP_EQ_OQ);
+    if (_mm256_movemask_ps(same) != 0xFF || _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, sixteen))) return false;
+    alignas(32) int32_t mi[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(mi), m);
+    for (int64_t i = 0; i < std::min<int64_t>(8, groups - g); ++i) m_out[g + i] = static_cast<uint8_t>(mi[i]);
+  }
+  *u_out = tm / 16.f;
+  return true;
+}
+#undef ET_LANES
+#endif
+
+// kTimes[m][v] = (v - 8) x m: a stored nibble's int4 value times m.
+const std::array<std::array<int8_t, 16>, 17> kTimes = [] {
+  std::array<std::array<int8_t, 16>, 17> t{};
+  for (int m = 0; m <= 16; ++m)
+    for (int v = 0; v < 16; ++v) t[m][v] = static_cast<int8_t>((v - 8) * m);
+  return t;
+}();
+
+// One packed int4 column (k/2 bytes) to its k int8 values times each group's m; returns their sum.
+int32_t unfold_column(const uint8_t* w, const uint8_t* m, int64_t k, int8_t* out) {
+  int32_t sum = 0;
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const int8_t* t = kTimes[m[g]].data();
+    for (int64_t j = g * kGroup / 2; j < (g + 1) * kGroup / 2; ++j) {
+      out[2 * j] = t[w[j] & 15];
+      out[2 * j + 1] = t[w[j] >> 4];
+      sum += out[2 * j] + out[2 * j + 1];
+    }
+  }
+  return sum;
+}
+
+#ifdef ET_X86
+// fp16 to fp32 8 at a time: how many it converted (the whole 8s of count).
+__attribute__((target("avx,f16c"))) int64_t half_to_float_f16c(const at::Half* h, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  return i;
+}
+
+// unfold_column a group (16 bytes) at a time: each nibble looks its value up in the group's table (pshufb);
+// the sum is m x the group's int4 sum (psadbw of the nibbles, less 8 x 32).
+__attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, const uint8_t* m, int64_t k,
+                                                             int8_t* out) {
+  const __m128i low4 = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
+  int32_t sum = 0;
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g]].data()));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * kGroup / 2));
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    const __m128i vl = _mm_shuffle_epi8(t, lo), vh = _mm_shuffle_epi8(t, hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup), _mm_unpacklo_epi8(vl, vh));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup + 16), _mm_unpackhi_epi8(vl, vh));
+    const __m128i nib = _mm_add_epi64(_mm_sad_epu8(lo, zero), _mm_sad_epu8(hi, zero));
+    sum += m[g] * (_mm_cvtsi128_si32(nib) + _mm_cvtsi128_si32(_mm_srli_si128(nib, 8)) - 8 * kGroup);
+  }
+  return sum;
+}
+
+// cols_to_panels for 8 columns x 8 k-quads at a time: an 8 x 8 transpose of 32-bit units (AVX2).
+__attribute__((target("avx2"))) void cols_to_panels_avx2(const int8_t* cols, int64_t k, int64_t bcols, int8_t* out) {
+  for (int64_t c = 0; c < bcols; c += 8)
+    for (int64_t q = 0; q < k / 4; q += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(cols + (c + i) * k + q * 4));
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x20);
+        t[4 + i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x31);
+      }
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(out + ((q + i) * bcols + c) * 4), t[i]);
+    }
+}
+#endif
+
+// A block's bcols columns, each k unfolded bytes in cols[c * k], into the int8 panels' [k/4][bcols][4] layout.
+void cols_to_panels(const int8_t* cols, int64_t k, int64_t bcols, int8_t* out) {
+#ifdef ET_X86
+  if (x86_vector_cores()) return cols_to_panels_avx2(cols, k, bcols, out);
+#endif
+  for (int64_t q = 0; q < k / 4; ++q)
+    for (int64_t c = 0; c < bcols; ++c) std::memcpy(out + (q * bcols + c) * 4, cols + c * k + q * 4, 4);
+}
+
+// fp16 to fp32, 8 at a time with F16C where the CPU has it.
+void half_to_float(const at::Half* h, int64_t count, float* out) {
+  int64_t i = 0;
+#ifdef ET_X86
+  if (x86_vector_cores() && __builtin_cpu_supports("f16c")) i = half_to_float_f16c(h, count, out);
+#endif
+  for (; i < count; ++i) out[i] = static_cast<float>(h[i]);
+}
+
+// Columns c0..c0 + ncols of the weight (rows of the stored (n, k/2) int4 weight, scales (n, k/32)), each
+// unfolded to k bytes in out[c * k], with its sum of them (wsum) and its scale (u); false where one's scales
+// do not fold (then nothing is meant by what was written).
+bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, int64_t ncols, int8_t* out,
+                    int32_t* wsum, float* u) {
+  const int64_t groups = k / kGroup;
+  float f[2 * 64 * 48];  // a block's scales: <= 64 columns of <= 48 groups at MiniLM's widths; else the heap
+  std::vector<float> big(ncols * groups > 2 * 64 * 48 ? ncols * groups : 0);
+  float* fs = big.empty() ? f : big.data();
+  half_to_float(s + c0 * groups, ncols * groups, fs);
+  auto fold = fold_row;
+  auto unfold = unfold_column;
+#ifdef ET_X86
+  if (x86_vector_cores()) fold = fold_row_avx2;
+  if (__builtin_cpu_supports("ssse3")) unfold = unfold_column_ssse3;
+#endif
+  uint8_t small_m[256];  // a column's group multiples (k <= 8192; else the heap)
+  std::vector<uint8_t> big_m(groups > 256 ? groups : 0);
+  uint8_t* mg = big_m.empty() ? small_m : big_m.data();
+  for (int64_t c = 0; c < ncols; ++c) {
+    if (!fold(fs + c * groups, groups, u + c, mg)) return false;
+    wsum[c] = unfold(w + (c0 + c) * (k / 2), mg, k, out + c * k);
+  }
+  return true;
+}
+
+// y = the int8 epilogue over the folded weight, if every row of it folds (else false, y to be overwritten):
+// block after block of output columns, each tested and unfolded into the int8 panels' layout (never the
+// whole weight), then the int8 panels and epilogue (block_rows, as int8_linear_dynamic's panel_gemm), or at
+// <= 4 rows two unfolded columns at a time through its tiles: int8_linear_dynamic's bits on that weight.
+bool folded_gemm(const RowQuant& q, int64_t m, int64_t n, int64_t k, const uint8_t* w, const at::Half* s,
+                 const float* bias, float* yp) {
+  const Int8Kernels& kern = picked();
+  std::atomic<bool> folds{true};
+  if (m <= 4) {  // a sentence's few rows: the int8 op's tiles
+    at::parallel_for(0, (n + 1) / 2, 8, [&](int64_t plo, int64_t phi) {
+      std::vector<int8_t> two(2 * k);
+      for (int64_t p = plo; p < phi && folds.load(std::memory_order_relaxed); ++p) {
+        const int64_t c0 = 2 * p;
+        const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
+        int32_t wsum[2], acc[8];
+        float u[2];
+        if (!unfold_columns(w, s, k, c0, ncols, two.data(), wsum, u)) {
+          folds = false;
+          return;
+        }
+        kern.tile[m](q.row(0), q.ld, two.data(), k, k, ncols, acc);
+        for (int64_t r = 0; r < m; ++r) {
+          float* yr = yp + r * n + c0;
+          epilogue_run(acc + r * 2, ncols, q.zp[r], q.sx[r], wsum, u, bias ? bias + c0 : nullptr, yr);
+          if (q.bad[r]) std::fill(yr, yr + ncols, std::numeric_limits<float>::quiet_NaN());
+        }
+      }
+    });
+    return folds;
+  }
+  const int64_t bcols = block_cols(k, kern.panel_cols), blocks = (n + bcols - 1) / bcols;
+  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<int8_t> cols(bcols * k), pw(bcols * k);
+    std::vector<int32_t> wsum(bcols, 0);
+    std::vector<float> u(bcols, 0.f);
+    for (int64_t blk = blo; blk < bhi && folds.load(std::memory_order_relaxed); ++blk) {
+      const int64_t c0 = blk * bcols, ncols = std::min(bcols, n - c0);
+      if (!unfold_columns(w, s, k, c0, ncols, cols.data(), wsum.data(), u.data())) {
+        folds = false;
+        return;
+      }
+      std::fill(cols.begin() + ncols * k, cols.end(), 0);
+      cols_to_panels(cols.data(), k, bcols, pw.data());
+      for (int64_t r0 = 0; r0 < m; r0 += kern.panel_rows)
+        block_rows(q, r0, static_cast<int>(std::min<int64_t>(kern.panel_rows, m - r0)), pw.data(), bcols, c0, n,
+                   wsum.data(), u.data(), bias ? bias + c0 : nullptr, yp);
+    }
+  });
+  return folds;
+}
+
+}  // namespace

@@ -2,7 +2,7 @@
 // gradient, lora_linear): activations quantized per token, int8 x int8 -> int32 products, one fused
 // epilogue. Schemas: ops.py; references: op_references.py.
 
-#include "int8_epilogue.h"
+#include "int8_gemm.h"
 
 namespace {
 
@@ -12,34 +12,6 @@ std::string int8_isa() { return isa_name(picked_isa()); }
 // a 2-core AVX2 EPYC at 10 rows, 384->384 61 -> 37 us, 1536->384 121 -> 100 us (kDirectMaxRows, 16, is the
 // weight-only int8 kernels' threshold).
 constexpr int64_t kDynamicDirectMaxRows = 4;
-
-// The parallel split of panel_gemm. The weight is packed once a call (a block of `bcols` output columns
-// after another) and the work cut into tasks of (row chunk, column block), row chunks outermost: a thread
-// then takes whole chunks of x (a chunk's bytes stay in its L2 while every block passes over them) and
-// reads the whole packed weight, instead of streaming all of x from L3 once per block (1536 -> 384 at 1024
-// rows: 1.5 MB of x per 32-column block). Rows are split only where x outweighs the weight (m > n); a few
-// rows split by blocks. Integer sums are exact in any order, so the split never changes a result.
-constexpr int64_t kChunkBytes = 256 * 1024;  // x's bytes per row chunk: within the L2 of every target CPU
-constexpr int64_t kMinTaskMacs = 1 << 20;    // a thread's least work (~10 us): fewer MACs run on one thread
-constexpr int64_t kMinPassBytes = 1 << 17;   // the same for the byte passes (packing, weight sums)
-
-struct PanelSplit {
-  int64_t bcols, blocks, chunk_rows, chunks, grain;
-};
-
-PanelSplit split_panels(int64_t m, int64_t n, int64_t k4, const Int8Kernels& kern) {
-  PanelSplit s{};
-  s.bcols = block_cols(k4, kern.panel_cols);
-  s.blocks = (n + s.bcols - 1) / s.bcols;
-  const int64_t threads = at::get_num_threads();
-  s.chunks = std::max<int64_t>(1, (m * k4 + kChunkBytes - 1) / kChunkBytes);
-  if (m > n && threads > 1) s.chunks = (std::max(s.chunks, threads) + threads - 1) / threads * threads;
-  const int64_t pr = kern.panel_rows;
-  s.chunk_rows = ((m + s.chunks - 1) / s.chunks + pr - 1) / pr * pr;
-  s.chunks = (m + s.chunk_rows - 1) / s.chunk_rows;
-  s.grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, s.chunk_rows * s.bcols * k4));
-  return s;
-}
 
 // The packed weight of panel_gemm: blocks of `bcols` output columns, each [k4/4][bcols][4] bytes.
 struct PackLayout {
@@ -77,7 +49,7 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
   const int64_t k4 = q.ld;  // x's rows are padded to k4 with zeros: their products with the weight's padding vanish
   const Int8Kernels& kern = picked();
   const PanelSplit sp = split_panels(m, n, k4, kern);
-  const int64_t bcols = sp.bcols, pr = kern.panel_rows;
+  const int64_t bcols = sp.bcols;
   // A tensor, not a vector: from the c10 allocator, so the tensor cache hands back the same pages every call.
   at::Tensor packed;
   const int8_t* pw = prepacked;
@@ -86,14 +58,10 @@ void panel_gemm(const RowQuant& q, int64_t m, int64_t k, int64_t n, const int8_t
     pack_weight_into(w, k, n, transposed, {k4, bcols, sp.blocks}, packed.data_ptr<int8_t>(), colsum);
     pw = packed.data_ptr<int8_t>();
   }
-  at::parallel_for(0, sp.chunks * sp.blocks, sp.grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t blk = task % sp.blocks, c0 = blk * bcols;
-      const int64_t row_end = std::min(m, (task / sp.blocks + 1) * sp.chunk_rows);
-      for (int64_t r0 = task / sp.blocks * sp.chunk_rows; r0 < row_end; r0 += pr)
-        block_rows(q, r0, static_cast<int>(std::min<int64_t>(pr, row_end - r0)), pw + blk * k4 * bcols, bcols, c0, n,
-                   colsum + c0, colscale ? colscale + c0 : nullptr, bias ? bias + c0 : nullptr, yp);
-    }
+  struct NoScratch {};
+  run_panels<NoScratch>(q, m, n, sp, bias, yp, [&](int64_t blk, NoScratch&) {
+    const int64_t c0 = blk * bcols;
+    return PanelBlock{pw + blk * k4 * bcols, colsum + c0, colscale ? colscale + c0 : nullptr};
   });
 }
 

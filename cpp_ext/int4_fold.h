@@ -2,7 +2,7 @@
 // test of a row's scales, and the GEMM that unfolds such a weight block by block onto the int8 panels.
 #pragma once
 
-#include "int8_epilogue.h"
+#include "int8_gemm.h"
 
 #include <array>
 #include <atomic>
@@ -38,7 +38,8 @@ bool fold_row(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
 }
 
 #ifdef ET_X86
-// fold_row in AVX2, 8 groups a vector (the last part-masked): the same test and the same m and u.
+// fold_row in AVX2, 8 groups a vector (the last part-masked): the same test and the same m and u. m_out
+// takes whole 8s (room for groups rounded up to 8).
 __attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
   static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 #define ET_LANES(g) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - std::min<int64_t>(8, groups - (g))))
@@ -49,10 +50,10 @@ __attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t group
     bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ), _mm256_cmp_ps(v, big, _CMP_GT_OQ)));
     top = _mm256_max_ps(top, v);
   }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, top);
-  float tm = 0.f;
-  for (float e : t) tm = std::max(tm, e);
+  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4E));
+  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xB1));  // every lane the largest
+  const float tm = _mm256_cvtss_f32(top);
   if (_mm256_movemask_ps(bad) || !(tm > 0.f)) return false;
   const __m256 u = _mm256_set1_ps(tm / 16.f), inv = _mm256_set1_ps(16.f / tm), half = _mm256_set1_ps(0.5f);
   const __m256i sixteen = _mm256_set1_epi32(16);
@@ -61,9 +62,8 @@ __attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t group
     const __m256i m = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, inv), half));
     const __m256 same = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(m), u), v, _CMP_EQ_OQ);
     if (_mm256_movemask_ps(same) != 0xFF || _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, sixteen))) return false;
-    alignas(32) int32_t mi[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(mi), m);
-    for (int64_t i = 0; i < std::min<int64_t>(8, groups - g); ++i) m_out[g + i] = static_cast<uint8_t>(mi[i]);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(m_out + g), _mm_packus_epi16(w16, w16));
   }
   *u_out = tm / 16.f;
   return true;
@@ -103,22 +103,22 @@ __attribute__((target("avx,f16c"))) int64_t half_to_float_f16c(const at::Half* h
 }
 
 // unfold_column a group (16 bytes) at a time: each nibble looks its value up in the group's table (pshufb);
-// the sum is m x the group's int4 sum (psadbw of the nibbles, less 8 x 32).
+// the sum from the values + 128 (psadbw), less 128 a value, once a column.
 __attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, const uint8_t* m, int64_t k,
                                                              int8_t* out) {
-  const __m128i low4 = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
-  int32_t sum = 0;
+  const __m128i low4 = _mm_set1_epi8(0x0F), flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
+  __m128i sums = zero;
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g]].data()));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * kGroup / 2));
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m128i vl = _mm_shuffle_epi8(t, lo), vh = _mm_shuffle_epi8(t, hi);
+    const __m128i vl = _mm_shuffle_epi8(t, _mm_and_si128(b, low4));
+    const __m128i vh = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup), _mm_unpacklo_epi8(vl, vh));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup + 16), _mm_unpackhi_epi8(vl, vh));
-    const __m128i nib = _mm_add_epi64(_mm_sad_epu8(lo, zero), _mm_sad_epu8(hi, zero));
-    sum += m[g] * (_mm_cvtsi128_si32(nib) + _mm_cvtsi128_si32(_mm_srli_si128(nib, 8)) - 8 * kGroup);
+    sums = _mm_add_epi64(sums, _mm_add_epi64(_mm_sad_epu8(_mm_xor_si128(vl, flip), zero),
+                                             _mm_sad_epu8(_mm_xor_si128(vh, flip), zero)));
   }
-  return sum;
+  return static_cast<int32_t>(_mm_cvtsi128_si64(sums) + _mm_cvtsi128_si64(_mm_srli_si128(sums, 8)) - 128 * k);
 }
 
 // cols_to_panels for 8 columns x 8 k-quads at a time: an 8 x 8 transpose of 32-bit units (AVX2).
@@ -180,8 +180,8 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
   if (x86_vector_cores()) fold = fold_row_avx2;
   if (__builtin_cpu_supports("ssse3")) unfold = unfold_column_ssse3;
 #endif
-  uint8_t small_m[256];  // a column's group multiples (k <= 8192; else the heap)
-  std::vector<uint8_t> big_m(groups > 256 ? groups : 0);
+  uint8_t small_m[256 + 8];  // a column's group multiples (k <= 8192; else the heap), room for whole 8s
+  std::vector<uint8_t> big_m(groups > 256 ? groups + 8 : 0);
   uint8_t* mg = big_m.empty() ? small_m : big_m.data();
   for (int64_t c = 0; c < ncols; ++c) {
     if (!fold(fs + c * groups, groups, u + c, mg)) return false;
@@ -190,10 +190,26 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
   return true;
 }
 
+// The block of output columns c0.. (bcols wide; columns past n zero) tested and unfolded into the panels'
+// layout (pw), with its columns' sums and scales; false, and `folds` cleared, where its scales do not fold
+// (or another block's did not). cols: scratch of bcols x k bytes.
+bool unfold_block(const uint8_t* w, const at::Half* s, int64_t n, int64_t k, int64_t c0, int64_t bcols, int8_t* cols,
+                  int8_t* pw, int32_t* wsum, float* u, std::atomic<bool>& folds) {
+  const int64_t ncols = std::min(bcols, n - c0);
+  if (!folds.load(std::memory_order_relaxed) || !unfold_columns(w, s, k, c0, ncols, cols, wsum, u)) {
+    folds = false;
+    return false;
+  }
+  std::fill(cols + ncols * k, cols + bcols * k, 0);
+  cols_to_panels(cols, k, bcols, pw);
+  return true;
+}
+
 // y = the int8 epilogue over the folded weight, if every row of it folds (else false, y to be overwritten):
-// block after block of output columns, each tested and unfolded into the int8 panels' layout (never the
-// whole weight), then the int8 panels and epilogue (block_rows, as int8_linear_dynamic's panel_gemm), or at
-// <= 4 rows two unfolded columns at a time through its tiles: int8_linear_dynamic's bits on that weight.
+// at <= 4 rows two unfolded columns at a time through the int8 op's tiles; more, int8_linear_dynamic's split
+// and panels (run_panels) over blocks unfolded into the panels' layout: by each task as it starts its block
+// (~24 KB) where the rows are one chunk (every block then runs once), else all first, into an int8 copy
+// for the call (as int8_linear_dynamic packs its weight each call): that op's bits on that weight.
 bool folded_gemm(const RowQuant& q, int64_t m, int64_t n, int64_t k, const uint8_t* w, const at::Half* s,
                  const float* bias, float* yp) {
   const Int8Kernels& kern = picked();
@@ -220,23 +236,38 @@ bool folded_gemm(const RowQuant& q, int64_t m, int64_t n, int64_t k, const uint8
     });
     return folds;
   }
-  const int64_t bcols = block_cols(k, kern.panel_cols), blocks = (n + bcols - 1) / bcols;
-  at::parallel_for(0, blocks, 1, [&](int64_t blo, int64_t bhi) {
-    std::vector<int8_t> cols(bcols * k), pw(bcols * k);
-    std::vector<int32_t> wsum(bcols, 0);
-    std::vector<float> u(bcols, 0.f);
-    for (int64_t blk = blo; blk < bhi && folds.load(std::memory_order_relaxed); ++blk) {
-      const int64_t c0 = blk * bcols, ncols = std::min(bcols, n - c0);
-      if (!unfold_columns(w, s, k, c0, ncols, cols.data(), wsum.data(), u.data())) {
-        folds = false;
-        return;
-      }
-      std::fill(cols.begin() + ncols * k, cols.end(), 0);
-      cols_to_panels(cols.data(), k, bcols, pw.data());
-      for (int64_t r0 = 0; r0 < m; r0 += kern.panel_rows)
-        block_rows(q, r0, static_cast<int>(std::min<int64_t>(kern.panel_rows, m - r0)), pw.data(), bcols, c0, n,
-                   wsum.data(), u.data(), bias ? bias + c0 : nullptr, yp);
-    }
+  const PanelSplit sp = split_panels(m, n, k, kern);
+  const int64_t bcols = sp.bcols;
+  if (sp.chunks > 1) {  // each block would be unfolded once a chunk: unfold the weight once, for the call
+    // A tensor, not a vector: from the c10 allocator, so the tensor cache hands back the same pages every call.
+    at::Tensor packed = at::empty({sp.blocks * k * bcols}, at::kChar);
+    int8_t* pw = packed.data_ptr<int8_t>();
+    std::vector<int32_t> wsum(sp.blocks * bcols);
+    std::vector<float> u(sp.blocks * bcols);
+    at::parallel_for(0, sp.blocks, std::max<int64_t>(1, kMinPassBytes / (k * bcols)), [&](int64_t blo, int64_t bhi) {
+      std::vector<int8_t> cols(bcols * k);
+      for (int64_t blk = blo; blk < bhi; ++blk)
+        if (!unfold_block(w, s, n, k, blk * bcols, bcols, cols.data(), pw + blk * k * bcols, &wsum[blk * bcols],
+                          &u[blk * bcols], folds))
+          return;
+    });
+    if (!folds) return false;
+    struct NoScratch {};
+    run_panels<NoScratch>(q, m, n, sp, bias, yp, [&](int64_t blk, NoScratch&) {
+      return PanelBlock{pw + blk * k * bcols, &wsum[blk * bcols], &u[blk * bcols]};
+    });
+    return true;
+  }
+  struct Unfolded {  // a thread's block: its columns unfolded, then laid out as panels
+    std::vector<int8_t> cols, pw;
+    std::vector<int32_t> wsum;
+    std::vector<float> u;
+  };
+  run_panels<Unfolded>(q, m, n, sp, bias, yp, [&](int64_t blk, Unfolded& b) -> PanelBlock {
+    if (b.pw.empty()) b.cols.resize(bcols * k), b.pw.resize(bcols * k), b.wsum.resize(bcols), b.u.resize(bcols);
+    if (!unfold_block(w, s, n, k, blk * bcols, bcols, b.cols.data(), b.pw.data(), b.wsum.data(), b.u.data(), folds))
+      return {nullptr, nullptr, nullptr};
+    return {b.pw.data(), b.wsum.data(), b.u.data()};
   });
   return folds;
 }

@@ -50,17 +50,24 @@ def _round_up_fp16(x: Tensor, bits: int) -> Tensor:
     return torch.ceil(x / step) * step
 
 
-def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE, fold: bool = True) -> tuple[Tensor, Tensor]:
     """w: (rows, cols) float, cols % group_size == 0 -> (packed uint8 (rows, cols/2), scale fp16 (rows, cols/group)).
 
     Each group's scale is m x u: u per row, the row's largest amax / 7 rounded up to 7 significant bits and
     divided by 16 (so m x u is exact in fp16), m in [1, 16] per group: of the two multiples around the
     group's amax / 7, the one with the smaller squared error (the lower one clips the group's extreme to 7
     or -8 steps), and 16 for the row's largest group. On MiniLM's linear weights this keeps 20.1 dB SQNR
-    against 19.9 dB for free fp16 scales of amax / 7."""
+    against 19.9 dB for free fp16 scales of amax / 7, which `fold=False` makes (weights int4_linear_dynamic
+    runs on its group path; tools/int4_formats.py compares the two)."""
     rows, cols = w.shape
     if cols % group_size or group_size % 2:
         raise ValueError(f"int4 needs cols ({cols}) divisible by an even group size ({group_size})")
+    if not fold:
+        g = w.float().reshape(rows, cols // group_size, group_size)
+        # Round the scale to fp16 first so that quantization and dequantization use the same number.
+        free = (g.abs().amax(dim=2) / 7.0).clamp_min(1e-7).half()
+        q = torch.round(g / free.float()[..., None]).clamp_(-8, 7).to(torch.int8).reshape(rows, cols)
+        return pack_int4(q), free
     groups = cols // group_size
     q = torch.empty(rows, cols, dtype=torch.int8)
     scale = torch.empty(rows, groups, dtype=torch.float16)

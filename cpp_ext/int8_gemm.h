@@ -1,5 +1,6 @@
-// The dynamic int8 ops' epilogue, y = (acc - zp x wsum) x sx x sw + b over the int8 panels' integer sums:
-// shared by cpu_dynamic.cpp (int8 weights) and cpu_int4_dynamic.cpp (int4 weights that fold into int8), so
+// The dynamic ops' GEMM over an int8 weight packed for the panels: the parallel split (split_panels,
+// run_panels), a row strip through a block (block_rows) and the one epilogue, y = (acc - zp x wsum) x sx x
+// sw + b. Shared by cpu_dynamic.cpp (int8 weights) and int4_fold.h (int4 weights that fold into int8), so
 // both give the same bits for the same integers.
 #pragma once
 
@@ -121,6 +122,63 @@ void block_rows(const RowQuant& q, int64_t r0, int rows, const int8_t* pb, int64
         if (q.bad[r0 + r]) std::fill(yp + (r0 + r) * n + cc, yp + (r0 + r) * n + cc + cols, std::numeric_limits<float>::quiet_NaN());
     }
   }
+}
+
+// The parallel split of panel_gemm. The weight is packed once a call (a block of `bcols` output columns
+// after another) and the work cut into tasks of (row chunk, column block), row chunks outermost: a thread
+// then takes whole chunks of x (a chunk's bytes stay in its L2 while every block passes over them) and
+// reads the whole packed weight, instead of streaming all of x from L3 once per block (1536 -> 384 at 1024
+// rows: 1.5 MB of x per 32-column block). Rows are split only where x outweighs the weight (m > n); a few
+// rows split by blocks. Integer sums are exact in any order, so the split never changes a result.
+constexpr int64_t kChunkBytes = 256 * 1024;  // x's bytes per row chunk: within the L2 of every target CPU
+constexpr int64_t kMinTaskMacs = 1 << 20;    // a thread's least work (~10 us): fewer MACs run on one thread
+constexpr int64_t kMinPassBytes = 1 << 17;   // the same for the byte passes (packing, weight sums)
+
+struct PanelSplit {
+  int64_t bcols, blocks, chunk_rows, chunks, grain;
+};
+
+PanelSplit split_panels(int64_t m, int64_t n, int64_t k4, const Int8Kernels& kern) {
+  PanelSplit s{};
+  s.bcols = block_cols(k4, kern.panel_cols);
+  s.blocks = (n + s.bcols - 1) / s.bcols;
+  const int64_t threads = at::get_num_threads();
+  s.chunks = std::max<int64_t>(1, (m * k4 + kChunkBytes - 1) / kChunkBytes);
+  if (m > n && threads > 1) s.chunks = (std::max(s.chunks, threads) + threads - 1) / threads * threads;
+  const int64_t pr = kern.panel_rows;
+  s.chunk_rows = ((m + s.chunks - 1) / s.chunks + pr - 1) / pr * pr;
+  s.chunks = (m + s.chunk_rows - 1) / s.chunk_rows;
+  s.grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, s.chunk_rows * s.bcols * k4));
+  return s;
+}
+
+// A packed block as block_rows takes it: its bytes, and its columns' sums and scales (sw may be null).
+struct PanelBlock {
+  const int8_t* pw;
+  const int32_t* wsum;
+  const float* sw;
+};
+
+// y (m, n) = the epilogue over x's rows (q) @ a packed weight, block by block: the tasks of split_panels, each
+// a row chunk against a block through block_rows. block(blk, scratch) gives the block (pw null: stop, the
+// caller's weight could not be had); scratch is a Scratch per thread's run of tasks, for a block made on the
+// fly (int4_fold.h's unfolded ones).
+template <class Scratch, class BlockFn>
+void run_panels(const RowQuant& q, int64_t m, int64_t n, const PanelSplit& sp, const float* bias, float* yp,
+                BlockFn&& block) {
+  const int64_t bcols = sp.bcols, pr = picked().panel_rows;
+  at::parallel_for(0, sp.chunks * sp.blocks, sp.grain, [&](int64_t lo, int64_t hi) {
+    Scratch scratch;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t blk = task % sp.blocks, c0 = blk * bcols;
+      const PanelBlock b = block(blk, scratch);
+      if (b.pw == nullptr) return;
+      const int64_t row_end = std::min(m, (task / sp.blocks + 1) * sp.chunk_rows);
+      for (int64_t r0 = task / sp.blocks * sp.chunk_rows; r0 < row_end; r0 += pr)
+        block_rows(q, r0, static_cast<int>(std::min<int64_t>(pr, row_end - r0)), b.pw, bcols, c0, n, b.wsum, b.sw,
+                   bias ? bias + c0 : nullptr, yp);
+    }
+  });
 }
 
 }  // namespace

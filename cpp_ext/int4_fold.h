@@ -69,6 +69,35 @@ __attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t group
   return true;
 }
 #undef ET_LANES
+
+// fold_row for 8 columns at once, their scales gathered group by group (fs: the 8 rows of `groups` floats):
+// the same test, each column's u, and m as mt[g * 8 + c]. False where any of the 8 does not fold.
+__attribute__((target("avx2"))) bool fold_cols8_avx2(const float* fs, int64_t groups, float* u, uint8_t* mt) {
+  const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                        _mm256_set1_epi32(static_cast<int32_t>(groups)));
+  const __m256 zero = _mm256_setzero_ps(), big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 top = zero, bad = zero, kept[64];  // the gathered groups, for the second pass (up to 64 groups)
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 v = _mm256_i32gather_ps(fs + g, at, 4);
+    if (g < 64) kept[g] = v;
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ), _mm256_cmp_ps(v, big, _CMP_GT_OQ)));
+    top = _mm256_max_ps(top, v);
+  }
+  if (_mm256_movemask_ps(_mm256_or_ps(bad, _mm256_cmp_ps(top, zero, _CMP_NGT_UQ)))) return false;
+  const __m256 uu = _mm256_div_ps(top, _mm256_set1_ps(16.f)), inv = _mm256_div_ps(_mm256_set1_ps(16.f), top);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256i sixteen = _mm256_set1_epi32(16);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 v = g < 64 ? kept[g] : _mm256_i32gather_ps(fs + g, at, 4);
+    const __m256i m = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, inv), half));
+    const __m256 same = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(m), uu), v, _CMP_EQ_OQ);
+    if (_mm256_movemask_ps(same) != 0xFF || _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, sixteen))) return false;
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(mt + g * 8), _mm_packus_epi16(w16, w16));
+  }
+  _mm256_storeu_ps(u, uu);
+  return true;
+}
 #endif
 
 // kTimes[m][v] = (v - 8) x m: a stored nibble's int4 value times m.
@@ -79,11 +108,12 @@ const std::array<std::array<int8_t, 16>, 17> kTimes = [] {
   return t;
 }();
 
-// One packed int4 column (k/2 bytes) to its k int8 values times each group's m; returns their sum.
-int32_t unfold_column(const uint8_t* w, const uint8_t* m, int64_t k, int8_t* out) {
+// One packed int4 column (k/2 bytes) to its k int8 values times each group's m (group g's at m[g * ms]);
+// returns their sum.
+int32_t unfold_column(const uint8_t* w, const uint8_t* m, int64_t ms, int64_t k, int8_t* out) {
   int32_t sum = 0;
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    const int8_t* t = kTimes[m[g]].data();
+    const int8_t* t = kTimes[m[g * ms]].data();
     for (int64_t j = g * kGroup / 2; j < (g + 1) * kGroup / 2; ++j) {
       out[2 * j] = t[w[j] & 15];
       out[2 * j + 1] = t[w[j] >> 4];
@@ -103,13 +133,14 @@ __attribute__((target("avx,f16c"))) int64_t half_to_float_f16c(const at::Half* h
 }
 
 // unfold_column a group (16 bytes) at a time: each nibble looks its value up in the group's table (pshufb);
-// the sum from the values + 128 (psadbw), less 128 a value, once a column.
-__attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, const uint8_t* m, int64_t k,
-                                                             int8_t* out) {
+// the sum from the values + 128 (psadbw), less 128 a value, once a column. (unfold_column_avx2's last group
+// where a row has an odd number.)
+__attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, const uint8_t* m, int64_t ms,
+                                                             int64_t k, int8_t* out) {
   const __m128i low4 = _mm_set1_epi8(0x0F), flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
   __m128i sums = zero;
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g]].data()));
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g * ms]].data()));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * kGroup / 2));
     const __m128i vl = _mm_shuffle_epi8(t, _mm_and_si128(b, low4));
     const __m128i vh = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
@@ -119,6 +150,34 @@ __attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, c
                                              _mm_sad_epu8(_mm_xor_si128(vh, flip), zero)));
   }
   return static_cast<int32_t>(_mm_cvtsi128_si64(sums) + _mm_cvtsi128_si64(_mm_srli_si128(sums, 8)) - 128 * k);
+}
+
+// unfold_column_ssse3 two groups a vector (AVX2: pshufb looks up within each 128-bit half, one group's
+// table in each), an odd last group by the SSSE3 one.
+__attribute__((target("avx2"))) int32_t unfold_column_avx2(const uint8_t* w, const uint8_t* m, int64_t ms,
+                                                           int64_t k, int8_t* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i sums = zero;
+  const int64_t groups = k / kGroup;
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const __m256i t = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g * ms]].data()))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[(g + 1) * ms]].data())), 1);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup / 2));
+    const __m256i vl = _mm256_shuffle_epi8(t, _mm256_and_si256(b, low4));
+    const __m256i vh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+    const __m256i lo = _mm256_unpacklo_epi8(vl, vh), hi = _mm256_unpackhi_epi8(vl, vh);  // per half: a group's
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * kGroup), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g + 1) * kGroup), _mm256_permute2x128_si256(lo, hi, 0x31));
+    sums = _mm256_add_epi64(sums, _mm256_add_epi64(_mm256_sad_epu8(_mm256_xor_si256(vl, flip), zero),
+                                                   _mm256_sad_epu8(_mm256_xor_si256(vh, flip), zero)));
+  }
+  const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  int64_t sum = _mm_cvtsi128_si64(s2) + _mm_cvtsi128_si64(_mm_srli_si128(s2, 8)) - 128 * (g * kGroup);
+  if (g < groups) sum += unfold_column_ssse3(w + g * kGroup / 2, m + g * ms, ms, kGroup, out + g * kGroup);
+  return static_cast<int32_t>(sum);
 }
 
 // cols_to_panels for 8 columns x 8 k-quads at a time: an 8 x 8 transpose of 32-bit units (AVX2).
@@ -176,16 +235,26 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
   half_to_float(s + c0 * groups, ncols * groups, fs);
   auto fold = fold_row;
   auto unfold = unfold_column;
+  [[maybe_unused]] bool by8 = false;  // 8 columns' scales tested at once
 #ifdef ET_X86
-  if (x86_vector_cores()) fold = fold_row_avx2;
-  if (__builtin_cpu_supports("ssse3")) unfold = unfold_column_ssse3;
+  if (x86_vector_cores()) fold = fold_row_avx2, by8 = true;
+  if (x86_vector_cores()) unfold = unfold_column_avx2;  // the scalar cores (EDGE_TUNE_INT8_ISA=scalar) keep C++
 #endif
-  uint8_t small_m[256 + 8];  // a column's group multiples (k <= 8192; else the heap), room for whole 8s
-  std::vector<uint8_t> big_m(groups > 256 ? groups + 8 : 0);
-  uint8_t* mg = big_m.empty() ? small_m : big_m.data();
-  for (int64_t c = 0; c < ncols; ++c) {
-    if (!fold(fs + c * groups, groups, u + c, mg)) return false;
-    wsum[c] = unfold(w + (c0 + c) * (k / 2), mg, k, out + c * k);
+  uint8_t small_m[8 * 64 + 8];  // group multiples: 8 columns' (k <= 2048; else the heap), room for whole 8s
+  std::vector<uint8_t> big_m(groups > 64 ? 8 * groups + 8 : 0);
+  uint8_t* mt = big_m.empty() ? small_m : big_m.data();
+  int64_t c = 0;
+#ifdef ET_X86
+  if (by8)
+    for (; c + 8 <= ncols; c += 8) {
+      if (!fold_cols8_avx2(fs + c * groups, groups, u + c, mt)) return false;
+      for (int64_t i = 0; i < 8; ++i)
+        wsum[c + i] = unfold(w + (c0 + c + i) * (k / 2), mt + i, 8, k, out + (c + i) * k);
+    }
+#endif
+  for (; c < ncols; ++c) {
+    if (!fold(fs + c * groups, groups, u + c, mt)) return false;
+    wsum[c] = unfold(w + (c0 + c) * (k / 2), mt, 1, k, out + c * k);
   }
   return true;
 }
@@ -214,23 +283,27 @@ bool folded_gemm(const RowQuant& q, int64_t m, int64_t n, int64_t k, const uint8
                  const float* bias, float* yp) {
   const Int8Kernels& kern = picked();
   std::atomic<bool> folds{true};
-  if (m <= 4) {  // a sentence's few rows: the int8 op's tiles
-    at::parallel_for(0, (n + 1) / 2, 8, [&](int64_t plo, int64_t phi) {
-      std::vector<int8_t> two(2 * k);
-      for (int64_t p = plo; p < phi && folds.load(std::memory_order_relaxed); ++p) {
-        const int64_t c0 = 2 * p;
-        const int ncols = static_cast<int>(std::min<int64_t>(2, n - c0));
-        int32_t wsum[2], acc[8];
-        float u[2];
-        if (!unfold_columns(w, s, k, c0, ncols, two.data(), wsum, u)) {
+  if (m <= 4) {  // a sentence's few rows: the int8 op's tiles, over 16 columns unfolded at a time
+    constexpr int64_t kCols = 16;
+    at::parallel_for(0, (n + kCols - 1) / kCols, 4, [&](int64_t lo, int64_t hi) {
+      std::vector<int8_t> cols(kCols * k);
+      int32_t wsum[kCols];
+      float u[kCols];
+      for (int64_t blk = lo; blk < hi && folds.load(std::memory_order_relaxed); ++blk) {
+        const int64_t c0 = blk * kCols, ncols = std::min(kCols, n - c0);
+        if (!unfold_columns(w, s, k, c0, ncols, cols.data(), wsum, u)) {
           folds = false;
           return;
         }
-        kern.tile[m](q.row(0), q.ld, two.data(), k, k, ncols, acc);
-        for (int64_t r = 0; r < m; ++r) {
-          float* yr = yp + r * n + c0;
-          epilogue_run(acc + r * 2, ncols, q.zp[r], q.sx[r], wsum, u, bias ? bias + c0 : nullptr, yr);
-          if (q.bad[r]) std::fill(yr, yr + ncols, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t p = 0; p < ncols; p += 2) {
+          const int pc = static_cast<int>(std::min<int64_t>(2, ncols - p));
+          int32_t acc[8];
+          kern.tile[m](q.row(0), q.ld, cols.data() + p * k, k, k, pc, acc);
+          for (int64_t r = 0; r < m; ++r) {
+            float* yr = yp + r * n + c0 + p;
+            epilogue_run(acc + r * 2, pc, q.zp[r], q.sx[r], wsum + p, u + p, bias ? bias + c0 + p : nullptr, yr);
+            if (q.bad[r]) std::fill(yr, yr + pc, std::numeric_limits<float>::quiet_NaN());
+          }
         }
       }
     });

@@ -126,9 +126,14 @@ def test_int4_weight_that_folds_runs_as_its_int8_weight(m):
     w8, u = quant.int4_as_int8(q4, s4)
     assert torch.equal(w8.float() * u[:, None], quant.dequantize_int4(q4, s4))
     assert torch.equal(ops.int4_linear_dynamic(x, q4, s4, b), ops.int8_linear_dynamic(x, w8, u, b))
-    for bad in (-s4[5, 1], float("nan"), s4[5, 1].float() * 1.5):
-        s_bad = s4.clone()
-        s_bad[5, 1] = bad
+    for row, bad in (
+        (5, -s4[5, 1]),
+        (5, float("nan")),
+        (5, s4[5, 1].float() * 1.01),
+        (99, s4[99, 8].float() * 1.01),
+    ):
+        s_bad = s4.clone()  # row 5: among 8 columns tested at once; row 99: a block's last, tested alone
+        s_bad[row, 1 if row == 5 else 8] = bad
         assert quant.int4_as_int8(q4, s_bad) is None
         torch.testing.assert_close(
             ops.int4_linear_dynamic(x, q4, s_bad, b),

@@ -135,7 +135,11 @@ constexpr int64_t kMinTaskMacs = 1 << 20;    // a thread's least work (~10 us): 
 constexpr int64_t kMinPassBytes = 1 << 17;   // the same for the byte passes (packing, weight sums)
 
 struct PanelSplit {
-  int64_t bcols, blocks, chunk_rows, chunks, grain;
+  int64_t bcols, blocks, chunks, panels, grain;  // panels: x's rows in panel-row units (panel_rows rows each)
+  // Chunk c's rows start here: the panels shared out evenly (chunk sizes differ by one panel at most), so a
+  // thread's chunks hold as many rows as another's (1536 -> 384 at 1024 rows: 6 chunks of 176 rows and a last
+  // of 144 left one of two threads 6% short).
+  int64_t row_begin(int64_t c, int64_t m, int64_t pr) const { return std::min(m, c * panels / chunks * pr); }
 };
 
 PanelSplit split_panels(int64_t m, int64_t n, int64_t k4, const Int8Kernels& kern) {
@@ -146,9 +150,9 @@ PanelSplit split_panels(int64_t m, int64_t n, int64_t k4, const Int8Kernels& ker
   s.chunks = std::max<int64_t>(1, (m * k4 + kChunkBytes - 1) / kChunkBytes);
   if (m > n && threads > 1) s.chunks = (std::max(s.chunks, threads) + threads - 1) / threads * threads;
   const int64_t pr = kern.panel_rows;
-  s.chunk_rows = ((m + s.chunks - 1) / s.chunks + pr - 1) / pr * pr;
-  s.chunks = (m + s.chunk_rows - 1) / s.chunk_rows;
-  s.grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, s.chunk_rows * s.bcols * k4));
+  s.panels = (m + pr - 1) / pr;
+  s.chunks = std::max<int64_t>(1, std::min(s.chunks, s.panels));
+  s.grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, s.panels * pr / s.chunks * s.bcols * k4));
   return s;
 }
 
@@ -173,8 +177,8 @@ void run_panels(const RowQuant& q, int64_t m, int64_t n, const PanelSplit& sp, c
       const int64_t blk = task % sp.blocks, c0 = blk * bcols;
       const PanelBlock b = block(blk, scratch);
       if (b.pw == nullptr) return;
-      const int64_t row_end = std::min(m, (task / sp.blocks + 1) * sp.chunk_rows);
-      for (int64_t r0 = task / sp.blocks * sp.chunk_rows; r0 < row_end; r0 += pr)
+      const int64_t chunk = task / sp.blocks, row_end = sp.row_begin(chunk + 1, m, pr);
+      for (int64_t r0 = sp.row_begin(chunk, m, pr); r0 < row_end; r0 += pr)
         block_rows(q, r0, static_cast<int>(std::min<int64_t>(pr, row_end - r0)), b.pw, bcols, c0, n, b.wsum, b.sw,
                    bias ? bias + c0 : nullptr, yp);
     }

@@ -237,8 +237,10 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
   auto unfold = unfold_column;
   [[maybe_unused]] bool by8 = false;  // 8 columns' scales tested at once
 #ifdef ET_X86
-  if (x86_vector_cores()) fold = fold_row_avx2, by8 = true;
-  if (x86_vector_cores()) unfold = unfold_column_avx2;  // the scalar cores (EDGE_TUNE_INT8_ISA=scalar) keep C++
+  if (x86_vector_cores()) {  // the scalar cores (EDGE_TUNE_INT8_ISA=scalar) keep the C++ loops
+    fold = fold_row_avx2, unfold = unfold_column_avx2;
+    by8 = true;
+  }
 #endif
   uint8_t small_m[8 * 64 + 8];  // group multiples: 8 columns' (k <= 2048; else the heap), room for whole 8s
   std::vector<uint8_t> big_m(groups > 64 ? 8 * groups + 8 : 0);
@@ -275,7 +277,7 @@ bool unfold_block(const uint8_t* w, const at::Half* s, int64_t n, int64_t k, int
 }
 
 // y = the int8 epilogue over the folded weight, if every row of it folds (else false, y to be overwritten):
-// at <= 4 rows two unfolded columns at a time through the int8 op's tiles; more, int8_linear_dynamic's split
+// at <= 4 rows 16 columns unfolded at a time, then the int8 op's tiles; more, int8_linear_dynamic's split
 // and panels (run_panels) over blocks unfolded into the panels' layout: by each task as it starts its block
 // (~24 KB) where the rows are one chunk (every block then runs once), else all first, into an int8 copy
 // for the call (as int8_linear_dynamic packs its weight each call): that op's bits on that weight.

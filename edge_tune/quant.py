@@ -107,7 +107,7 @@ def int4_as_int8(packed: Tensor, scale: Tensor) -> tuple[Tensor, Tensor] | None:
     """The int4 weight as exactly equal int8 values times a row scale, where its group scales allow it:
     (q int8 (rows, cols) = the int4 value x m, u fp32 (rows,)) when every row's scales are m x u with m an
     integer in [0, 16] and u = the row's largest scale / 16 (quantize_int4's weights always), else None.
-    The dynamic int4 op's rule (cpp_ext/cpu_int4_dynamic.cpp's fold_row does the same test)."""
+    The dynamic int4 op's rule (cpp_ext/int4_fold.h's fold_row does the same test)."""
     rows, groups = scale.shape
     if rows == 0 or groups == 0:
         return None

@@ -26,7 +26,7 @@ def test_int8_error_within_half_a_step(shape):
 
 
 def test_int4_error_within_half_a_step_and_scales_fold():
-    """Within half a step except where a group's lower multiple clips its extreme (never past one step);
+    """Within half a step except where a group's lower multiple clips its extreme (here never past a step);
     each group's squared error no more than at the multiple of u above amax / 7; every row folds into int8."""
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.05
     packed, s = quant.quantize_int4(w)

@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools" / "peers"))
 
 from edge_tune import rss  # noqa: E402
 
 rss.set_openmp_spin()  # before torch loads, as the CLI does
 import torch  # noqa: E402
+from protocol import median_ms  # noqa: E402  (the peers' one timing rule)
 from safetensors.torch import load_file  # noqa: E402
 
 from edge_tune import base as base_mod  # noqa: E402
@@ -69,17 +71,6 @@ def sqnr_rows(weights: list[torch.Tensor]) -> dict[str, dict]:
     return out
 
 
-def median_us(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2] * 1e6
-
-
 def gemm_rows(rounds: int, calls: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -93,7 +84,10 @@ def gemm_rows(rounds: int, calls: int) -> list[dict]:
                 for fmt in FORMATS if r % 2 == 0 else FORMATS[::-1]:
                     q4, s4 = weights[fmt]
                     got[fmt].append(
-                        median_us(lambda x=x, q4=q4, s4=s4, b=b: ops.int4_linear_dynamic(x, q4, s4, b), calls)
+                        1e3
+                        * median_ms(
+                            lambda x=x, q4=q4, s4=s4, b=b: ops.int4_linear_dynamic(x, q4, s4, b), calls, 3
+                        )
                     )
             rows.append({"shape": f"{k}->{n}", "rows": m, **got})
     return rows
@@ -111,14 +105,9 @@ def sentence_rounds(rounds: int, calls: int) -> dict[str, list[float]]:
     with torch.inference_mode():
         for r in range(rounds):
             for fmt in FORMATS if r % 2 == 0 else FORMATS[::-1]:
-                model = bases[fmt].model
+                model, turn = bases[fmt].model, itertools.cycle(seqs)
                 model.eval()
-                ts = []
-                for i in range(calls):
-                    t0 = time.perf_counter()
-                    model.predict_proba([seqs[i % len(seqs)]], 1)
-                    ts.append(time.perf_counter() - t0)
-                got[fmt].append(sorted(ts)[len(ts) // 2] * 1e3)
+                got[fmt].append(median_ms(lambda m=model, t=turn: m.predict_proba([next(t)], 1), calls, 3))
     return got
 
 

@@ -219,12 +219,16 @@ def test_packed_weight_of_another_weight_or_the_reference_is_refused():
 def test_dynamic_int8_split_never_changes_a_result(m, k, n):
     """The GEMM's parallel split (row chunks where x outweighs the weight, column blocks otherwise, one
     thread for little work) moves only exact integer sums: every thread count gives the reference's bits,
-    remainder rows and part-filled panels included; the input gradient too."""
+    remainder rows and part-filled panels included; the input gradient too; and the int4 op on folding
+    scales (its blocks unfolded per task, or once for the call where rows split in chunks; 4 rows: tiles)."""
     g = torch.Generator().manual_seed(m)
-    q8, s8 = quant.quantize_int8(torch.randn(n, k, generator=g))
+    w = torch.randn(n, k, generator=g)
+    q8, s8 = quant.quantize_int8(w)
+    q4, s4 = quant.quantize_int4(w) if k % quant.GROUP_SIZE == 0 else (None, None)
     b = torch.randn(n, generator=g)
     x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
     want = ops.int8_linear_dynamic_ref(x, q8, s8, b)
+    want4 = [ops.int4_linear_dynamic_ref(r, q4, s4, b) for r in (x, x[:4])] if q4 is not None else []
     threads = torch.get_num_threads()
     try:
         runs = []
@@ -233,6 +237,8 @@ def test_dynamic_int8_split_never_changes_a_result(m, k, n):
             runs.append(
                 (ops.int8_linear_dynamic(x, q8, s8, b), ops.int8_linear_dynamic_grad_input(gy, q8, s8))
             )
+            for r, ref in zip((x, x[:4]), want4, strict=False):  # none where k is not a multiple of 32
+                assert torch.equal(ops.int4_linear_dynamic(r, q4, s4, b), ref)
     finally:
         torch.set_num_threads(threads)
     for y, gx in runs:

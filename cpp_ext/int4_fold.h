@@ -38,38 +38,6 @@ bool fold_row(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
 }
 
 #ifdef ET_X86
-// fold_row in AVX2, 8 groups a vector (the last part-masked): the same test and the same m and u. m_out
-// takes whole 8s (room for groups rounded up to 8).
-__attribute__((target("avx2"))) bool fold_row_avx2(const float* f, int64_t groups, float* u_out, uint8_t* m_out) {
-  static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-#define ET_LANES(g) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + 8 - std::min<int64_t>(8, groups - (g))))
-  const __m256 zero = _mm256_setzero_ps(), big = _mm256_set1_ps(std::numeric_limits<float>::max());
-  __m256 top = zero, bad = zero;
-  for (int64_t g = 0; g < groups; g += 8) {
-    const __m256 v = _mm256_maskload_ps(f + g, ET_LANES(g));  // lanes past the row read 0
-    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ), _mm256_cmp_ps(v, big, _CMP_GT_OQ)));
-    top = _mm256_max_ps(top, v);
-  }
-  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4E));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xB1));  // every lane the largest
-  const float tm = _mm256_cvtss_f32(top);
-  if (_mm256_movemask_ps(bad) || !(tm > 0.f)) return false;
-  const __m256 u = _mm256_set1_ps(tm / 16.f), inv = _mm256_set1_ps(16.f / tm), half = _mm256_set1_ps(0.5f);
-  const __m256i sixteen = _mm256_set1_epi32(16);
-  for (int64_t g = 0; g < groups; g += 8) {
-    const __m256 v = _mm256_maskload_ps(f + g, ET_LANES(g));
-    const __m256i m = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, inv), half));
-    const __m256 same = _mm256_cmp_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(m), u), v, _CMP_EQ_OQ);
-    if (_mm256_movemask_ps(same) != 0xFF || _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, sixteen))) return false;
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(m_out + g), _mm_packus_epi16(w16, w16));
-  }
-  *u_out = tm / 16.f;
-  return true;
-}
-#undef ET_LANES
-
 // fold_row for 8 columns at once, their scales gathered group by group (fs: the 8 rows of `groups` floats):
 // the same test, each column's u, and m as mt[g * 8 + c]. False where any of the 8 does not fold.
 __attribute__((target("avx2"))) bool fold_cols8_avx2(const float* fs, int64_t groups, float* u, uint8_t* mt) {
@@ -132,28 +100,9 @@ __attribute__((target("avx,f16c"))) int64_t half_to_float_f16c(const at::Half* h
   return i;
 }
 
-// unfold_column a group (16 bytes) at a time: each nibble looks its value up in the group's table (pshufb);
-// the sum from the values + 128 (psadbw), less 128 a value, once a column. (unfold_column_avx2's last group
-// where a row has an odd number.)
-__attribute__((target("ssse3"))) int32_t unfold_column_ssse3(const uint8_t* w, const uint8_t* m, int64_t ms,
-                                                             int64_t k, int8_t* out) {
-  const __m128i low4 = _mm_set1_epi8(0x0F), flip = _mm_set1_epi8(static_cast<char>(0x80)), zero = _mm_setzero_si128();
-  __m128i sums = zero;
-  for (int64_t g = 0; g < k / kGroup; ++g) {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTimes[m[g * ms]].data()));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * kGroup / 2));
-    const __m128i vl = _mm_shuffle_epi8(t, _mm_and_si128(b, low4));
-    const __m128i vh = _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup), _mm_unpacklo_epi8(vl, vh));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kGroup + 16), _mm_unpackhi_epi8(vl, vh));
-    sums = _mm_add_epi64(sums, _mm_add_epi64(_mm_sad_epu8(_mm_xor_si128(vl, flip), zero),
-                                             _mm_sad_epu8(_mm_xor_si128(vh, flip), zero)));
-  }
-  return static_cast<int32_t>(_mm_cvtsi128_si64(sums) + _mm_cvtsi128_si64(_mm_srli_si128(sums, 8)) - 128 * k);
-}
-
-// unfold_column_ssse3 two groups a vector (AVX2: pshufb looks up within each 128-bit half, one group's
-// table in each), an odd last group by the SSSE3 one.
+// unfold_column two groups a vector (AVX2): each nibble looks its value up in its group's table (pshufb,
+// within each 128-bit half: one group's table in each); the sum from the values + 128 (psadbw), less 128 a
+// value, once a column. An odd last group by the C++ loop.
 __attribute__((target("avx2"))) int32_t unfold_column_avx2(const uint8_t* w, const uint8_t* m, int64_t ms,
                                                            int64_t k, int8_t* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -176,7 +125,7 @@ __attribute__((target("avx2"))) int32_t unfold_column_avx2(const uint8_t* w, con
   }
   const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
   int64_t sum = _mm_cvtsi128_si64(s2) + _mm_cvtsi128_si64(_mm_srli_si128(s2, 8)) - 128 * (g * kGroup);
-  if (g < groups) sum += unfold_column_ssse3(w + g * kGroup / 2, m + g * ms, ms, kGroup, out + g * kGroup);
+  if (g < groups) sum += unfold_column(w + g * kGroup / 2, m + g * ms, ms, kGroup, out + g * kGroup);
   return static_cast<int32_t>(sum);
 }
 
@@ -233,17 +182,13 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
   std::vector<float> big(ncols * groups > 2 * 64 * 48 ? ncols * groups : 0);
   float* fs = big.empty() ? f : big.data();
   half_to_float(s + c0 * groups, ncols * groups, fs);
-  auto fold = fold_row;
   auto unfold = unfold_column;
   [[maybe_unused]] bool by8 = false;  // 8 columns' scales tested at once
 #ifdef ET_X86
-  if (x86_vector_cores()) {  // the scalar cores (EDGE_TUNE_INT8_ISA=scalar) keep the C++ loops
-    fold = fold_row_avx2, unfold = unfold_column_avx2;
-    by8 = true;
-  }
+  if (x86_vector_cores()) unfold = unfold_column_avx2, by8 = true;  // the scalar cores keep the C++ loops
 #endif
-  uint8_t small_m[8 * 64 + 8];  // group multiples: 8 columns' (k <= 2048; else the heap), room for whole 8s
-  std::vector<uint8_t> big_m(groups > 64 ? 8 * groups + 8 : 0);
+  uint8_t small_m[8 * 64];  // group multiples: 8 columns' (k <= 2048; else the heap)
+  std::vector<uint8_t> big_m(groups > 64 ? 8 * groups : 0);
   uint8_t* mt = big_m.empty() ? small_m : big_m.data();
   int64_t c = 0;
 #ifdef ET_X86
@@ -254,8 +199,8 @@ bool unfold_columns(const uint8_t* w, const at::Half* s, int64_t k, int64_t c0, 
         wsum[c + i] = unfold(w + (c0 + c + i) * (k / 2), mt + i, 8, k, out + (c + i) * k);
     }
 #endif
-  for (; c < ncols; ++c) {
-    if (!fold(fs + c * groups, groups, u + c, mt)) return false;
+  for (; c < ncols; ++c) {  // the rest one by one
+    if (!fold_row(fs + c * groups, groups, u + c, mt)) return false;
     wsum[c] = unfold(w + (c0 + c) * (k / 2), mt, 1, k, out + c * k);
   }
   return true;

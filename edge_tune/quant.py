@@ -76,8 +76,10 @@ def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE, fold: bool = True) ->
         ideal = g.abs().amax(dim=2) / 7.0
         u = _round_up_fp16(ideal.amax(dim=1).clamp_min(1e-7), 7) / 16
         ratio = ideal / u[:, None]
+        top = ideal.argmax(dim=1, keepdim=True)  # the row's largest group takes 16: then u = largest / 16
         best_m = best_err = best_q = None
         for m in (torch.floor(ratio).clamp_(1, 16), torch.ceil(ratio).clamp_(1, 16)):
+            m.scatter_(1, top, 16.0)
             s = m * u[:, None]
             qm = torch.round(g / s[..., None]).clamp_(-8, 7)
             err = (qm * s[..., None] - g).pow_(2).sum(dim=2)
@@ -87,14 +89,6 @@ def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE, fold: bool = True) ->
                 pick = err < best_err
                 best_m = torch.where(pick, m, best_m)
                 best_q = torch.where(pick[..., None], qm, best_q)
-        top = ideal.argmax(dim=1, keepdim=True)  # the row's largest group takes 16: then u = largest / 16
-        if (best_m.gather(1, top) != 16).any():
-            s = torch.full_like(top, 16, dtype=best_m.dtype) * u[:, None]
-            best_m = best_m.scatter(1, top, 16.0)
-            redo = torch.round(g.gather(1, top[..., None].expand(-1, -1, group_size)) / s[..., None]).clamp_(
-                -8, 7
-            )
-            best_q = best_q.scatter(1, top[..., None].expand(-1, -1, group_size), redo)
         s = best_m * u[:, None]
         if not torch.isfinite(s).all() or s.amax() > 65504:
             raise ValueError("int4: weights too large for fp16 group scales")
